@@ -1,0 +1,41 @@
+"""The pipeline spine: catalog, queue, ready image table, triggers and status.
+
+Revision ID: 0001
+Revises:
+Create Date: 2026-11-27
+"""
+
+from alembic import op
+from sqlalchemy.schema import CreateIndex, CreateTable
+
+from migrations.sql_files import apply_sql
+from schema import tables
+
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+SPINE_TABLES = [tables.model, tables.watch, tables.watch_model, tables.job, tables.image]
+
+
+def upgrade() -> None:
+    op.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    for table in SPINE_TABLES:
+        op.execute(CreateTable(table))
+        for index in sorted(table.indexes, key=lambda index: index.name or ""):
+            op.execute(CreateIndex(index))
+    apply_sql(
+        "10_catalog.sql",
+        "20_watch.sql",
+        "30_triggers.sql",
+        "40_queue.sql",
+        "50_status.sql",
+        "90_pin_search_path.sql",
+    )
+    # The ready-made table is watched out of the box: bytes in `content` or a location in `uri`.
+    op.execute("SELECT imgembed._watch('imgembed.image', 'content', 'uri', 'label')")
+
+
+def downgrade() -> None:
+    apply_sql("99_drop_all.sql")

@@ -1,0 +1,107 @@
+"""imgembed's own tables, in schema ``imgembed``.
+
+Per-(table, model) vector tables are not here: ``imgembed.watch()`` creates them at run time with
+the source table's key type and the model's dimension (see ``sql/20_watch.sql``).
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
+
+SCHEMA = "imgembed"
+
+metadata = sa.MetaData(schema=SCHEMA)
+
+model = sa.Table(
+    "model",
+    metadata,
+    sa.Column("id", sa.Integer, sa.Identity(), primary_key=True),
+    sa.Column("name", sa.Text, nullable=False, unique=True),
+    sa.Column("architecture", sa.Text, nullable=False),
+    sa.Column("pretrained", sa.Text),
+    sa.Column("sha256", sa.Text),
+    sa.Column("dim", sa.Integer, sa.CheckConstraint("dim > 0 AND dim <= 16000"), nullable=False),
+    sa.Column("is_default", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+sa.Index("model_one_default", model.c.is_default, unique=True, postgresql_where=model.c.is_default)
+
+watch = sa.Table(
+    "watch",
+    metadata,
+    sa.Column("id", sa.Integer, sa.Identity(), primary_key=True),
+    sa.Column("tbl", pg.REGCLASS, nullable=False, unique=True),
+    sa.Column("table_name", sa.Text, nullable=False),
+    sa.Column("key_column", sa.Text, nullable=False),
+    sa.Column("key_type", sa.Text, nullable=False),
+    sa.Column("content_column", sa.Text),
+    sa.Column("uri_column", sa.Text),
+    sa.Column("label_column", sa.Text),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.CheckConstraint("num_nonnulls(content_column, uri_column) >= 1", name="watch_has_image_column"),
+)
+
+watch_model = sa.Table(
+    "watch_model",
+    metadata,
+    sa.Column("watch_id", sa.Integer, sa.ForeignKey("watch.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("model_id", sa.Integer, sa.ForeignKey("model.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("storage_table", sa.Text, nullable=False, unique=True),
+    sa.Column("is_default", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+sa.Index(
+    "watch_model_one_default",
+    watch_model.c.watch_id,
+    unique=True,
+    postgresql_where=watch_model.c.is_default,
+)
+
+job = sa.Table(
+    "job",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("watch_id", sa.Integer, sa.ForeignKey("watch.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("model_id", sa.Integer, sa.ForeignKey("model.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("key", sa.Text, nullable=False),
+    sa.Column(
+        "status",
+        sa.Text,
+        sa.CheckConstraint("status IN ('pending', 'in_flight', 'failed')", name="job_status_known"),
+        nullable=False,
+        server_default="pending",
+    ),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("not_before", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("claim_id", pg.UUID),
+    sa.Column("lease_until", sa.DateTime(timezone=True)),
+    sa.Column("last_error", sa.Text),
+    sa.Column("enqueued_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+# At most one pending job per row and model: a second change before the embedding just waits.
+sa.Index(
+    "job_one_pending",
+    job.c.watch_id,
+    job.c.model_id,
+    job.c.key,
+    unique=True,
+    postgresql_where=job.c.status == "pending",
+)
+sa.Index("job_pending_by_model", job.c.model_id, job.c.id, postgresql_where=job.c.status == "pending")
+sa.Index("job_in_flight_lease", job.c.lease_until, postgresql_where=job.c.status == "in_flight")
+sa.Index("job_claim", job.c.claim_id, postgresql_where=job.c.claim_id.is_not(None))
+sa.Index("job_by_row", job.c.watch_id, job.c.key)
+
+image = sa.Table(
+    "image",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("uri", sa.Text),
+    sa.Column("content", sa.LargeBinary),
+    sa.Column("label", sa.Text),
+    sa.Column("metadata", pg.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.CheckConstraint("num_nonnulls(uri, content) = 1", name="image_uri_xor_content"),
+)

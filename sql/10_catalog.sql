@@ -1,0 +1,161 @@
+-- Catalog helpers: models, watched tables, names of per-(table, model) vector tables.
+-- Every function here is (re)pinned to a fixed search_path by 90_pin_search_path.sql.
+
+-- The watch row of a table, or a clear error when the table is not watched.
+CREATE OR REPLACE FUNCTION imgembed._watch_of(p_tbl regclass)
+RETURNS imgembed.watch
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_watch imgembed.watch;
+BEGIN
+    SELECT * INTO v_watch FROM imgembed.watch WHERE tbl = p_tbl;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'table % is not watched by imgembed', p_tbl
+            USING HINT = 'call imgembed.watch(''schema.table'', ''image_column'') first',
+                  ERRCODE = 'undefined_object';
+    END IF;
+    RETURN v_watch;
+END $$;
+
+-- The model a call should use on a watched table: the named one, else the table's default.
+CREATE OR REPLACE FUNCTION imgembed._watch_model_of(p_watch imgembed.watch, p_model text DEFAULT NULL)
+RETURNS imgembed.watch_model
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_link imgembed.watch_model;
+BEGIN
+    IF p_model IS NULL THEN
+        SELECT * INTO v_link FROM imgembed.watch_model
+         WHERE watch_id = p_watch.id AND is_default;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'table % has no embedding model yet', p_watch.table_name
+                USING HINT = 'register one with `imgembed migrate` (IMGEMBED_MODEL) or imgembed.add_model()',
+                      ERRCODE = 'undefined_object';
+        END IF;
+    ELSE
+        SELECT wm.* INTO v_link
+          FROM imgembed.watch_model wm JOIN imgembed.model m ON m.id = wm.model_id
+         WHERE wm.watch_id = p_watch.id AND m.name = p_model;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'model % is not attached to table %', p_model, p_watch.table_name
+                USING HINT = 'attach it with imgembed.add_model(table, model)',
+                      ERRCODE = 'undefined_object';
+        END IF;
+    END IF;
+    RETURN v_link;
+END $$;
+
+-- Register (or confirm) a model. Its name is what workers load: `imgembed-tiny`, `ARCH:TAG` or
+-- `ARCH:/path/to/checkpoint`. The dimension must match what the model outputs.
+CREATE OR REPLACE FUNCTION imgembed.register_model(
+    p_name text,
+    p_architecture text,
+    p_pretrained text,
+    p_dim integer,
+    p_sha256 text DEFAULT NULL,
+    p_make_default boolean DEFAULT false
+) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_model imgembed.model;
+    v_watch imgembed.watch;
+BEGIN
+    IF p_name IS NULL OR btrim(p_name) = '' THEN
+        RAISE EXCEPTION 'model name must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO v_model FROM imgembed.model WHERE name = p_name;
+    IF FOUND THEN
+        IF v_model.dim <> p_dim THEN
+            RAISE EXCEPTION 'model % is registered with dimension %, not %', p_name, v_model.dim, p_dim
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        UPDATE imgembed.model SET sha256 = coalesce(p_sha256, sha256) WHERE id = v_model.id;
+    ELSE
+        INSERT INTO imgembed.model (name, architecture, pretrained, sha256, dim)
+        VALUES (p_name, p_architecture, p_pretrained, p_sha256, p_dim)
+        RETURNING * INTO v_model;
+    END IF;
+
+    IF p_make_default OR NOT EXISTS (SELECT 1 FROM imgembed.model WHERE is_default) THEN
+        UPDATE imgembed.model SET is_default = false WHERE is_default AND id <> v_model.id;
+        UPDATE imgembed.model SET is_default = true WHERE id = v_model.id;
+        -- Watched tables that have no model yet (e.g. imgembed.image after migrating) start now.
+        FOR v_watch IN
+            SELECT w.* FROM imgembed.watch w
+             WHERE NOT EXISTS (SELECT 1 FROM imgembed.watch_model wm WHERE wm.watch_id = w.id)
+        LOOP
+            PERFORM imgembed._attach_model(v_watch, v_model, true);
+        END LOOP;
+    END IF;
+    RETURN v_model.id;
+END $$;
+
+-- Name of the vector table for one (watched table, model).
+CREATE OR REPLACE FUNCTION imgembed._storage_name(p_watch_id integer, p_model_id integer)
+RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT format('emb_%s_%s', p_watch_id, p_model_id)
+$$;
+
+-- SQL boolean expression: the row under alias p_alias has an image (some image column is set).
+CREATE OR REPLACE FUNCTION imgembed._has_image_sql(p_watch imgembed.watch, p_alias text)
+RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT concat_ws(' OR ',
+        CASE WHEN p_watch.content_column IS NOT NULL
+             THEN format('%I.%I IS NOT NULL', p_alias, p_watch.content_column) END,
+        CASE WHEN p_watch.uri_column IS NOT NULL
+             THEN format('%I.%I IS NOT NULL', p_alias, p_watch.uri_column) END)
+$$;
+
+-- SQL boolean expression: the image differs between aliases o (old) and n (new).
+CREATE OR REPLACE FUNCTION imgembed._image_changed_sql(p_watch imgembed.watch)
+RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT concat_ws(' OR ',
+        CASE WHEN p_watch.content_column IS NOT NULL
+             THEN format('o.%1$I IS DISTINCT FROM n.%1$I', p_watch.content_column) END,
+        CASE WHEN p_watch.uri_column IS NOT NULL
+             THEN format('o.%1$I IS DISTINCT FROM n.%1$I', p_watch.uri_column) END)
+$$;
+
+-- SQL that enqueues one job per (row with an image in p_from aliased n, attached model).
+-- p_from is a FROM clause (a table or a trigger's transition table) and p_where a filter.
+CREATE OR REPLACE FUNCTION imgembed._enqueue_sql(
+    p_watch imgembed.watch,
+    p_from text,
+    p_where text DEFAULT 'true',
+    p_model_id integer DEFAULT NULL
+) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT format($f$
+        INSERT INTO imgembed.job (watch_id, model_id, key)
+        SELECT %1$s, wm.model_id, n.%2$I::text
+          FROM %3$s
+          JOIN imgembed.watch_model wm ON wm.watch_id = %1$s %4$s
+         WHERE (%5$s) AND (%6$s)
+        ON CONFLICT (watch_id, model_id, key) WHERE status = 'pending' DO NOTHING$f$,
+        p_watch.id,
+        p_watch.key_column,
+        p_from,
+        CASE WHEN p_model_id IS NULL THEN '' ELSE format('AND wm.model_id = %s', p_model_id) END,
+        imgembed._has_image_sql(p_watch, 'n'),
+        p_where)
+$$;
+
+-- SQL statements that forget the rows (vectors and jobs) whose keys are in p_from aliased o.
+-- Jobs go first: a worker finishing one of them holds its lock, so the vector delete that
+-- follows sees what that worker wrote.
+CREATE OR REPLACE FUNCTION imgembed._forget_sql(p_watch imgembed.watch, p_from text, p_where text DEFAULT 'true')
+RETURNS text[]
+LANGUAGE sql STABLE AS $$
+    SELECT array_prepend(
+        format('DELETE FROM imgembed.job j USING %s WHERE j.watch_id = %s AND j.key = o.%I::text AND (%s)',
+               p_from, p_watch.id, p_watch.key_column, p_where),
+        coalesce((
+            SELECT array_agg(
+                format('DELETE FROM imgembed.%I e USING %s WHERE e.id = o.%I AND (%s)',
+                       wm.storage_table, p_from, p_watch.key_column, p_where)
+                ORDER BY wm.model_id)
+              FROM imgembed.watch_model wm WHERE wm.watch_id = p_watch.id), '{}'))
+$$;

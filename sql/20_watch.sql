@@ -1,0 +1,215 @@
+-- Attaching imgembed to tables: watch(), unwatch(), add_model().
+
+-- Create the vector table of (watch, model), its HNSW index, and enqueue every existing row.
+CREATE OR REPLACE FUNCTION imgembed._attach_model(
+    p_watch imgembed.watch,
+    p_model imgembed.model,
+    p_make_default boolean
+) RETURNS imgembed.watch_model
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_storage text := imgembed._storage_name(p_watch.id, p_model.id);
+    v_link imgembed.watch_model;
+    v_queued bigint;
+BEGIN
+    SELECT * INTO v_link FROM imgembed.watch_model WHERE watch_id = p_watch.id AND model_id = p_model.id;
+    IF FOUND THEN
+        RETURN v_link;
+    END IF;
+    EXECUTE format(
+        'CREATE TABLE imgembed.%I (id %s PRIMARY KEY, embedding vector(%s) NOT NULL, '
+        'job_id bigint NOT NULL, embedded_at timestamptz NOT NULL DEFAULT now())',
+        v_storage, p_watch.key_type, p_model.dim);
+    IF p_model.dim <= 2000 THEN
+        EXECUTE format('CREATE INDEX %I ON imgembed.%I USING hnsw (embedding vector_cosine_ops)',
+                       v_storage || '_hnsw', v_storage);
+    ELSE
+        -- HNSW indexes vectors up to 2,000 dimensions; halfvec goes to 4,000.
+        EXECUTE format('CREATE INDEX %I ON imgembed.%I USING hnsw ((embedding::halfvec(%s)) halfvec_cosine_ops)',
+                       v_storage || '_hnsw', v_storage, p_model.dim);
+    END IF;
+    INSERT INTO imgembed.watch_model (watch_id, model_id, storage_table, is_default)
+    VALUES (p_watch.id, p_model.id, v_storage,
+            p_make_default OR NOT EXISTS (SELECT 1 FROM imgembed.watch_model WHERE watch_id = p_watch.id))
+    RETURNING * INTO v_link;
+
+    EXECUTE imgembed._enqueue_sql(p_watch, format('%s n', p_watch.tbl), 'true', p_model.id);
+    GET DIAGNOSTICS v_queued = ROW_COUNT;
+    IF v_queued > 0 THEN
+        PERFORM pg_notify('imgembed_jobs', '');
+    END IF;
+    RETURN v_link;
+END $$;
+
+-- Start embedding a watched table with one more model (backfills every row).
+CREATE OR REPLACE FUNCTION imgembed.add_model(p_tbl regclass, p_model text)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_model imgembed.model;
+BEGIN
+    SELECT * INTO v_model FROM imgembed.model WHERE name = p_model;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'model % is not registered', p_model
+            USING HINT = 'register it with `imgembed models add` or imgembed.register_model()',
+                  ERRCODE = 'undefined_object';
+    END IF;
+    PERFORM imgembed._attach_model(imgembed._watch_of(p_tbl), v_model, false);
+END $$;
+
+-- Attach to a table with explicit image columns (bytea content and/or text location).
+CREATE OR REPLACE FUNCTION imgembed._watch(
+    p_tbl regclass,
+    p_content_column text,
+    p_uri_column text,
+    p_label_column text DEFAULT NULL,
+    p_model text DEFAULT NULL
+) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_relkind "char";
+    v_key_column text;
+    v_key_type text;
+    v_key_count integer;
+    v_watch imgembed.watch;
+    v_model imgembed.model;
+    v_column text;
+    v_type text;
+BEGIN
+    SELECT relkind INTO v_relkind FROM pg_class WHERE oid = p_tbl;
+    IF v_relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '% is not a table (imgembed watches ordinary and partitioned tables)', p_tbl
+            USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF p_tbl::oid IN (SELECT c.oid FROM pg_class c WHERE c.relnamespace = 'imgembed'::regnamespace)
+       AND p_tbl <> 'imgembed.image'::regclass THEN
+        RAISE EXCEPTION 'imgembed''s own table % cannot be watched', p_tbl USING ERRCODE = 'wrong_object_type';
+    END IF;
+
+    SELECT count(*), min(a.attname), min(format_type(a.atttypid, NULL))
+      INTO v_key_count, v_key_column, v_key_type
+      FROM pg_index i
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+     WHERE i.indrelid = p_tbl AND i.indisprimary;
+    IF v_key_count = 0 THEN
+        RAISE EXCEPTION 'table % has no primary key', p_tbl
+            USING HINT = 'imgembed needs a single-column primary key of type bigint, integer, uuid or text',
+                  ERRCODE = 'invalid_table_definition';
+    ELSIF v_key_count > 1 THEN
+        RAISE EXCEPTION 'table % has a composite primary key', p_tbl
+            USING HINT = 'imgembed needs a single-column primary key of type bigint, integer, uuid or text',
+                  ERRCODE = 'invalid_table_definition';
+    ELSIF v_key_type NOT IN ('bigint', 'integer', 'smallint', 'uuid', 'text', 'character varying') THEN
+        RAISE EXCEPTION 'primary key %.% has type %, which imgembed does not support', p_tbl, v_key_column, v_key_type
+            USING HINT = 'supported key types: bigint, integer, smallint, uuid, text, varchar',
+                  ERRCODE = 'datatype_mismatch';
+    END IF;
+
+    FOREACH v_column IN ARRAY ARRAY[p_content_column, p_uri_column, p_label_column] LOOP
+        CONTINUE WHEN v_column IS NULL;
+        SELECT format_type(atttypid, NULL) INTO v_type
+          FROM pg_attribute WHERE attrelid = p_tbl AND attname = v_column AND attnum > 0 AND NOT attisdropped;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'column "%" does not exist in table %', v_column, p_tbl
+                USING ERRCODE = 'undefined_column';
+        END IF;
+        IF v_column IS NOT DISTINCT FROM p_content_column AND v_type <> 'bytea' THEN
+            RAISE EXCEPTION 'column "%" of % has type %, expected bytea', v_column, p_tbl, v_type
+                USING ERRCODE = 'datatype_mismatch';
+        END IF;
+        IF v_column IS NOT DISTINCT FROM p_uri_column AND v_type NOT IN ('text', 'character varying') THEN
+            RAISE EXCEPTION 'column "%" of % has type %, expected text (a path or URI)', v_column, p_tbl, v_type
+                USING ERRCODE = 'datatype_mismatch';
+        END IF;
+    END LOOP;
+
+    SELECT * INTO v_watch FROM imgembed.watch WHERE tbl = p_tbl;
+    IF FOUND THEN
+        IF v_watch.content_column IS DISTINCT FROM p_content_column
+           OR v_watch.uri_column IS DISTINCT FROM p_uri_column THEN
+            RAISE EXCEPTION 'table % is already watched with another image column', p_tbl
+                USING HINT = 'call imgembed.unwatch() first', ERRCODE = 'duplicate_object';
+        END IF;
+        RETURN v_watch.id;
+    END IF;
+
+    INSERT INTO imgembed.watch (tbl, table_name, key_column, key_type, content_column, uri_column, label_column)
+    VALUES (p_tbl,
+            (SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.oid = p_tbl),
+            v_key_column,
+            CASE v_key_type WHEN 'character varying' THEN 'text' ELSE v_key_type END,
+            p_content_column, p_uri_column, p_label_column)
+    RETURNING * INTO v_watch;
+
+    EXECUTE format('CREATE TRIGGER imgembed_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS imgembed_new '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION imgembed._on_insert(%s)', p_tbl, v_watch.id);
+    EXECUTE format('CREATE TRIGGER imgembed_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS imgembed_old '
+                   'NEW TABLE AS imgembed_new FOR EACH STATEMENT EXECUTE FUNCTION imgembed._on_update(%s)',
+                   p_tbl, v_watch.id);
+    EXECUTE format('CREATE TRIGGER imgembed_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS imgembed_old '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION imgembed._on_delete(%s)', p_tbl, v_watch.id);
+    EXECUTE format('CREATE TRIGGER imgembed_truncate AFTER TRUNCATE ON %s '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION imgembed._on_truncate(%s)', p_tbl, v_watch.id);
+
+    IF p_model IS NULL THEN
+        SELECT * INTO v_model FROM imgembed.model WHERE is_default;
+        IF NOT FOUND THEN
+            RAISE NOTICE 'imgembed: no model is registered yet; rows of % will be embedded once one is', p_tbl;
+            RETURN v_watch.id;
+        END IF;
+    ELSE
+        SELECT * INTO v_model FROM imgembed.model WHERE name = p_model;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'model % is not registered', p_model
+                USING HINT = 'register it with `imgembed models add` or imgembed.register_model()',
+                      ERRCODE = 'undefined_object';
+        END IF;
+    END IF;
+    PERFORM imgembed._attach_model(v_watch, v_model, true);
+    RETURN v_watch.id;
+END $$;
+
+-- Watch a table: every row's image (bytea bytes, or text path / file:// / http(s):// URI) gets an
+-- embedding; existing rows are backfilled. Returns the watch id. Calling it again is a no-op.
+CREATE OR REPLACE FUNCTION imgembed.watch(
+    tbl regclass,
+    image_column text,
+    label_column text DEFAULT NULL,
+    model text DEFAULT NULL
+) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_type text;
+BEGIN
+    SELECT format_type(atttypid, NULL) INTO v_type
+      FROM pg_attribute WHERE attrelid = tbl AND attname = image_column AND attnum > 0 AND NOT attisdropped;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'column "%" does not exist in table %', image_column, tbl
+            USING ERRCODE = 'undefined_column';
+    ELSIF v_type = 'bytea' THEN
+        RETURN imgembed._watch(tbl, image_column, NULL, label_column, model);
+    ELSIF v_type IN ('text', 'character varying') THEN
+        RETURN imgembed._watch(tbl, NULL, image_column, label_column, model);
+    END IF;
+    RAISE EXCEPTION 'column "%" of % has type %: an image column must be bytea (the bytes) or text (a path or URI)',
+        image_column, tbl, v_type USING ERRCODE = 'datatype_mismatch';
+END $$;
+
+-- Stop watching a table: drop its triggers, its vectors and its jobs. The table itself is untouched.
+CREATE OR REPLACE FUNCTION imgembed.unwatch(tbl regclass)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_watch imgembed.watch := imgembed._watch_of(tbl);
+    v_storage text;
+    v_trigger text;
+BEGIN
+    FOREACH v_trigger IN ARRAY ARRAY['imgembed_insert', 'imgembed_update', 'imgembed_delete', 'imgembed_truncate'] LOOP
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', v_trigger, tbl);
+    END LOOP;
+    FOR v_storage IN SELECT storage_table FROM imgembed.watch_model WHERE watch_id = v_watch.id LOOP
+        EXECUTE format('DROP TABLE IF EXISTS imgembed.%I', v_storage);
+    END LOOP;
+    DELETE FROM imgembed.watch WHERE id = v_watch.id;
+END $$;

@@ -1,0 +1,78 @@
+-- Statement-level triggers on watched tables. They run in the writer's transaction, enqueue one
+-- job per changed row and model, and send at most one constant NOTIFY per statement (PostgreSQL
+-- folds identical notifications of a transaction into one).
+-- TG_ARGV[0] is the watch id. Transition tables are only visible in the trigger function itself,
+-- so the SQL is built by helpers and executed here.
+
+CREATE OR REPLACE FUNCTION imgembed._on_insert()
+RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_watch imgembed.watch;
+    v_queued bigint;
+BEGIN
+    SELECT * INTO v_watch FROM imgembed.watch WHERE id = TG_ARGV[0]::integer;
+    EXECUTE imgembed._enqueue_sql(v_watch, 'imgembed_new n');
+    GET DIAGNOSTICS v_queued = ROW_COUNT;
+    IF v_queued > 0 THEN
+        PERFORM pg_notify('imgembed_jobs', '');
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE FUNCTION imgembed._on_update()
+RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_watch imgembed.watch;
+    v_queued bigint;
+    v_statement text;
+BEGIN
+    SELECT * INTO v_watch FROM imgembed.watch WHERE id = TG_ARGV[0]::integer;
+    -- Rows whose key vanished (key changed) or whose image was cleared: forget them.
+    FOREACH v_statement IN ARRAY imgembed._forget_sql(
+        v_watch,
+        format('imgembed_old o LEFT JOIN imgembed_new n ON n.%1$I = o.%1$I', v_watch.key_column),
+        format('n.%I IS NULL OR NOT (%s)', v_watch.key_column, imgembed._has_image_sql(v_watch, 'n')))
+    LOOP
+        EXECUTE v_statement;
+    END LOOP;
+    -- Rows with a new key or a changed image: embed again. Other column updates cost nothing more.
+    EXECUTE imgembed._enqueue_sql(
+        v_watch,
+        format('imgembed_new n LEFT JOIN imgembed_old o ON o.%1$I = n.%1$I', v_watch.key_column),
+        format('o.%I IS NULL OR %s', v_watch.key_column, imgembed._image_changed_sql(v_watch)));
+    GET DIAGNOSTICS v_queued = ROW_COUNT;
+    IF v_queued > 0 THEN
+        PERFORM pg_notify('imgembed_jobs', '');
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE FUNCTION imgembed._on_delete()
+RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_watch imgembed.watch;
+    v_statement text;
+BEGIN
+    SELECT * INTO v_watch FROM imgembed.watch WHERE id = TG_ARGV[0]::integer;
+    FOREACH v_statement IN ARRAY imgembed._forget_sql(v_watch, 'imgembed_old o') LOOP
+        EXECUTE v_statement;
+    END LOOP;
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE FUNCTION imgembed._on_truncate()
+RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_watch_id integer := TG_ARGV[0]::integer;
+    v_storage text;
+BEGIN
+    DELETE FROM imgembed.job WHERE watch_id = v_watch_id;
+    FOR v_storage IN SELECT storage_table FROM imgembed.watch_model WHERE watch_id = v_watch_id LOOP
+        EXECUTE format('TRUNCATE imgembed.%I', v_storage);
+    END LOOP;
+    RETURN NULL;
+END $$;

@@ -1,0 +1,213 @@
+-- The job queue: claimed by dispatchers, leased to workers, finished in one transaction with the
+-- vectors it produced. A claim id ties a batch to the one task that may finish it, so a stale
+-- Celery message (redelivered after its lease expired) can never write or complete anything.
+
+-- Claim up to p_batch_size pending jobs of one model (the model of the oldest pending job).
+-- Returns nothing when no job is ready.
+CREATE OR REPLACE FUNCTION imgembed.claim_batch(p_batch_size integer, p_lease_seconds double precision)
+RETURNS TABLE (claim_id uuid, model_name text, job_ids bigint[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_claim uuid := gen_random_uuid();
+    v_model_id integer;
+BEGIN
+    SELECT j.model_id INTO v_model_id
+      FROM imgembed.job j
+     WHERE j.status = 'pending' AND j.not_before <= now()
+     ORDER BY j.id
+     LIMIT 1
+     FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    WITH picked AS (
+        SELECT j.id FROM imgembed.job j
+         WHERE j.status = 'pending' AND j.not_before <= now() AND j.model_id = v_model_id
+         ORDER BY j.id
+         LIMIT p_batch_size
+         FOR UPDATE SKIP LOCKED
+    ), claimed AS (
+        UPDATE imgembed.job j
+           SET status = 'in_flight', claim_id = v_claim, attempts = j.attempts + 1,
+               lease_until = now() + make_interval(secs => p_lease_seconds), updated_at = now()
+          FROM picked WHERE j.id = picked.id
+        RETURNING j.id
+    )
+    SELECT v_claim, m.name, array_agg(c.id ORDER BY c.id)
+      FROM claimed c CROSS JOIN imgembed.model m
+     WHERE m.id = v_model_id
+     GROUP BY m.name;
+END $$;
+
+-- A worker starts on a claim: extend the lease, return the jobs it still owns.
+CREATE OR REPLACE FUNCTION imgembed.start_claim(p_claim uuid, p_lease_seconds double precision)
+RETURNS SETOF bigint
+LANGUAGE sql AS $$
+    UPDATE imgembed.job
+       SET lease_until = now() + make_interval(secs => p_lease_seconds), updated_at = now()
+     WHERE claim_id = p_claim AND status = 'in_flight'
+    RETURNING id
+$$;
+
+-- Hand a claim back untouched (the dispatcher could not send its task): no attempt is counted.
+CREATE OR REPLACE FUNCTION imgembed.release_claim(p_claim uuid)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_released integer;
+BEGIN
+    DELETE FROM imgembed.job j
+     WHERE j.claim_id = p_claim AND j.status = 'in_flight'
+       AND EXISTS (SELECT 1 FROM imgembed.job p WHERE p.status = 'pending' AND p.watch_id = j.watch_id
+                      AND p.model_id = j.model_id AND p.key = j.key);
+    UPDATE imgembed.job
+       SET status = 'pending', claim_id = NULL, lease_until = NULL, attempts = greatest(attempts - 1, 0),
+           updated_at = now()
+     WHERE claim_id = p_claim AND status = 'in_flight';
+    GET DIAGNOSTICS v_released = ROW_COUNT;
+    RETURN v_released;
+END $$;
+
+-- Jobs whose lease ran out (their worker died or hung) go back to pending, or fail after
+-- p_max_attempts. A job superseded by a newer pending one for the same row is dropped.
+CREATE OR REPLACE FUNCTION imgembed.recover_expired(p_max_attempts integer)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_recovered integer;
+BEGIN
+    DELETE FROM imgembed.job j
+     WHERE j.status = 'in_flight' AND j.lease_until < now()
+       AND EXISTS (SELECT 1 FROM imgembed.job p WHERE p.status = 'pending' AND p.watch_id = j.watch_id
+                      AND p.model_id = j.model_id AND p.key = j.key);
+    WITH expired AS (
+        SELECT id FROM imgembed.job
+         WHERE status = 'in_flight' AND lease_until < now()
+         FOR UPDATE SKIP LOCKED
+    )
+    UPDATE imgembed.job j
+       SET status = CASE WHEN j.attempts >= p_max_attempts THEN 'failed' ELSE 'pending' END,
+           last_error = format('worker lost: lease expired (attempt %s of %s)', j.attempts, p_max_attempts),
+           claim_id = NULL, lease_until = NULL, updated_at = now()
+      FROM expired WHERE j.id = expired.id;
+    GET DIAGNOSTICS v_recovered = ROW_COUNT;
+    RETURN v_recovered;
+END $$;
+
+-- The images of a claim's jobs, read from the watched tables. A job whose row is gone is absent.
+CREATE OR REPLACE FUNCTION imgembed.claimed_images(p_claim uuid)
+RETURNS TABLE (job_id bigint, key text, content bytea, uri text)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_watch imgembed.watch;
+BEGIN
+    FOR v_watch IN
+        SELECT w.* FROM imgembed.watch w
+         WHERE w.id IN (SELECT j.watch_id FROM imgembed.job j WHERE j.claim_id = p_claim)
+    LOOP
+        RETURN QUERY EXECUTE format(
+            'SELECT j.id, j.key, %s, %s FROM imgembed.job j JOIN %s s ON s.%I = j.key::%s '
+            'WHERE j.claim_id = $1 AND j.watch_id = $2 AND j.status = ''in_flight''',
+            CASE WHEN v_watch.content_column IS NULL THEN 'NULL::bytea'
+                 ELSE format('s.%I', v_watch.content_column) END,
+            CASE WHEN v_watch.uri_column IS NULL THEN 'NULL::text'
+                 ELSE format('s.%I::text', v_watch.uri_column) END,
+            v_watch.tbl, v_watch.key_column, v_watch.key_type)
+        USING p_claim, v_watch.id;
+    END LOOP;
+END $$;
+
+-- Finish a claim in one transaction: write the vectors of p_done_ids (a NULL vector means the row
+-- is gone: nothing to write), complete those jobs, and record p_failed_ids with their errors
+-- (retried with exponential backoff when p_retryable and attempts remain, else failed).
+-- Only jobs this claim still owns are touched. Returns the number of vectors written.
+CREATE OR REPLACE FUNCTION imgembed.finish_batch(
+    p_claim uuid,
+    p_done_ids bigint[],
+    p_vectors vector[],
+    p_failed_ids bigint[],
+    p_errors text[],
+    p_retryable boolean[],
+    p_max_attempts integer,
+    p_backoff_seconds double precision
+) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_owned bigint[];
+    v_written integer := 0;
+    v_count integer;
+    v_target record;
+BEGIN
+    -- Lock what we own. A job locked by someone else is being deleted with its row (or recovered):
+    -- skip it rather than wait, so a writer deleting rows never deadlocks with us.
+    SELECT coalesce(array_agg(id), '{}') INTO v_owned
+      FROM (SELECT id FROM imgembed.job
+             WHERE claim_id = p_claim AND status = 'in_flight'
+             ORDER BY id FOR UPDATE SKIP LOCKED) owned;
+
+    FOR v_target IN
+        SELECT w.tbl, w.key_column, w.key_type, w.id AS watch_id, wm.storage_table
+          FROM imgembed.watch w
+          JOIN imgembed.watch_model wm ON wm.watch_id = w.id
+         WHERE (w.id, wm.model_id) IN (SELECT j.watch_id, j.model_id FROM imgembed.job j WHERE j.id = ANY (v_owned))
+    LOOP
+        EXECUTE format($f$
+            INSERT INTO imgembed.%1$I AS e (id, embedding, job_id)
+            SELECT s.%3$I, v.vec, j.id
+              FROM unnest($1::bigint[], $2::vector[]) AS v(job_id, vec)
+              JOIN imgembed.job j ON j.id = v.job_id
+              JOIN %2$s s ON s.%3$I = j.key::%4$s
+             WHERE v.vec IS NOT NULL AND j.id = ANY ($3) AND j.watch_id = $4
+            ON CONFLICT (id) DO UPDATE
+               SET embedding = excluded.embedding, job_id = excluded.job_id, embedded_at = now()
+             WHERE e.job_id < excluded.job_id$f$,
+            v_target.storage_table, v_target.tbl, v_target.key_column, v_target.key_type)
+        USING p_done_ids, p_vectors, v_owned, v_target.watch_id;
+        GET DIAGNOSTICS v_count = ROW_COUNT;
+        v_written := v_written + v_count;
+    END LOOP;
+
+    -- A success makes older failures of the same row and model moot.
+    DELETE FROM imgembed.job f
+     USING imgembed.job d
+     WHERE d.id = ANY (v_owned) AND d.id = ANY (p_done_ids)
+       AND f.status = 'failed' AND f.watch_id = d.watch_id AND f.model_id = d.model_id AND f.key = d.key;
+    DELETE FROM imgembed.job WHERE id = ANY (v_owned) AND id = ANY (p_done_ids);
+
+    -- Failures superseded by a newer pending job (the image changed meanwhile) are dropped.
+    DELETE FROM imgembed.job j
+     WHERE j.id = ANY (v_owned) AND j.id = ANY (p_failed_ids)
+       AND EXISTS (SELECT 1 FROM imgembed.job p WHERE p.status = 'pending' AND p.watch_id = j.watch_id
+                      AND p.model_id = j.model_id AND p.key = j.key);
+    UPDATE imgembed.job j
+       SET status = CASE WHEN f.retryable AND j.attempts < p_max_attempts THEN 'pending' ELSE 'failed' END,
+           last_error = f.error,
+           not_before = now() + make_interval(secs => p_backoff_seconds * power(2, greatest(j.attempts - 1, 0))),
+           claim_id = NULL, lease_until = NULL, updated_at = now()
+      FROM unnest(p_failed_ids, p_errors, p_retryable) AS f(job_id, error, retryable)
+     WHERE j.id = f.job_id AND j.id = ANY (v_owned);
+    RETURN v_written;
+END $$;
+
+-- Put failed jobs back in the queue (all, or one table's), with fresh attempts.
+CREATE OR REPLACE FUNCTION imgembed.retry_failed(p_tbl regclass DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_count integer;
+BEGIN
+    DELETE FROM imgembed.job j
+     WHERE j.status = 'failed'
+       AND (p_tbl IS NULL OR j.watch_id = (imgembed._watch_of(p_tbl)).id)
+       AND EXISTS (SELECT 1 FROM imgembed.job p WHERE p.status = 'pending' AND p.watch_id = j.watch_id
+                      AND p.model_id = j.model_id AND p.key = j.key);
+    UPDATE imgembed.job
+       SET status = 'pending', attempts = 0, not_before = now(), updated_at = now()
+     WHERE status = 'failed' AND (p_tbl IS NULL OR watch_id = (imgembed._watch_of(p_tbl)).id);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    IF v_count > 0 THEN
+        PERFORM pg_notify('imgembed_jobs', '');
+    END IF;
+    RETURN v_count;
+END $$;

@@ -1,0 +1,26 @@
+-- Remove every imgembed object except Alembic's version table (the migration runner drops the
+-- schema once that table is empty). Dropping the trigger functions also drops the triggers on
+-- watched tables; the watched tables themselves and the vector extension stay.
+DO $$
+DECLARE
+    v_object text;
+BEGIN
+    FOR v_object IN
+        SELECT p.oid::regprocedure::text FROM pg_proc p WHERE p.pronamespace = 'imgembed'::regnamespace
+    LOOP
+        EXECUTE format('DROP FUNCTION IF EXISTS %s CASCADE', v_object);
+    END LOOP;
+    FOR v_object IN
+        SELECT c.oid::regclass::text FROM pg_class c
+         WHERE c.relnamespace = 'imgembed'::regnamespace AND c.relkind = 'v'
+    LOOP
+        EXECUTE format('DROP VIEW IF EXISTS %s CASCADE', v_object);
+    END LOOP;
+    FOR v_object IN
+        SELECT c.oid::regclass::text FROM pg_class c
+         WHERE c.relnamespace = 'imgembed'::regnamespace AND c.relkind IN ('r', 'p')
+           AND c.relname <> 'alembic_version'
+    LOOP
+        EXECUTE format('DROP TABLE IF EXISTS %s CASCADE', v_object);
+    END LOOP;
+END $$;

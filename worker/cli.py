@@ -1,0 +1,202 @@
+"""The ``imgembed`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from worker.settings import Settings, SettingsError, load_settings, require_database_url
+
+log = logging.getLogger("imgembed")
+
+ENVIRONMENT_HELP = """\
+environment:
+  DATABASE_URL              PostgreSQL with pgvector (unset: `up`/`demo` start an embedded one)
+  REDIS_URL                 Redis for Celery (unset: `up`/`demo` start a private redis-server)
+  IMGEMBED_MODEL            OpenCLIP model: ARCH:TAG, ARCH:/path/to/checkpoint, or imgembed-tiny
+                            (default ViT-B-32:laion2b_s34b_b79k)
+  IMGEMBED_DEVICE           auto | cpu | cuda[:N]         IMGEMBED_BATCH_SIZE  images per batch (32)
+  IMGEMBED_QUEUE            Celery queue name (imgembed)  IMGEMBED_LEASE_SECONDS  job lease (300)
+  IMGEMBED_MAX_ATTEMPTS     tries before a job fails (5)  IMGEMBED_SWEEP_SECONDS  dispatcher sweep (2)
+  IMGEMBED_MAX_PIXELS, IMGEMBED_MAX_IMAGE_BYTES, IMGEMBED_ALLOWED_ROOTS, IMGEMBED_ALLOW_HTTP,
+  IMGEMBED_HTTP_ALLOW_PRIVATE, IMGEMBED_DATA_DIR, IMGEMBED_LOG_LEVEL: see README.md
+"""
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from worker import migrate
+
+    url = require_database_url(settings)
+    if args.downgrade:
+        migrate.downgrade(url, args.downgrade, sql_only=args.sql)
+        if not args.sql:
+            print(f"imgembed downgraded to {args.downgrade}")
+        return 0
+    migrate.upgrade(url, args.revision, sql_only=args.sql)
+    if args.sql:
+        return 0
+    from worker.models import default_model, register_model
+    from worker.db import connect
+
+    with connect(url) as connection:
+        if not args.no_model:
+            register_model(connection, settings.model)
+        print(f"imgembed migrated to {migrate.current_revision(url)}; default model: {default_model(connection)}")
+    return 0
+
+
+def cmd_dispatch(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.celery_app import create_celery_app
+    from worker.dispatcher import Dispatcher
+
+    require_database_url(settings)
+    dispatcher = Dispatcher(settings, create_celery_app(settings))
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("signal %s: stopping dispatcher", signum)
+        dispatcher.stop_event.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    dispatcher.run()
+    return 0
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.celery_app import create_celery_app, register_worker_tasks
+
+    require_database_url(settings)
+    app = create_celery_app(settings)
+    register_worker_tasks(app)
+    if args.preload:
+        from worker.embedding import ModelLoadError
+        from worker.tasks import runtime
+
+        try:
+            runtime().model(settings.model)
+        except ModelLoadError as error:
+            log.warning("%s; jobs for it will fail with this reason until it loads", error)
+    app.worker_main(
+        [
+            "worker",
+            "--pool=solo",
+            "--concurrency=1",
+            f"--queues={settings.queue}",
+            f"--loglevel={settings.log_level}",
+            f"--hostname=imgembed-{os.getpid()}@{socket.gethostname()}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+    return 0
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.db import connect
+    from worker.report import status_report
+
+    with connect(require_database_url(settings)) as connection:
+        print(status_report(connection))
+    return 0
+
+
+def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.stack import local_stack
+
+    with local_stack(settings) as stack:
+        print(f"imgembed is up.\n  DATABASE_URL={stack.settings.database_url}\n  REDIS_URL={stack.settings.redis_url}")
+        print(f"  model: {stack.settings.model}\nConnect with: psql {stack.settings.database_url}\nCtrl-C stops everything.")
+        try:
+            while not (dead := stack.exited()):
+                time.sleep(1)
+            print(f"stopping: {', '.join(dead)} exited", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("\nstopping...", file=sys.stderr)
+    return 0
+
+
+def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.db import connect
+    from worker.ingest import ingest_paths
+
+    with connect(require_database_url(settings)) as connection:
+        count = ingest_paths(connection, args.paths, as_bytes=args.bytes, label=args.label)
+    print(f"ingested {count} images into imgembed.image")
+    return 0
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.demo import run_demo
+
+    return run_demo(settings, photos_dir=args.photos, generated=args.generated)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imgembed",
+        description="Image embeddings inside PostgreSQL: watched tables, Celery workers with OpenCLIP, pgvector.",
+        epilog=ENVIRONMENT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Callable[[Settings, argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text, epilog=ENVIRONMENT_HELP,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    migrate = add("migrate", cmd_migrate, "Install or upgrade imgembed's schema in DATABASE_URL (Alembic), "
+                  "and register IMGEMBED_MODEL.")
+    migrate.add_argument("--revision", default="head", help="target revision (default: head)")
+    migrate.add_argument("--downgrade", metavar="REVISION", help="downgrade to REVISION instead ('base' removes imgembed)")
+    migrate.add_argument("--sql", action="store_true", help="print the SQL instead of running it (offline mode)")
+    migrate.add_argument("--no-model", action="store_true", help="do not register IMGEMBED_MODEL")
+
+    add("dispatch", cmd_dispatch, "Run a dispatcher: LISTEN for new jobs, recover expired leases, send Celery tasks.")
+    worker = add("worker", cmd_worker, "Run a Celery worker that embeds images (GPU when available).")
+    worker.add_argument("--no-preload", dest="preload", action="store_false",
+                        help="load models on the first task instead of at start")
+    add("status", cmd_status, "Print the backlog per watched table and model, and recent failures.")
+    add("up", cmd_up, "Start everything missing (embedded PostgreSQL, Redis), migrate, and run a dispatcher "
+        "and a worker in the foreground. Ctrl-C stops it all.")
+    ingest = add("ingest", cmd_ingest, "Insert image files into imgembed.image (as paths, or as bytes with --bytes).")
+    ingest.add_argument("paths", nargs="+", help="image files or directories")
+    ingest.add_argument("--bytes", action="store_true", help="store the file contents instead of the path")
+    ingest.add_argument("--label", help="label to store with every image")
+    demo = add("demo", cmd_demo, "Start the local stack, ingest sample images, wait for their embeddings, show status.")
+    demo.add_argument("--photos", default=None, help="directory of photos (default: ../shared/testdata/photos if present)")
+    demo.add_argument("--generated", type=int, default=100, help="number of generated images to add (default 100)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        _setup_logging(settings)
+        return int(args.handler(settings, args) or 0)
+    except SettingsError as error:
+        print(f"imgembed: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

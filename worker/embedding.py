@@ -1,0 +1,111 @@
+"""Loading OpenCLIP models and turning preprocessed pixels (or texts) into unit vectors."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from worker.model_spec import BUNDLED_CONFIG_DIR, RANDOM_INIT_SEED, ModelSpec
+
+log = logging.getLogger(__name__)
+
+_config_lock = threading.Lock()
+_bundled_configs_added = False
+
+
+class ModelLoadError(RuntimeError):
+    """The model named by a job cannot be loaded here (missing weights, unknown architecture...)."""
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"IMGEMBED_DEVICE={setting} but CUDA is not available on this machine")
+    return torch.device(setting)
+
+
+def _add_bundled_configs() -> None:
+    global _bundled_configs_added
+    import open_clip
+
+    with _config_lock:
+        if not _bundled_configs_added:
+            open_clip.add_model_config(BUNDLED_CONFIG_DIR)
+            _bundled_configs_added = True
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    model: Any  # open_clip.CLIP
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    tokenizer: Callable[[Sequence[str]], torch.Tensor]
+    device: torch.device
+    dim: int
+    input_size: int
+
+    def _autocast(self) -> Any:
+        if self.device.type != "cuda":
+            return nullcontext()
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+
+    @torch.inference_mode()
+    def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """(N, 3, H, W) preprocessed pixels -> (N, dim) float32 unit vectors."""
+        pixels = pixels.to(self.device, non_blocking=True)
+        with self._autocast():
+            features = self.model.encode_image(pixels)
+        features = torch.nn.functional.normalize(features.float(), dim=-1)
+        return features.cpu().numpy()
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        with self._autocast():
+            features = self.model.encode_text(tokens)
+        features = torch.nn.functional.normalize(features.float(), dim=-1)
+        return features.cpu().numpy()
+
+
+def load_model(spec: ModelSpec, device_setting: str = "auto") -> LoadedModel:
+    """Build the model through OpenCLIP's own loader (tag download, local checkpoint, or seeded
+    random weights) and put it in eval mode on the chosen device."""
+    import open_clip
+
+    _add_bundled_configs()
+    device = resolve_device(device_setting)
+    checkpoint = spec.checkpoint_path
+    if checkpoint is not None and not checkpoint.is_file():
+        raise ModelLoadError(f"model {spec.name}: checkpoint file {checkpoint} does not exist")
+    if spec.architecture not in open_clip.list_models():
+        raise ModelLoadError(f"model {spec.name}: unknown OpenCLIP architecture {spec.architecture!r}")
+    pretrained = str(checkpoint) if checkpoint is not None else spec.pretrained
+    try:
+        # Seeded on a forked RNG: the same random weights in every process, global state untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.architecture, pretrained=pretrained, device="cpu"
+            )
+    except Exception as error:  # noqa: BLE001 - OpenCLIP raises many kinds; all mean "cannot load"
+        raise ModelLoadError(f"model {spec.name} could not be loaded: {type(error).__name__}: {error}") from error
+    model.eval().to(device)
+    tokenizer = open_clip.get_tokenizer(spec.architecture)
+    image_size = model.visual.image_size
+    input_size = int(image_size[0] if isinstance(image_size, (tuple, list)) else image_size)
+    dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None else -1
+    if dim <= 0:
+        with torch.inference_mode():
+            dim = int(model.encode_image(torch.zeros(1, 3, input_size, input_size, device=device)).shape[-1])
+    log.info("loaded model %s on %s (dim %s, input %spx)", spec.name, device, dim, input_size)
+    return LoadedModel(spec, model, preprocess, tokenizer, device, dim, input_size)

@@ -1,0 +1,153 @@
+"""Reading image bytes (database bytes, local files, http(s)) and decoding them safely.
+
+Every problem with one image becomes an :class:`ImageError` naming the problem, so that the
+image fails alone. ``retryable`` marks problems that may pass (a timeout, a server error).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from worker.settings import Settings
+
+
+class ImageError(Exception):
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    content: bytes | None = None
+    uri: str | None = None
+
+    def describe(self) -> str:
+        if self.content is not None:
+            return f"{len(self.content)} bytes from the database"
+        return repr(self.uri)
+
+
+def read_source(source: ImageSource, settings: Settings) -> bytes:
+    if source.content is not None:
+        data = bytes(source.content)
+        if len(data) > settings.max_image_bytes:
+            raise ImageError(
+                f"image is {len(data)} bytes, over the cap of {settings.max_image_bytes} (IMGEMBED_MAX_IMAGE_BYTES)"
+            )
+        return data
+    if not source.uri or not source.uri.strip():
+        raise ImageError("the image location is empty")
+    uri = source.uri.strip()
+    scheme = urlparse(uri).scheme.lower()
+    if scheme in ("http", "https"):
+        from worker.fetch_http import fetch_http
+
+        return fetch_http(uri, settings)
+    if scheme == "file":
+        parsed = urlparse(uri)
+        if parsed.netloc not in ("", "localhost"):
+            raise ImageError(f"file:// URI {uri!r} names host {parsed.netloc!r}; only local files are read")
+        return read_file(Path(unquote(parsed.path)), settings)
+    if scheme and len(scheme) > 1:  # one letter would be a Windows drive
+        raise ImageError(f"unsupported URI scheme {scheme!r} in {uri!r} (use a path, file://, http:// or https://)")
+    return read_file(Path(uri), settings)
+
+
+def read_file(path: Path, settings: Settings) -> bytes:
+    if not path.is_absolute():
+        raise ImageError(f"path {str(path)!r} is relative; store absolute paths or file:// URIs")
+    try:
+        resolved = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise ImageError(f"file not found: {path}") from None
+    except OSError as error:
+        raise ImageError(f"cannot resolve {path}: {error.strerror or error}") from None
+    if settings.allowed_roots and not any(resolved.is_relative_to(root) for root in settings.allowed_roots):
+        raise ImageError(f"{path} is outside the allowed roots (IMGEMBED_ALLOWED_ROOTS)")
+    try:
+        with open(resolved, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK)) as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ImageError(f"{path} is not a regular file")
+            if info.st_size > settings.max_image_bytes:
+                raise ImageError(
+                    f"{path} is {info.st_size} bytes, over the cap of {settings.max_image_bytes} "
+                    "(IMGEMBED_MAX_IMAGE_BYTES)"
+                )
+            return handle.read(settings.max_image_bytes + 1)[: settings.max_image_bytes]
+    except PermissionError:
+        raise ImageError(f"permission denied reading {path}") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path} is a directory, not an image file") from None
+    except OSError as error:
+        raise ImageError(f"cannot read {path}: {error.strerror or error}", retryable=True) from None
+
+
+def _flatten_alpha(image: Image.Image) -> Image.Image:
+    """RGB on a white background: transparent areas look like paper, not like black."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits instead of clipping everything to white.
+        image = image.convert("I")
+        low, high = image.getextrema()  # type: ignore[misc]
+        scale = 255.0 / max(1, high - low)
+        image = image.point(lambda value: (value - low) * scale).convert("L")
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, settings: Settings, target_size: int | None = None) -> Image.Image:
+    """Bytes -> RGB image with EXIF orientation applied. ``target_size`` lets JPEGs decode at a
+    reduced scale (never below the model's input size)."""
+    if not data:
+        raise ImageError("image is empty (0 bytes)")
+    try:
+        # Pillow refuses outright above twice this; between once and twice we refuse ourselves.
+        Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > settings.max_image_pixels:
+            raise ImageError(
+                f"image is {width}x{height} = {width * height} pixels, over the cap of "
+                f"{settings.max_image_pixels} (IMGEMBED_MAX_PIXELS): possible decompression bomb"
+            )
+        if target_size and image.format == "JPEG":
+            image.draft("RGB", (target_size, target_size))
+        image.load()
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise ImageError(f"decompression bomb refused: {error}") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"not a recognised image format ({_sniff(data)})") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as error:
+        raise ImageError(f"corrupt or unsupported image: {type(error).__name__}: {error}") from None
+    try:
+        image = ImageOps.exif_transpose(image) or image
+    except Exception:  # noqa: BLE001 - broken EXIF must not lose a decodable image
+        pass
+    try:
+        return _flatten_alpha(image)
+    except (OSError, ValueError) as error:
+        raise ImageError(f"cannot convert {image.mode} image to RGB: {error}") from None
+
+
+def _sniff(data: bytes) -> str:
+    head = data[:64].lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html")):
+        return "looks like an HTML page"
+    if head.startswith(b"<?xml") or head.startswith(b"<svg"):
+        return "looks like SVG/XML, which is not supported"
+    return f"first bytes {data[:8].hex(' ')}"

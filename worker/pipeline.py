@@ -1,0 +1,138 @@
+"""One claimed batch, start to end: read the rows' images, decode them in parallel, embed the good
+ones in one forward pass, write vectors and failures in one transaction."""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from uuid import UUID
+
+import numpy as np
+import psycopg
+import torch
+
+from worker import db
+from worker.embedding import LoadedModel, ModelLoadError, load_model
+from worker.images import ImageError, ImageSource, decode_image, read_source
+from worker.model_spec import parse_model_spec
+from worker.settings import Settings, require_database_url
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    claim_id: str
+    model: str
+    jobs: int
+    written: int
+    failed: int
+    gone: int
+    decode_ms: float
+    embed_ms: float
+    write_ms: float
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class WorkerRuntime:
+    """What a worker process keeps between tasks: its settings, one database connection, the
+    models it has loaded and the decode threads. Built lazily on the first task."""
+
+    settings: Settings
+    models: dict[str, LoadedModel] = field(default_factory=dict)
+    _connection: psycopg.Connection | None = None
+    _decoders: ThreadPoolExecutor | None = None
+
+    def connection(self) -> psycopg.Connection:
+        if self._connection is None or self._connection.closed or self._connection.broken:
+            self._connection = db.connect(require_database_url(self.settings), application_name="imgembed-worker")
+        return self._connection
+
+    def decoders(self) -> ThreadPoolExecutor:
+        if self._decoders is None:
+            self._decoders = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="imgembed-decode")
+        return self._decoders
+
+    def model(self, name: str) -> LoadedModel:
+        if name not in self.models:
+            self.models[name] = load_model(parse_model_spec(name), self.settings.device)
+        return self.models[name]
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+        if self._decoders is not None:
+            self._decoders.shutdown(wait=False, cancel_futures=True)
+
+
+def _prepare(image: db.ClaimedImage, model: LoadedModel, settings: Settings) -> torch.Tensor | ImageError:
+    try:
+        data = read_source(ImageSource(content=image.content, uri=image.uri), settings)
+        return model.preprocess(decode_image(data, settings, target_size=model.input_size))
+    except ImageError as error:
+        return error
+    except Exception as error:  # noqa: BLE001 - anything else still fails this image alone
+        return ImageError(f"unexpected {type(error).__name__} while preparing the image: {error}")
+
+
+def run_claim(runtime: WorkerRuntime, claim_id: UUID, model_name: str) -> BatchOutcome:
+    settings = runtime.settings
+    connection = runtime.connection()
+    owned = db.start_claim(connection, claim_id, settings.lease_seconds)
+    if not owned:  # a stale message: the claim expired and was handed to someone else
+        log.info("claim %s: nothing owned any more, skipped", claim_id)
+        return BatchOutcome(str(claim_id), model_name, 0, 0, 0, 0, 0.0, 0.0, 0.0)
+
+    images = db.claimed_images(connection, claim_id)
+    present = {image.job_id for image in images}
+    done: list[tuple[int, np.ndarray | None]] = [(job_id, None) for job_id in owned if job_id not in present]
+    gone = len(done)
+    failures: list[db.JobFailure] = []
+
+    started = time.perf_counter()
+    try:
+        model = runtime.model(model_name)
+    except ModelLoadError as error:
+        failures = [db.JobFailure(image.job_id, str(error), True) for image in images]
+        decode_ms = embed_ms = 0.0
+    else:
+        prepared = list(runtime.decoders().map(lambda image: _prepare(image, model, settings), images))
+        decode_ms = (time.perf_counter() - started) * 1000
+        good: list[tuple[int, torch.Tensor]] = []
+        for image, result in zip(images, prepared):
+            if isinstance(result, ImageError):
+                failures.append(db.JobFailure(image.job_id, str(result), result.retryable))
+            else:
+                good.append((image.job_id, result))
+        embed_started = time.perf_counter()
+        for start in range(0, len(good), settings.batch_size):
+            chunk = good[start : start + settings.batch_size]
+            try:
+                vectors = model.embed_pixels(torch.stack([pixels for _, pixels in chunk]))
+            except Exception as error:  # noqa: BLE001 - e.g. out of memory: retry later
+                failures.extend(
+                    db.JobFailure(job_id, f"embedding failed: {type(error).__name__}: {error}", True)
+                    for job_id, _ in chunk
+                )
+                continue
+            done.extend((job_id, vector) for (job_id, _), vector in zip(chunk, vectors))
+        embed_ms = (time.perf_counter() - embed_started) * 1000
+
+    write_started = time.perf_counter()
+    written = db.finish_batch(
+        connection, claim_id, done, failures, settings.max_attempts, settings.retry_backoff_seconds
+    )
+    write_ms = (time.perf_counter() - write_started) * 1000
+    outcome = BatchOutcome(
+        str(claim_id), model_name, len(owned), written, len(failures), gone, decode_ms, embed_ms, write_ms
+    )
+    log.info(
+        "batch claim=%s model=%s jobs=%d written=%d failed=%d gone=%d decode_ms=%.0f embed_ms=%.0f write_ms=%.0f",
+        outcome.claim_id, model_name, outcome.jobs, written, outcome.failed, gone, decode_ms, embed_ms, write_ms,
+    )
+    return outcome

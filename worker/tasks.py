@@ -1,0 +1,24 @@
+"""Celery task bodies. Each worker process builds its runtime (connection, models, decode
+threads) on its first task."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from worker.pipeline import WorkerRuntime, run_claim
+from worker.settings import load_settings
+
+_runtime: WorkerRuntime | None = None
+
+
+def runtime() -> WorkerRuntime:
+    global _runtime
+    if _runtime is None:
+        _runtime = WorkerRuntime(load_settings())
+    return _runtime
+
+
+def embed_batch(claim_id: str, model_name: str, job_ids: list[int]) -> dict[str, object]:
+    """Embed one claimed batch. ``job_ids`` is informational: the claim decides what is owned."""
+    del job_ids
+    return run_claim(runtime(), UUID(claim_id), model_name).as_dict()
