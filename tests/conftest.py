@@ -1,0 +1,177 @@
+"""Shared fixtures: one embedded PostgreSQL (pgvector) per session with a migrated template
+database, a fresh database per test cloned from it, Redis (REDIS_URL if it answers, else a
+private redis-server), and real dispatcher / Celery worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from worker import migrate
+from worker.db import connect
+from worker.models import register_model
+from worker.services import EmbeddedPostgres, PrivateRedis, redis_reachable
+
+REPO = Path(__file__).resolve().parents[1]
+TESTDATA = REPO.parent / "shared" / "testdata"
+TEST_MODEL = "imgembed-tiny"
+TEMPLATE_DATABASE = "imgembed_template"
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, message: str, interval: float = 0.1) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for: {message}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("postgres"), durable=False)
+    server.start()
+    yield server
+    server.stop(mode="immediate")
+
+
+@pytest.fixture(scope="session")
+def template_database(pg_server: EmbeddedPostgres) -> str:
+    with psycopg.connect(pg_server.url(), autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE_DATABASE}")
+        admin.execute(f"CREATE DATABASE {TEMPLATE_DATABASE}")
+    url = pg_server.url(TEMPLATE_DATABASE)
+    migrate.upgrade(url)
+    with connect(url) as connection:
+        register_model(connection, TEST_MODEL)
+    return TEMPLATE_DATABASE
+
+
+@pytest.fixture
+def fresh_database(pg_server: EmbeddedPostgres) -> Iterator[Callable[[str | None], str]]:
+    """Factory: a new empty database, or a clone of a template; dropped after the test."""
+    created: list[str] = []
+
+    def make(template: str | None = None) -> str:
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(pg_server.url(), autocommit=True) as admin:
+            admin.execute(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
+        created.append(name)
+        return pg_server.url(name)
+
+    yield make
+    with psycopg.connect(pg_server.url(), autocommit=True) as admin:
+        for name in created:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def database_url(fresh_database: Callable[[str | None], str], template_database: str) -> str:
+    """A migrated database with the test model registered as default."""
+    return fresh_database(template_database)
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[psycopg.Connection]:
+    with connect(database_url) as connection:
+        yield connection
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    configured = os.environ.get("REDIS_URL")
+    if configured and redis_reachable(configured):
+        yield configured
+        return
+    server = PrivateRedis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server.url
+    server.stop()
+
+
+@dataclass
+class Services:
+    """Real imgembed processes (dispatchers, Celery workers) for one test database."""
+
+    database_url: str
+    redis_url: str
+    log_dir: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    queue: str = field(default_factory=lambda: f"test-{uuid.uuid4().hex[:10]}")
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            DATABASE_URL=self.database_url,
+            REDIS_URL=self.redis_url,
+            IMGEMBED_MODEL=TEST_MODEL,
+            IMGEMBED_QUEUE=self.queue,
+            IMGEMBED_DEVICE="cpu",
+            IMGEMBED_SWEEP_SECONDS="0.5",
+            IMGEMBED_RETRY_BACKOFF_SECONDS="0.5",
+            PYTHONUNBUFFERED="1",
+        )
+        env.update(self.extra_env)
+        return env
+
+    def start(self, role: str) -> subprocess.Popen[bytes]:
+        log_path = self.log_dir / f"{role}-{len(self.processes)}.log"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", role],
+            env=self.env(),
+            cwd=REPO,
+            stdout=log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        process.log_path = log_path  # type: ignore[attr-defined]
+        self.processes.append(process)
+        return process
+
+    def stop(self, process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+        if process.poll() is None:
+            process.send_signal(sig)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            self.stop(process)
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {process.log_path.name} ---\n{process.log_path.read_text(errors='replace')[-4000:]}"  # type: ignore[attr-defined]
+            for process in self.processes
+        )
+
+
+@pytest.fixture
+def services(database_url: str, redis_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Services]:
+    running = Services(database_url, redis_url, tmp_path)
+    yield running
+    running.stop_all()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(running.logs())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)

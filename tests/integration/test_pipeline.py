@@ -1,0 +1,206 @@
+"""The whole pipeline with real processes: PostgreSQL + pgvector, Redis, `imgembed dispatch` and
+a Celery worker (`imgembed worker`) embedding with the bundled tiny OpenCLIP model."""
+
+from __future__ import annotations
+
+import csv
+import io
+import signal
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+from PIL import Image
+
+from tests.conftest import TESTDATA, Services, wait_for
+from worker.synthetic import random_shapes
+
+ODD_IMAGES = TESTDATA / "odd-images"
+PHOTOS = TESTDATA / "photos"
+TINY_DIM = 64
+EMBED_TIMEOUT = 180
+
+
+def backlog(db: psycopg.Connection, table: str) -> tuple[int, int, int, int]:
+    """(embedded, pending, in_flight, failed) of a table's default model."""
+    row = db.execute(
+        "SELECT embedded, pending, in_flight, failed FROM imgembed.status WHERE table_name = %s AND is_default",
+        (table,),
+    ).fetchone()
+    return tuple(row)  # type: ignore[return-value]
+
+
+def wait_until_settled(db: psycopg.Connection, table: str, expected_done: int, timeout: float = EMBED_TIMEOUT) -> None:
+    def settled() -> bool:
+        embedded, pending, in_flight, failed = backlog(db, table)
+        return pending == 0 and in_flight == 0 and embedded + failed >= expected_done
+
+    wait_for(settled, timeout, f"{expected_done} rows of {table} embedded or failed (now {backlog(db, table)})")
+
+
+def storage_of(db: psycopg.Connection, table: str) -> str:
+    return db.execute(
+        "SELECT wm.storage_table FROM imgembed.watch_model wm JOIN imgembed.watch w ON w.id = wm.watch_id "
+        "WHERE w.table_name = %s AND wm.is_default", (table,)
+    ).fetchone()[0]
+
+
+def shape_files(directory: Path, count: int) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, shape in enumerate(random_shapes(count, seed=3)):
+        path = directory / f"shape {index}.png"  # a space, to exercise file:// quoting
+        shape.image.save(path)
+        paths.append(path)
+    return paths
+
+
+def start_pipeline(services: Services) -> tuple[object, object]:
+    return services.start("dispatch"), services.start("worker")
+
+
+def test_bytea_paths_and_file_uris_all_get_unit_vectors(db: psycopg.Connection, services: Services, tmp_path: Path) -> None:
+    db.execute("CREATE TABLE items (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), image bytea)")
+    db.execute("CREATE TABLE located (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), location text)")
+    db.execute("SELECT imgembed.watch('items', 'image')")
+    db.execute("SELECT imgembed.watch('located', 'location')")
+    start_pipeline(services)
+
+    with db.cursor() as cursor:
+        cursor.executemany("INSERT INTO items (image) VALUES (%s)", [(s.png_bytes(),) for s in random_shapes(50, seed=1)])
+        files = shape_files(tmp_path / "images", 100)
+        cursor.executemany("INSERT INTO located (location) VALUES (%s)", [(str(p),) for p in files[:50]])
+        cursor.executemany("INSERT INTO located (location) VALUES (%s)", [(p.as_uri(),) for p in files[50:]])
+
+    wait_until_settled(db, "public.items", 50)
+    wait_until_settled(db, "public.located", 100)
+    for table in ("public.items", "public.located"):
+        assert backlog(db, table) == (50 if table == "public.items" else 100, 0, 0, 0)
+        dims, low, high = db.execute(
+            f"SELECT min(vector_dims(embedding)), min(vector_norm(embedding)), max(vector_norm(embedding)) "
+            f"FROM imgembed.{storage_of(db, table)}"
+        ).fetchone()
+        assert dims == TINY_DIM
+        assert low == pytest.approx(1.0, abs=1e-4) and high == pytest.approx(1.0, abs=1e-4)
+    # Results join back to the user's own rows and key type.
+    joined = db.execute(
+        f"SELECT count(*) FROM items i JOIN imgembed.{storage_of(db, 'public.items')} e ON e.id = i.id"
+    ).fetchone()[0]
+    assert joined == 50
+    some_key = db.execute("SELECT id FROM items LIMIT 1").fetchone()[0]
+    assert isinstance(some_key, uuid.UUID)
+    assert db.execute("SELECT imgembed.vector_of('items', %s::uuid)", (some_key,)).fetchone()[0] is not None
+
+
+def test_odd_images_embed_or_fail_alone(db: psycopg.Connection, services: Services) -> None:
+    with (ODD_IMAGES / "MANIFEST.csv").open(newline="") as handle:
+        manifest = {row["file"]: row for row in csv.DictReader(handle)}
+    db.execute("CREATE TABLE odd (name text PRIMARY KEY, data bytea)")
+    db.execute("SELECT imgembed.watch('odd', 'data')")
+    with db.cursor() as cursor:
+        cursor.executemany(
+            "INSERT INTO odd VALUES (%s, %s)", [(name, (ODD_IMAGES / name).read_bytes()) for name in manifest]
+        )
+    _, worker = start_pipeline(services)
+    wait_until_settled(db, "public.odd", len(manifest))
+
+    embedded = {row[0] for row in db.execute(f"SELECT id FROM imgembed.{storage_of(db, 'public.odd')}")}
+    failures = dict(db.execute("SELECT key, last_error FROM imgembed.failures WHERE table_name = 'public.odd'").fetchall())
+    for name, row in manifest.items():
+        if row["pillow_result"] == "ok":
+            assert name in embedded, f"{name} should embed; failed with {failures.get(name)}"
+        else:
+            assert name not in embedded
+            assert name in failures, f"{name} should be recorded as failed"
+            assert failures[name] and "unexpected" not in failures[name], failures[name]
+    assert "decompression bomb" in failures["decompression_bomb.gif"]
+    assert "truncated" in failures["truncated_jpeg.jpg"]
+    assert "empty" in failures["empty.jpg"]
+    assert "HTML" in failures["html_named.jpg"]
+
+    # The worker survived all of that and still embeds.
+    assert worker.poll() is None
+    db.execute("INSERT INTO odd VALUES ('after.jpg', %s)", ((ODD_IMAGES / "hopper.jpg").read_bytes(),))
+    wait_for(lambda: db.execute(f"SELECT count(*) FROM imgembed.{storage_of(db, 'public.odd')} WHERE id = 'after.jpg'")
+             .fetchone()[0] == 1, EMBED_TIMEOUT, "a new image embedded after the odd ones")
+
+
+def test_update_delete_truncate(db: psycopg.Connection, services: Services) -> None:
+    db.execute("CREATE TABLE pics (id bigint PRIMARY KEY, image bytea, caption text)")
+    db.execute("SELECT imgembed.watch('pics', 'image')")
+    shapes = random_shapes(6, seed=11)
+    with db.cursor() as cursor:
+        cursor.executemany("INSERT INTO pics VALUES (%s, %s, 'c')", [(i, s.png_bytes()) for i, s in enumerate(shapes[:5])])
+    start_pipeline(services)
+    wait_until_settled(db, "public.pics", 5)
+    storage = storage_of(db, "public.pics")
+
+    def vector_text(key: int) -> str | None:
+        row = db.execute(f"SELECT embedding::text, job_id FROM imgembed.{storage} WHERE id = %s", (key,)).fetchone()
+        return row[0] if row else None
+
+    before = vector_text(0)
+    db.execute("UPDATE pics SET caption = 'other column'")
+    assert db.execute("SELECT count(*) FROM imgembed.job").fetchone()[0] == 0  # nothing re-enqueued
+
+    db.execute("UPDATE pics SET image = %s WHERE id = 0", (shapes[5].png_bytes(),))
+    wait_for(lambda: vector_text(0) not in (None, before), EMBED_TIMEOUT, "row 0 re-embedded after its image changed")
+
+    db.execute("DELETE FROM pics WHERE id = 1")
+    assert vector_text(1) is None
+    db.execute("TRUNCATE pics")
+    assert db.execute(f"SELECT count(*) FROM imgembed.{storage}").fetchone()[0] == 0
+
+
+def test_rows_inserted_while_dispatcher_is_down_are_embedded(db: psycopg.Connection, services: Services) -> None:
+    db.execute("CREATE TABLE later (id bigint PRIMARY KEY, image bytea)")
+    db.execute("SELECT imgembed.watch('later', 'image')")
+    dispatcher, _ = start_pipeline(services)
+    services.stop(dispatcher)
+    with db.cursor() as cursor:  # their NOTIFYs reach nobody
+        cursor.executemany("INSERT INTO later VALUES (%s, %s)", [(i, s.png_bytes()) for i, s in enumerate(random_shapes(100, seed=5))])
+    assert backlog(db, "public.later") == (0, 100, 0, 0)
+    services.start("dispatch")
+    wait_until_settled(db, "public.later", 100)
+    assert backlog(db, "public.later") == (100, 0, 0, 0)
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_batch_loses_nothing(db: psycopg.Connection, services: Services) -> None:
+    photos = sorted(PHOTOS.glob("*.JPEG"))
+    assert photos, f"no photos in {PHOTOS}"
+    total = 360
+    services.extra_env.update(IMGEMBED_LEASE_SECONDS="3", IMGEMBED_BATCH_SIZE="8", IMGEMBED_DECODE_THREADS="1")
+    db.execute("CREATE TABLE photos (id bigint PRIMARY KEY, path text)")
+    db.execute("SELECT imgembed.watch('photos', 'path')")
+    with db.cursor() as cursor:
+        cursor.executemany("INSERT INTO photos VALUES (%s, %s)", [(i, str(photos[i % len(photos)])) for i in range(total)])
+    dispatcher, worker = start_pipeline(services)
+
+    def mid_batch() -> bool:
+        embedded, _, in_flight, _ = backlog(db, "public.photos")
+        return 0 < embedded < total - 50 and in_flight > 0
+
+    wait_for(mid_batch, EMBED_TIMEOUT, "the worker in the middle of its work", interval=0.02)
+    services.stop(worker, sig=signal.SIGKILL)
+    assert backlog(db, "public.photos")[2] > 0  # jobs were in flight when it died
+    services.start("worker")
+    wait_until_settled(db, "public.photos", total)
+
+    storage = storage_of(db, "public.photos")
+    assert db.execute(f"SELECT count(*), count(DISTINCT id) FROM imgembed.{storage}").fetchone() == (total, total)
+    assert db.execute("SELECT count(*) FROM imgembed.job").fetchone()[0] == 0
+    assert dispatcher.poll() is None
+
+
+def test_transparent_and_rotated_images_are_normalised(tmp_path: Path) -> None:
+    """Decoder contract the pipeline relies on (no services): any mode in, RGB out."""
+    from worker.images import decode_image
+    from worker.settings import load_settings
+
+    buffer = io.BytesIO()
+    Image.new("RGBA", (10, 20), (0, 0, 0, 0)).save(buffer, format="PNG")
+    image = decode_image(buffer.getvalue(), load_settings({}))
+    assert image.mode == "RGB" and image.size == (10, 20)
+    assert image.getpixel((0, 0)) == (255, 255, 255)  # transparency becomes white, not black
