@@ -35,6 +35,7 @@ def _setup_logging(settings: Settings) -> None:
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
@@ -114,9 +115,19 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt_on_sigterm() -> None:
+    """Treat SIGTERM like Ctrl-C, so `up` and `demo` clean up when a supervisor stops them."""
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     from worker.stack import local_stack
 
+    _interrupt_on_sigterm()
     with local_stack(settings) as stack:
         print(f"imgembed is up.\n  DATABASE_URL={stack.settings.database_url}\n  REDIS_URL={stack.settings.redis_url}")
         print(f"  model: {stack.settings.model}\nConnect with: psql {stack.settings.database_url}\nCtrl-C stops everything.")
@@ -143,6 +154,7 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
+    _interrupt_on_sigterm()
     return run_demo(settings, photos_dir=args.photos, generated=args.generated)
 
 

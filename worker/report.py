@@ -22,7 +22,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     lines = ["  ".join(header.ljust(width) for header, width in zip(headers, widths))]
     lines.append("  ".join("-" * width for width in widths))
     lines.extend("  ".join(value.ljust(width) for value, width in zip(row, widths)) for row in cells)
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def status_report(connection: object) -> str:

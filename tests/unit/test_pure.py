@@ -1,0 +1,119 @@
+"""Unit tests of pure code: settings, model names, decoding, the report table. No services."""
+
+from __future__ import annotations
+
+import csv
+import re
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TESTDATA
+from worker.images import ImageError, ImageSource, decode_image, read_source
+from worker.migrate import sqlalchemy_url
+from worker.model_spec import ModelSpecError, embedding_dimension, parse_model_spec
+from worker.report import format_table
+from worker.settings import DEFAULT_MODEL, SettingsError, load_settings
+
+ODD_IMAGES = TESTDATA / "odd-images"
+
+
+def test_settings_defaults_and_overrides(tmp_path: Path) -> None:
+    defaults = load_settings({})
+    assert defaults.model == DEFAULT_MODEL and defaults.database_url is None and not defaults.allow_http
+    custom = load_settings(
+        {"IMGEMBED_BATCH_SIZE": "8", "IMGEMBED_ALLOWED_ROOTS": str(tmp_path), "IMGEMBED_ALLOW_HTTP": "yes",
+         "DATABASE_URL": "postgresql://x/y", "IMGEMBED_DEVICE": "cuda:1"}
+    )
+    assert custom.batch_size == 8 and custom.allowed_roots == (tmp_path.resolve(),) and custom.allow_http
+    assert custom.device == "cuda:1"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"IMGEMBED_BATCH_SIZE": "many"}, "not an integer"),
+        ({"IMGEMBED_BATCH_SIZE": "0"}, "at least 1"),
+        ({"IMGEMBED_ALLOW_HTTP": "maybe"}, "not a boolean"),
+        ({"IMGEMBED_DEVICE": "tpu"}, "auto, cpu, cuda"),
+        ({"IMGEMBED_LEASE_SECONDS": "-1"}, "must be positive"),
+    ],
+)
+def test_bad_settings_are_named(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        load_settings(env)
+
+
+def test_model_names() -> None:
+    assert parse_model_spec("ViT-B-32:laion2b_s34b_b79k").pretrained == "laion2b_s34b_b79k"
+    tiny = parse_model_spec("imgembed-tiny")
+    assert tiny.random_weights and embedding_dimension(tiny) == 64
+    local = parse_model_spec("ViT-B-32:/models/ft.pt")
+    assert local.checkpoint_path == Path("/models/ft.pt") and embedding_dimension(local) == 512
+    assert parse_model_spec("ViT-L-14:file:///m/x.pt").checkpoint_path == Path("/m/x.pt")
+    with pytest.raises(ModelSpecError):
+        parse_model_spec("  ")
+    with pytest.raises(ModelSpecError, match="unknown OpenCLIP architecture"):
+        embedding_dimension(parse_model_spec("NoSuchNet:tag"))
+
+
+def test_sqlalchemy_url() -> None:
+    assert sqlalchemy_url("postgresql://u@h:5/d") == "postgresql+psycopg://u@h:5/d"
+    assert sqlalchemy_url("postgres://u@h/d") == "postgresql+psycopg://u@h/d"
+    with pytest.raises(ValueError, match="not a PostgreSQL URL"):
+        sqlalchemy_url("mysql://x")
+
+
+def test_every_manifest_file_decodes_as_pillow_says() -> None:
+    settings = load_settings({})
+    with (ODD_IMAGES / "MANIFEST.csv").open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            source = ImageSource(uri=str(ODD_IMAGES / row["file"]))
+            if row["pillow_result"] == "ok":
+                image = decode_image(read_source(source, settings), settings, target_size=64)
+                assert image.mode == "RGB", row["file"]
+            else:
+                with pytest.raises(ImageError):
+                    decode_image(read_source(source, settings), settings)
+
+
+def test_exif_orientation_is_applied() -> None:
+    settings = load_settings({})
+    upright = decode_image((ODD_IMAGES / "hopper.jpg").read_bytes(), settings)
+    rotated = decode_image((ODD_IMAGES / "hopper_orientation_6.jpg").read_bytes(), settings)
+    assert rotated.size == (upright.size[1], upright.size[0]) or rotated.size == upright.size
+
+
+def test_file_sources_are_checked(tmp_path: Path) -> None:
+    inside = tmp_path / "root"
+    inside.mkdir()
+    (inside / "a.png").write_bytes(b"x")
+    (tmp_path / "outside.png").write_bytes(b"x")
+    (inside / "link.png").symlink_to(tmp_path / "outside.png")
+    settings = load_settings({"IMGEMBED_ALLOWED_ROOTS": str(inside), "IMGEMBED_MAX_IMAGE_BYTES": "4"})
+    assert read_source(ImageSource(uri=str(inside / "a.png")), settings) == b"x"
+    cases = {
+        str(tmp_path / "outside.png"): "outside the allowed roots",
+        str(inside / "link.png"): "outside the allowed roots",
+        str(inside / ".." / "outside.png"): "outside the allowed roots",
+        str(inside / "missing.png"): "file not found",
+        "relative/a.png": "relative",
+        "ftp://host/a.png": "unsupported URI scheme",
+        "file://otherhost/a.png": "only local files",
+        "https://example.com/a.png": "http(s) fetching is off",
+        "": "empty",
+    }
+    for uri, message in cases.items():
+        with pytest.raises(ImageError, match=re.escape(message)):
+            read_source(ImageSource(uri=uri), settings)
+    with pytest.raises(ImageError, match="not a regular file"):
+        read_source(ImageSource(uri="/dev/zero"), load_settings({}))
+    with pytest.raises(ImageError, match="over the cap"):
+        read_source(ImageSource(content=b"12345"), settings)
+
+
+def test_format_table() -> None:
+    text = format_table(["a", "bb"], [[1, None], ["long", timedelta(seconds=2)]])
+    assert text.splitlines()[0] == "a     bb"
+    assert "2.0s" in text and "-" in text.splitlines()[2]
