@@ -4,9 +4,12 @@ a Celery worker (`imgembed worker`) embedding with the bundled tiny OpenCLIP mod
 from __future__ import annotations
 
 import csv
+import http.server
 import io
 import signal
+import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -162,6 +165,7 @@ def test_rows_inserted_while_dispatcher_is_down_are_embedded(db: psycopg.Connect
         cursor.executemany("INSERT INTO later VALUES (%s, %s)", [(i, s.png_bytes()) for i, s in enumerate(random_shapes(100, seed=5))])
     assert backlog(db, "public.later") == (0, 100, 0, 0)
     services.start("dispatch")
+    services.start("dispatch")  # two dispatchers share the queue without double work
     wait_until_settled(db, "public.later", 100)
     assert backlog(db, "public.later") == (100, 0, 0, 0)
 
@@ -204,3 +208,50 @@ def test_transparent_and_rotated_images_are_normalised(tmp_path: Path) -> None:
     image = decode_image(buffer.getvalue(), load_settings({}))
     assert image.mode == "RGB" and image.size == (10, 20)
     assert image.getpixel((0, 0)) == (255, 255, 255)  # transparency becomes white, not black
+
+
+@pytest.fixture
+def image_server() -> Iterator[str]:
+    """A local HTTP server: /ok.png is an image, /busy.png always answers 503."""
+    body = random_shapes(1, seed=9)[0].png_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            if self.path == "/ok.png":
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            else:
+                self.send_error(503, "busy")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_transient_errors_retry_with_backoff_then_fail(db: psycopg.Connection, services: Services, image_server: str) -> None:
+    services.extra_env.update(
+        IMGEMBED_ALLOW_HTTP="1", IMGEMBED_HTTP_ALLOW_PRIVATE="1", IMGEMBED_MAX_ATTEMPTS="3",
+        IMGEMBED_RETRY_BACKOFF_SECONDS="0.2",
+    )
+    db.execute("CREATE TABLE remote (id text PRIMARY KEY, url text)")
+    db.execute("SELECT imgembed.watch('remote', 'url')")
+    db.execute("INSERT INTO remote VALUES ('ok', %s), ('busy', %s)", (f"{image_server}/ok.png", f"{image_server}/busy.png"))
+    start_pipeline(services)
+    wait_until_settled(db, "public.remote", 2)
+    assert backlog(db, "public.remote") == (1, 0, 0, 1)
+    attempts, error = db.execute("SELECT attempts, last_error FROM imgembed.failures WHERE key = 'busy'").fetchone()
+    assert attempts == 3
+    assert "HTTP 503" in error
+
+    # Once the cause is fixed, failed jobs can be retried from SQL.
+    db.execute("UPDATE remote SET url = %s WHERE id = 'busy'", (f"{image_server}/ok.png",))
+    wait_until_settled(db, "public.remote", 2)
+    assert backlog(db, "public.remote") == (2, 0, 0, 0)
