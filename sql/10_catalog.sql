@@ -45,6 +45,33 @@ BEGIN
     RETURN v_link;
 END $$;
 
+-- A registered model by name, or a clear error.
+CREATE OR REPLACE FUNCTION imgembed._model_named(p_name text)
+RETURNS imgembed.model
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_model imgembed.model;
+BEGIN
+    SELECT * INTO v_model FROM imgembed.model WHERE name = p_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'model % is not registered', p_name
+            USING HINT = 'register it with `imgembed models add` or imgembed.register_model()',
+                  ERRCODE = 'undefined_object';
+    END IF;
+    RETURN v_model;
+END $$;
+
+-- Wake the dispatchers when jobs were queued. The payload is constant, so PostgreSQL folds the
+-- notifications of one transaction into one.
+CREATE OR REPLACE FUNCTION imgembed._notify_jobs(p_queued bigint)
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_queued > 0 THEN
+        PERFORM pg_notify('imgembed_jobs', '');
+    END IF;
+END $$;
+
 -- Register (or confirm) a model. Its name is what workers load: `imgembed-tiny`, `ARCH:TAG` or
 -- `ARCH:/path/to/checkpoint`. The dimension must match what the model outputs.
 CREATE OR REPLACE FUNCTION imgembed.register_model(

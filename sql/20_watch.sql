@@ -35,9 +35,7 @@ BEGIN
 
     EXECUTE imgembed._enqueue_sql(p_watch, format('%s n', p_watch.tbl), 'true', p_model.id);
     GET DIAGNOSTICS v_queued = ROW_COUNT;
-    IF v_queued > 0 THEN
-        PERFORM pg_notify('imgembed_jobs', '');
-    END IF;
+    PERFORM imgembed._notify_jobs(v_queued);
     RETURN v_link;
 END $$;
 
@@ -45,16 +43,8 @@ END $$;
 CREATE OR REPLACE FUNCTION imgembed.add_model(p_tbl regclass, p_model text)
 RETURNS void
 LANGUAGE plpgsql AS $$
-DECLARE
-    v_model imgembed.model;
 BEGIN
-    SELECT * INTO v_model FROM imgembed.model WHERE name = p_model;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'model % is not registered', p_model
-            USING HINT = 'register it with `imgembed models add` or imgembed.register_model()',
-                  ERRCODE = 'undefined_object';
-    END IF;
-    PERFORM imgembed._attach_model(imgembed._watch_of(p_tbl), v_model, false);
+    PERFORM imgembed._attach_model(imgembed._watch_of(p_tbl), imgembed._model_named(p_model), false);
 END $$;
 
 -- Attach to a table with explicit image columns (bytea content and/or text location).
@@ -159,12 +149,7 @@ BEGIN
             RETURN v_watch.id;
         END IF;
     ELSE
-        SELECT * INTO v_model FROM imgembed.model WHERE name = p_model;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'model % is not registered', p_model
-                USING HINT = 'register it with `imgembed models add` or imgembed.register_model()',
-                      ERRCODE = 'undefined_object';
-        END IF;
+        v_model := imgembed._model_named(p_model);
     END IF;
     PERFORM imgembed._attach_model(v_watch, v_model, true);
     RETURN v_watch.id;

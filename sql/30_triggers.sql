@@ -14,9 +14,7 @@ BEGIN
     SELECT * INTO v_watch FROM imgembed.watch WHERE id = TG_ARGV[0]::integer;
     EXECUTE imgembed._enqueue_sql(v_watch, 'imgembed_new n');
     GET DIAGNOSTICS v_queued = ROW_COUNT;
-    IF v_queued > 0 THEN
-        PERFORM pg_notify('imgembed_jobs', '');
-    END IF;
+    PERFORM imgembed._notify_jobs(v_queued);
     RETURN NULL;
 END $$;
 
@@ -43,9 +41,7 @@ BEGIN
         format('imgembed_new n LEFT JOIN imgembed_old o ON o.%1$I = n.%1$I', v_watch.key_column),
         format('o.%I IS NULL OR %s', v_watch.key_column, imgembed._image_changed_sql(v_watch)));
     GET DIAGNOSTICS v_queued = ROW_COUNT;
-    IF v_queued > 0 THEN
-        PERFORM pg_notify('imgembed_jobs', '');
-    END IF;
+    PERFORM imgembed._notify_jobs(v_queued);
     RETURN NULL;
 END $$;
 

@@ -206,8 +206,6 @@ BEGIN
        SET status = 'pending', attempts = 0, not_before = now(), updated_at = now()
      WHERE status = 'failed' AND (p_tbl IS NULL OR watch_id = (imgembed._watch_of(p_tbl)).id);
     GET DIAGNOSTICS v_count = ROW_COUNT;
-    IF v_count > 0 THEN
-        PERFORM pg_notify('imgembed_jobs', '');
-    END IF;
+    PERFORM imgembed._notify_jobs(v_count);
     RETURN v_count;
 END $$;
