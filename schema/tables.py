@@ -37,9 +37,10 @@ watch = sa.Table(
     sa.Column("key_type", sa.Text, nullable=False),
     sa.Column("content_column", sa.Text),
     sa.Column("uri_column", sa.Text),
+    sa.Column("text_column", sa.Text),  # imgembed's own text tables: queries and label prompts
     sa.Column("label_column", sa.Text),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
-    sa.CheckConstraint("num_nonnulls(content_column, uri_column) >= 1", name="watch_has_image_column"),
+    sa.CheckConstraint("num_nonnulls(content_column, uri_column, text_column) >= 1", name="watch_has_input_column"),
 )
 
 watch_model = sa.Table(
@@ -105,3 +106,34 @@ image = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.CheckConstraint("num_nonnulls(uri, content) = 1", name="image_uri_xor_content"),
 )
+
+text_query = sa.Table(
+    "text_query",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("query", sa.Text, sa.CheckConstraint("btrim(query) <> ''", name="text_query_not_blank"), nullable=False, unique=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+
+label_prompt = sa.Table(
+    "label_prompt",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("label", sa.Text, nullable=False),
+    sa.Column("prompt", sa.Text, sa.CheckConstraint("btrim(prompt) <> ''", name="label_prompt_not_blank"), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.UniqueConstraint("label", "prompt"),
+)
+
+interaction = sa.Table(
+    "interaction",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("user_id", sa.Text, nullable=False),
+    sa.Column("tbl", pg.REGCLASS, nullable=False),
+    sa.Column("item", sa.Text, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False, server_default="like"),
+    sa.Column("weight", sa.REAL, nullable=False, server_default="1"),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+sa.Index("interaction_by_user", interaction.c.user_id, interaction.c.tbl)

@@ -124,26 +124,27 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT format('emb_%s_%s', p_watch_id, p_model_id)
 $$;
 
--- SQL boolean expression: the row under alias p_alias has an image (some image column is set).
+-- The columns a watch embeds: image bytes, image location, or (imgembed's own tables) text.
+CREATE OR REPLACE FUNCTION imgembed._input_columns(p_watch imgembed.watch)
+RETURNS text[]
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT array_remove(ARRAY[p_watch.content_column, p_watch.uri_column, p_watch.text_column], NULL)
+$$;
+
+-- SQL boolean expression: the row under alias p_alias has something to embed.
 CREATE OR REPLACE FUNCTION imgembed._has_image_sql(p_watch imgembed.watch, p_alias text)
 RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
-    SELECT concat_ws(' OR ',
-        CASE WHEN p_watch.content_column IS NOT NULL
-             THEN format('%I.%I IS NOT NULL', p_alias, p_watch.content_column) END,
-        CASE WHEN p_watch.uri_column IS NOT NULL
-             THEN format('%I.%I IS NOT NULL', p_alias, p_watch.uri_column) END)
+    SELECT string_agg(format('%I.%I IS NOT NULL', p_alias, c), ' OR ')
+      FROM unnest(imgembed._input_columns(p_watch)) AS c
 $$;
 
--- SQL boolean expression: the image differs between aliases o (old) and n (new).
+-- SQL boolean expression: what is embedded differs between aliases o (old) and n (new).
 CREATE OR REPLACE FUNCTION imgembed._image_changed_sql(p_watch imgembed.watch)
 RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
-    SELECT concat_ws(' OR ',
-        CASE WHEN p_watch.content_column IS NOT NULL
-             THEN format('o.%1$I IS DISTINCT FROM n.%1$I', p_watch.content_column) END,
-        CASE WHEN p_watch.uri_column IS NOT NULL
-             THEN format('o.%1$I IS DISTINCT FROM n.%1$I', p_watch.uri_column) END)
+    SELECT string_agg(format('o.%1$I IS DISTINCT FROM n.%1$I', c), ' OR ')
+      FROM unnest(imgembed._input_columns(p_watch)) AS c
 $$;
 
 -- SQL that enqueues one job per (row with an image in p_from aliased n, attached model).

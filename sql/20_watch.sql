@@ -36,6 +36,11 @@ BEGIN
     EXECUTE imgembed._enqueue_sql(p_watch, format('%s n', p_watch.tbl), 'true', p_model.id);
     GET DIAGNOSTICS v_queued = ROW_COUNT;
     PERFORM imgembed._notify_jobs(v_queued);
+    -- Text queries and label prompts are embedded by every model an image table uses.
+    IF p_watch.text_column IS NULL THEN
+        PERFORM imgembed._attach_model(text_watch, p_model, false)
+           FROM imgembed.watch text_watch WHERE text_watch.text_column IS NOT NULL;
+    END IF;
     RETURN v_link;
 END $$;
 
@@ -47,13 +52,15 @@ BEGIN
     PERFORM imgembed._attach_model(imgembed._watch_of(p_tbl), imgembed._model_named(p_model), false);
 END $$;
 
--- Attach to a table with explicit image columns (bytea content and/or text location).
+-- Attach to a table with explicit input columns: image bytes (bytea) and/or image location (text);
+-- or, for imgembed's own text tables, text to embed with the text tower.
 CREATE OR REPLACE FUNCTION imgembed._watch(
     p_tbl regclass,
     p_content_column text,
     p_uri_column text,
     p_label_column text DEFAULT NULL,
-    p_model text DEFAULT NULL
+    p_model text DEFAULT NULL,
+    p_text_column text DEFAULT NULL
 ) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -72,7 +79,7 @@ BEGIN
             USING ERRCODE = 'wrong_object_type';
     END IF;
     IF p_tbl::oid IN (SELECT c.oid FROM pg_class c WHERE c.relnamespace = 'imgembed'::regnamespace)
-       AND p_tbl <> 'imgembed.image'::regclass THEN
+       AND p_tbl NOT IN ('imgembed.image'::regclass, 'imgembed.text_query'::regclass, 'imgembed.label_prompt'::regclass) THEN
         RAISE EXCEPTION 'imgembed''s own table % cannot be watched', p_tbl USING ERRCODE = 'wrong_object_type';
     END IF;
 
@@ -95,7 +102,7 @@ BEGIN
                   ERRCODE = 'datatype_mismatch';
     END IF;
 
-    FOREACH v_column IN ARRAY ARRAY[p_content_column, p_uri_column, p_label_column] LOOP
+    FOREACH v_column IN ARRAY ARRAY[p_content_column, p_uri_column, p_text_column, p_label_column] LOOP
         CONTINUE WHEN v_column IS NULL;
         SELECT format_type(atttypid, NULL) INTO v_type
           FROM pg_attribute WHERE attrelid = p_tbl AND attname = v_column AND attnum > 0 AND NOT attisdropped;
@@ -107,7 +114,7 @@ BEGIN
             RAISE EXCEPTION 'column "%" of % has type %, expected bytea', v_column, p_tbl, v_type
                 USING ERRCODE = 'datatype_mismatch';
         END IF;
-        IF v_column IS NOT DISTINCT FROM p_uri_column AND v_type NOT IN ('text', 'character varying') THEN
+        IF v_column IN (p_uri_column, p_text_column) AND v_type NOT IN ('text', 'character varying') THEN
             RAISE EXCEPTION 'column "%" of % has type %, expected text (a path or URI)', v_column, p_tbl, v_type
                 USING ERRCODE = 'datatype_mismatch';
         END IF;
@@ -123,13 +130,14 @@ BEGIN
         RETURN v_watch.id;
     END IF;
 
-    INSERT INTO imgembed.watch (tbl, table_name, key_column, key_type, content_column, uri_column, label_column)
+    INSERT INTO imgembed.watch (tbl, table_name, key_column, key_type, content_column, uri_column, text_column,
+                                label_column)
     VALUES (p_tbl,
             (SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
               WHERE c.oid = p_tbl),
             v_key_column,
             CASE v_key_type WHEN 'character varying' THEN 'text' ELSE v_key_type END,
-            p_content_column, p_uri_column, p_label_column)
+            p_content_column, p_uri_column, p_text_column, p_label_column)
     RETURNING * INTO v_watch;
 
     EXECUTE format('CREATE TRIGGER imgembed_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS imgembed_new '

@@ -95,9 +95,10 @@ BEGIN
     RETURN v_recovered;
 END $$;
 
--- The images of a claim's jobs, read from the watched tables. A job whose row is gone is absent.
+-- What a claim's jobs embed (image bytes, image location or text), read from the watched tables.
+-- A job whose row is gone is absent.
 CREATE OR REPLACE FUNCTION imgembed.claimed_images(p_claim uuid)
-RETURNS TABLE (job_id bigint, key text, content bytea, uri text)
+RETURNS TABLE (job_id bigint, key text, content bytea, uri text, body text)
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_watch imgembed.watch;
@@ -107,12 +108,14 @@ BEGIN
          WHERE w.id IN (SELECT j.watch_id FROM imgembed.job j WHERE j.claim_id = p_claim)
     LOOP
         RETURN QUERY EXECUTE format(
-            'SELECT j.id, j.key, %s, %s FROM imgembed.job j JOIN %s s ON s.%I = j.key::%s '
+            'SELECT j.id, j.key, %s, %s, %s FROM imgembed.job j JOIN %s s ON s.%I = j.key::%s '
             'WHERE j.claim_id = $1 AND j.watch_id = $2 AND j.status = ''in_flight''',
             CASE WHEN v_watch.content_column IS NULL THEN 'NULL::bytea'
                  ELSE format('s.%I', v_watch.content_column) END,
             CASE WHEN v_watch.uri_column IS NULL THEN 'NULL::text'
                  ELSE format('s.%I::text', v_watch.uri_column) END,
+            CASE WHEN v_watch.text_column IS NULL THEN 'NULL::text'
+                 ELSE format('s.%I::text', v_watch.text_column) END,
             v_watch.tbl, v_watch.key_column, v_watch.key_type)
         USING p_claim, v_watch.id;
     END LOOP;

@@ -33,6 +33,7 @@ class ClaimedImage:
     key: str
     content: bytes | None
     uri: str | None
+    text: str | None  # imgembed's own text tables (queries, label prompts)
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,9 @@ def start_claim(connection: psycopg.Connection, claim_id: UUID, lease_seconds: f
 
 def claimed_images(connection: psycopg.Connection, claim_id: UUID) -> list[ClaimedImage]:
     rows = connection.execute(
-        "SELECT job_id, key, content, uri FROM imgembed.claimed_images(%s)", (claim_id,)
+        "SELECT job_id, key, content, uri, body FROM imgembed.claimed_images(%s)", (claim_id,)
     ).fetchall()
-    return [ClaimedImage(row[0], row[1], row[2], row[3]) for row in rows]
+    return [ClaimedImage(*row) for row in rows]
 
 
 def finish_batch(

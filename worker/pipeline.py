@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from uuid import UUID
@@ -80,6 +81,22 @@ def _prepare(image: db.ClaimedImage, model: LoadedModel, settings: Settings) -> 
         return ImageError(f"unexpected {type(error).__name__} while preparing the image: {error}")
 
 
+def _embed_chunk(
+    embed: Callable[[], np.ndarray],
+    job_ids: list[int],
+    done: list[tuple[int, np.ndarray | None]],
+    failures: list[db.JobFailure],
+) -> None:
+    try:
+        vectors = embed()
+    except Exception as error:  # noqa: BLE001 - e.g. out of memory: retry later
+        failures.extend(
+            db.JobFailure(job_id, f"embedding failed: {type(error).__name__}: {error}", True) for job_id in job_ids
+        )
+        return
+    done.extend(zip(job_ids, vectors))
+
+
 def run_claim(runtime: WorkerRuntime, claim_id: UUID, model_name: str) -> BatchOutcome:
     settings = runtime.settings
     connection = runtime.connection()
@@ -101,10 +118,12 @@ def run_claim(runtime: WorkerRuntime, claim_id: UUID, model_name: str) -> BatchO
         failures = [db.JobFailure(image.job_id, str(error), True) for image in images]
         decode_ms = embed_ms = 0.0
     else:
-        prepared = list(runtime.decoders().map(lambda image: _prepare(image, model, settings), images))
+        texts = [item for item in images if item.text is not None]
+        pictures = [item for item in images if item.text is None]
+        prepared = list(runtime.decoders().map(lambda image: _prepare(image, model, settings), pictures))
         decode_ms = (time.perf_counter() - started) * 1000
         good: list[tuple[int, torch.Tensor]] = []
-        for image, result in zip(images, prepared):
+        for image, result in zip(pictures, prepared):
             if isinstance(result, ImageError):
                 failures.append(db.JobFailure(image.job_id, str(result), result.retryable))
             else:
@@ -112,15 +131,12 @@ def run_claim(runtime: WorkerRuntime, claim_id: UUID, model_name: str) -> BatchO
         embed_started = time.perf_counter()
         for start in range(0, len(good), settings.batch_size):
             chunk = good[start : start + settings.batch_size]
-            try:
-                vectors = model.embed_pixels(torch.stack([pixels for _, pixels in chunk]))
-            except Exception as error:  # noqa: BLE001 - e.g. out of memory: retry later
-                failures.extend(
-                    db.JobFailure(job_id, f"embedding failed: {type(error).__name__}: {error}", True)
-                    for job_id, _ in chunk
-                )
-                continue
-            done.extend((job_id, vector) for (job_id, _), vector in zip(chunk, vectors))
+            _embed_chunk(lambda: model.embed_pixels(torch.stack([pixels for _, pixels in chunk])),
+                         [job_id for job_id, _ in chunk], done, failures)
+        for start in range(0, len(texts), settings.batch_size):
+            text_chunk = texts[start : start + settings.batch_size]
+            _embed_chunk(lambda: model.embed_texts([item.text or "" for item in text_chunk]),
+                         [item.job_id for item in text_chunk], done, failures)
         embed_ms = (time.perf_counter() - embed_started) * 1000
 
     write_started = time.perf_counter()

@@ -16,7 +16,10 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
-SPINE_TABLES = [tables.model, tables.watch, tables.watch_model, tables.job, tables.image]
+SPINE_TABLES = [
+    tables.model, tables.watch, tables.watch_model, tables.job, tables.image,
+    tables.text_query, tables.label_prompt, tables.interaction,
+]
 
 
 def upgrade() -> None:
@@ -35,6 +38,9 @@ def upgrade() -> None:
     )
     # The ready-made table is watched out of the box: bytes in `content` or a location in `uri`.
     op.execute("SELECT imgembed._watch('imgembed.image', 'content', 'uri', 'label')")
+    # Texts (search queries, zero-shot label prompts) go through the same queue and workers.
+    op.execute("SELECT imgembed._watch('imgembed.text_query', NULL, NULL, p_text_column => 'query')")
+    op.execute("SELECT imgembed._watch('imgembed.label_prompt', NULL, NULL, p_text_column => 'prompt')")
 
 
 def downgrade() -> None:
