@@ -59,10 +59,6 @@ RETURNS vector
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_watch imgembed.watch := imgembed._watch_of(tbl);
-    v_link imgembed.watch_model := imgembed._watch_model_of(v_watch, model);
-    v_vector vector;
 BEGIN
-    EXECUTE format('SELECT embedding FROM imgembed.%I WHERE id = $1::text::%s', v_link.storage_table, v_watch.key_type)
-       INTO v_vector USING key;
-    RETURN v_vector;
+    RETURN imgembed._stored_vector(v_watch, imgembed._watch_model_of(v_watch, model), key::text);
 END $$;

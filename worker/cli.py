@@ -151,6 +151,27 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from worker import search
+    from worker.db import connect
+    from worker.report import format_table
+
+    with connect(require_database_url(settings)) as connection:
+        if args.image:
+            hits = search.search_image(connection, args.table, Path(args.image), settings, args.k)
+        elif args.like is not None:
+            hits = search.search_like(connection, args.table, args.like, args.k)
+        elif args.query:
+            hits = search.search_text(connection, args.table, args.query, args.k, args.timeout)
+        else:
+            print("imgembed search: give a text query, --image FILE or --like KEY", file=sys.stderr)
+            return 2
+    print(format_table(["id", "distance"], [(key, round(distance, 4)) for key, distance in hits]))
+    return 0
+
+
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
@@ -191,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("paths", nargs="+", help="image files or directories")
     ingest.add_argument("--bytes", action="store_true", help="store the file contents instead of the path")
     ingest.add_argument("--label", help="label to store with every image")
+    search = add("search", cmd_search, "Search a watched table by text, by an image file, or like one of its rows.")
+    search.add_argument("query", nargs="?", help="text to search for, e.g. \"a red car\"")
+    search.add_argument("--image", metavar="FILE", help="search with this image (embedded here, with the table's model)")
+    search.add_argument("--like", metavar="KEY", help="search for rows similar to the row with this key")
+    search.add_argument("--table", default="imgembed.image", help="watched table (default imgembed.image)")
+    search.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    search.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a text's vector (default 30)")
     demo = add("demo", cmd_demo, "Start the local stack, ingest sample images, wait for their embeddings, show status.")
     demo.add_argument("--photos", default=None, help="directory of photos (default: ../shared/testdata/photos if present)")
     demo.add_argument("--generated", type=int, default=100, help="number of generated images to add (default 100)")
@@ -206,6 +234,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as error:
         print(f"imgembed: {error}", file=sys.stderr)
         return 2
+    except LookupError as error:
+        print(f"imgembed: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        import psycopg
+
+        if not isinstance(error, psycopg.Error):
+            raise
+        hint = getattr(error.diag, "message_hint", None)
+        print(f"imgembed: {error.diag.message_primary or error}" + (f"\nhint: {hint}" if hint else ""), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -24,6 +24,7 @@ SPINE_TABLES = [
 
 def upgrade() -> None:
     op.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    apply_sql("05_optional_extensions.sql")
     for table in SPINE_TABLES:
         op.execute(CreateTable(table))
         for index in sorted(table.indexes, key=lambda index: index.name or ""):
@@ -34,6 +35,10 @@ def upgrade() -> None:
         "30_triggers.sql",
         "40_queue.sql",
         "50_status.sql",
+        "60_search.sql",
+        "61_text.sql",
+        "62_labels.sql",
+        "63_recommend.sql",
         "90_pin_search_path.sql",
     )
     # The ready-made table is watched out of the box: bytes in `content` or a location in `uri`.

@@ -1,0 +1,235 @@
+-- Nearest-neighbour search over a watched table's vectors: the shared core and similar().
+-- Filters are a jsonb object of column: value (or [values], or null) checked against the source
+-- table's columns and bound as a parameter: no user text is ever spliced into SQL.
+
+-- SQL condition over the source row (alias s) for a jsonb filter, reading values from $p_param.
+CREATE OR REPLACE FUNCTION imgembed._filter_sql(p_watch imgembed.watch, p_filter jsonb, p_param integer)
+RETURNS text
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_column text;
+    v_value jsonb;
+    v_type text;
+    v_parts text[] := '{}';
+BEGIN
+    IF p_filter IS NULL OR p_filter = '{}'::jsonb THEN
+        RETURN NULL;
+    END IF;
+    IF jsonb_typeof(p_filter) <> 'object' THEN
+        RAISE EXCEPTION 'filter must be a JSON object of column: value pairs, not a JSON %', jsonb_typeof(p_filter)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR v_column, v_value IN SELECT * FROM jsonb_each(p_filter) LOOP
+        SELECT format_type(atttypid, atttypmod) INTO v_type
+          FROM pg_attribute WHERE attrelid = p_watch.tbl AND attname = v_column AND attnum > 0 AND NOT attisdropped;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'filter column "%" does not exist in table %', v_column, p_watch.table_name
+                USING ERRCODE = 'undefined_column';
+        END IF;
+        v_parts := v_parts || CASE jsonb_typeof(v_value)
+            WHEN 'null' THEN format('s.%I IS NULL', v_column)
+            WHEN 'array' THEN format('s.%I = ANY (ARRAY(SELECT jsonb_array_elements_text($%s -> %L))::%s[])',
+                                     v_column, p_param, v_column, v_type)
+            WHEN 'object' THEN NULL
+            ELSE format('s.%I = ($%s ->> %L)::%s', v_column, p_param, v_column, v_type) END;
+        IF v_parts[cardinality(v_parts)] IS NULL THEN
+            RAISE EXCEPTION 'filter value for "%" must be a scalar, an array or null', v_column
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END LOOP;
+    RETURN array_to_string(v_parts, ' AND ');
+END $$;
+
+-- The stored vector of one row, or a clear error while it has none.
+CREATE OR REPLACE FUNCTION imgembed._stored_vector(p_watch imgembed.watch, p_link imgembed.watch_model, p_key text)
+RETURNS vector
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_vector vector;
+BEGIN
+    EXECUTE format('SELECT embedding FROM imgembed.%I WHERE id = $1::%s', p_link.storage_table, p_watch.key_type)
+       INTO v_vector USING p_key;
+    RETURN v_vector;
+END $$;
+
+CREATE OR REPLACE FUNCTION imgembed._require_vector(p_watch imgembed.watch, p_link imgembed.watch_model, p_key text)
+RETURNS vector
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_vector vector := imgembed._stored_vector(p_watch, p_link, p_key);
+BEGIN
+    IF v_vector IS NULL THEN
+        RAISE EXCEPTION 'row % of % has no vector yet (pending, failed, or no such row)', p_key, p_watch.table_name
+            USING HINT = 'see imgembed.status and imgembed.failures', ERRCODE = 'no_data_found';
+    END IF;
+    RETURN v_vector;
+END $$;
+
+-- The k nearest rows to p_query, nearest first, as (text key, cosine distance).
+-- HNSW with pgvector's iterative scan (strict order) serves filtered queries; if the index path
+-- finds fewer than k rows under a filter, an exact scan over the filtered rows answers instead.
+-- Keyset pagination: rows after (p_after_distance, p_after_id) in (distance, key) order.
+CREATE OR REPLACE FUNCTION imgembed._knn(
+    p_watch imgembed.watch,
+    p_link imgembed.watch_model,
+    p_query vector,
+    p_k integer,
+    p_exclude text[] DEFAULT '{}',
+    p_filter jsonb DEFAULT NULL,
+    p_condition text DEFAULT NULL,
+    p_exact boolean DEFAULT false,
+    p_ef_search integer DEFAULT NULL,
+    p_after_distance double precision DEFAULT NULL,
+    p_after_id text DEFAULT NULL
+) RETURNS TABLE (id text, distance double precision)
+LANGUAGE plpgsql
+SET hnsw.iterative_scan = 'strict_order'
+AS $$
+DECLARE
+    v_dim integer;
+    v_filter text := imgembed._filter_sql(p_watch, p_filter, 4);
+    v_distance text;
+    v_template text;
+    v_ids text[];
+    v_distances double precision[];
+    v_previous_ef text := current_setting('hnsw.ef_search', true);
+BEGIN
+    IF p_k IS NULL OR p_k < 1 THEN
+        RAISE EXCEPTION 'k must be at least 1, got %', p_k USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_query IS NULL THEN
+        RAISE EXCEPTION 'the query vector is NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT dim INTO v_dim FROM imgembed.model WHERE model.id = p_link.model_id;
+    IF vector_dims(p_query) <> v_dim THEN
+        RAISE EXCEPTION 'query vector has % dimensions but the model has %', vector_dims(p_query), v_dim
+            USING ERRCODE = 'data_exception';
+    END IF;
+    v_distance := CASE WHEN v_dim <= 2000 THEN 'e.embedding <=> $1'
+                       ELSE format('e.embedding::halfvec(%1$s) <=> $1::halfvec(%1$s)', v_dim) END;
+    -- %%s below is the ORDER BY, filled per path.
+    v_template := format(
+        'SELECT array_agg(q.id ORDER BY q.d, q.id), array_agg(q.d ORDER BY q.d, q.id) FROM ('
+        ' SELECT e.id::text AS id, (%1$s)::float8 AS d FROM imgembed.%2$I e %3$s'
+        ' WHERE e.id::text <> ALL ($3) AND (%4$s) AND (%5$s) AND (%6$s) ORDER BY %%s LIMIT $2) q',
+        v_distance,
+        p_link.storage_table,
+        CASE WHEN v_filter IS NULL AND p_condition IS NULL THEN ''
+             ELSE format('JOIN %s s ON s.%I = e.id', p_watch.tbl, p_watch.key_column) END,
+        coalesce(v_filter, 'true'),
+        coalesce(p_condition, 'true'),
+        CASE WHEN p_after_distance IS NULL THEN 'true'
+             ELSE format('(%1$s) > $5 OR ((%1$s) = $5 AND e.id::text > $6)', v_distance) END);
+
+    IF p_ef_search IS NOT NULL THEN
+        PERFORM set_config('hnsw.ef_search', greatest(p_ef_search, 1)::text, true);
+    END IF;
+    IF NOT p_exact THEN
+        EXECUTE format(v_template, v_distance)
+           INTO v_ids, v_distances
+          USING p_query, p_k, coalesce(p_exclude, '{}'), p_filter, p_after_distance, p_after_id;
+    END IF;
+    IF p_exact OR ((v_filter IS NOT NULL OR p_condition IS NOT NULL) AND coalesce(cardinality(v_ids), 0) < p_k) THEN
+        -- "+ 0" keeps the planner off the index: an exact scan in (distance, key) order.
+        EXECUTE format(v_template, format('(%s) + 0, e.id::text', v_distance))
+           INTO v_ids, v_distances
+          USING p_query, p_k, coalesce(p_exclude, '{}'), p_filter, p_after_distance, p_after_id;
+    END IF;
+    IF p_ef_search IS NOT NULL THEN
+        PERFORM set_config('hnsw.ef_search', coalesce(v_previous_ef, '40'), true);
+    END IF;
+    RETURN QUERY SELECT u.id, u.d FROM unnest(v_ids, v_distances) WITH ORDINALITY AS u(id, d, n) ORDER BY u.n;
+END $$;
+
+-- The k images most similar to one row (itself excluded), nearest first. Keys keep their type.
+CREATE OR REPLACE FUNCTION imgembed.similar(
+    tbl regclass,
+    key anyelement,
+    k integer DEFAULT 10,
+    model text DEFAULT NULL,
+    filter jsonb DEFAULT NULL,
+    ef_search integer DEFAULT NULL,
+    exact boolean DEFAULT false,
+    after_distance double precision DEFAULT NULL,
+    after_id anyelement DEFAULT NULL
+) RETURNS TABLE (id anyelement, distance double precision)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_watch imgembed.watch := imgembed._watch_of(tbl);
+    v_link imgembed.watch_model := imgembed._watch_model_of(v_watch, model);
+BEGIN
+    RETURN QUERY EXECUTE format(
+        'SELECT r.id::%s, r.distance FROM imgembed._knn($1, $2, $3, $4, $5, $6, NULL, $7, $8, $9, $10) r',
+        pg_typeof(key))
+    USING v_watch, v_link, imgembed._require_vector(v_watch, v_link, key::text), k, ARRAY[key::text],
+          filter, exact, ef_search, after_distance, after_id::text;
+END $$;
+
+-- The k rows nearest to any vector of the model's dimension. Keys come back as text; the
+-- overload with a key_type argument (e.g. NULL::bigint) returns them in that type.
+CREATE OR REPLACE FUNCTION imgembed.similar_to_vector(
+    tbl regclass,
+    vec vector,
+    k integer DEFAULT 10,
+    model text DEFAULT NULL,
+    filter jsonb DEFAULT NULL,
+    ef_search integer DEFAULT NULL,
+    exact boolean DEFAULT false,
+    after_distance double precision DEFAULT NULL,
+    after_id text DEFAULT NULL
+) RETURNS TABLE (id text, distance double precision)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_watch imgembed.watch := imgembed._watch_of(tbl);
+BEGIN
+    RETURN QUERY SELECT r.id, r.distance FROM imgembed._knn(
+        v_watch, imgembed._watch_model_of(v_watch, model), vec, k, '{}', filter, NULL, exact, ef_search,
+        after_distance, after_id) r;
+END $$;
+
+CREATE OR REPLACE FUNCTION imgembed.similar_to_vector(
+    tbl regclass,
+    key_type anyelement,
+    vec vector,
+    k integer DEFAULT 10,
+    model text DEFAULT NULL,
+    filter jsonb DEFAULT NULL,
+    ef_search integer DEFAULT NULL,
+    exact boolean DEFAULT false,
+    after_distance double precision DEFAULT NULL,
+    after_id text DEFAULT NULL
+) RETURNS TABLE (id anyelement, distance double precision)
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN QUERY EXECUTE format(
+        'SELECT r.id::%s, r.distance FROM imgembed.similar_to_vector($1, $2, $3, $4, $5, $6, $7, $8, $9) r',
+        pg_typeof(key_type))
+    USING tbl, vec, k, model, filter, ef_search, exact, after_distance, after_id;
+END $$;
+
+-- Pairs of rows whose images are near-identical (cosine distance <= max_distance), each pair once.
+-- Each row's per_item nearest neighbours are examined (HNSW), so a group larger than per_item
+-- identical images yields only part of its pairs: raise per_item for such data.
+CREATE OR REPLACE FUNCTION imgembed.near_duplicates(
+    tbl regclass,
+    max_distance double precision DEFAULT 0.02,
+    model text DEFAULT NULL,
+    per_item integer DEFAULT 10
+) RETURNS TABLE (a text, b text, distance double precision)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_watch imgembed.watch := imgembed._watch_of(tbl);
+    v_link imgembed.watch_model := imgembed._watch_model_of(v_watch, model);
+BEGIN
+    RETURN QUERY EXECUTE format(
+        'SELECT p.a::text, p.b::text, p.d FROM ('
+        ' SELECT DISTINCT ON (least(e.id, n.id), greatest(e.id, n.id))'
+        '        least(e.id, n.id) AS a, greatest(e.id, n.id) AS b, n.d'
+        '   FROM imgembed.%1$I e'
+        '   CROSS JOIN LATERAL (SELECT f.id, (f.embedding <=> e.embedding)::float8 AS d FROM imgembed.%1$I f'
+        '                        WHERE f.id <> e.id ORDER BY f.embedding <=> e.embedding LIMIT $2) n'
+        '  WHERE n.d <= $1 ORDER BY least(e.id, n.id), greatest(e.id, n.id)) p'
+        ' ORDER BY p.d, p.a, p.b',
+        v_link.storage_table)
+    USING max_distance, per_item;
+END $$;

@@ -1,0 +1,101 @@
+-- Labels from labelled neighbours (kNN: face banks, few-shot) and the predicted_labels view.
+-- Labels come from the watched table's label column (watch(..., label_column => 'label')).
+
+-- Distance-weighted vote over the k nearest labelled rows, as scikit-learn's
+-- KNeighborsClassifier(weights='distance', metric='cosine') does: weight 1/distance, and when
+-- some neighbours are at distance 0 they alone vote. Best label first (ties: alphabetical).
+CREATE OR REPLACE FUNCTION imgembed._vote(
+    p_watch imgembed.watch,
+    p_link imgembed.watch_model,
+    p_query vector,
+    p_k integer,
+    p_exclude text[],
+    p_exact boolean
+) RETURNS TABLE (label text, votes integer, confidence double precision)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_ids text[];
+    v_distances double precision[];
+BEGIN
+    IF p_watch.label_column IS NULL THEN
+        RAISE EXCEPTION 'table % has no label column', p_watch.table_name
+            USING HINT = 'watch it with label_column => ''your_label_column''', ERRCODE = 'undefined_column';
+    END IF;
+    SELECT array_agg(n.id ORDER BY n.ord), array_agg(n.distance ORDER BY n.ord) INTO v_ids, v_distances
+      FROM imgembed._knn(p_watch, p_link, p_query, p_k, p_exclude, NULL,
+                         format('s.%I IS NOT NULL', p_watch.label_column), p_exact) WITH ORDINALITY AS n(id, distance, ord);
+    RETURN QUERY EXECUTE format(
+        'WITH neighbour AS ('
+        '  SELECT s.%1$I::text AS label, u.d FROM unnest($1::text[], $2::float8[]) AS u(id, d)'
+        '  JOIN %2$s s ON s.%3$I = u.id::%4$s),'
+        ' weighted AS ('
+        '  SELECT n.label, CASE WHEN bool_or(n.d <= 1e-12) OVER () THEN (n.d <= 1e-12)::int::float8'
+        '                       ELSE 1 / n.d END AS w FROM neighbour n)'
+        ' SELECT w.label, count(*)::int, sum(w.w) / nullif(sum(sum(w.w)) OVER (), 0)'
+        '   FROM weighted w GROUP BY w.label ORDER BY sum(w.w) DESC, w.label',
+        p_watch.label_column, p_watch.tbl, p_watch.key_column, p_watch.key_type)
+    USING coalesce(v_ids, '{}'), coalesce(v_distances, '{}');
+END $$;
+
+-- Label one row from its k nearest labelled neighbours (itself excluded).
+CREATE OR REPLACE FUNCTION imgembed.knn_label(
+    tbl regclass,
+    key anyelement,
+    k integer DEFAULT 5,
+    model text DEFAULT NULL,
+    exact boolean DEFAULT false
+) RETURNS TABLE (label text, votes integer, confidence double precision)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_watch imgembed.watch := imgembed._watch_of(tbl);
+    v_link imgembed.watch_model := imgembed._watch_model_of(v_watch, model);
+BEGIN
+    RETURN QUERY SELECT * FROM imgembed._vote(
+        v_watch, v_link, imgembed._require_vector(v_watch, v_link, key::text), k, ARRAY[key::text], exact);
+END $$;
+
+-- Label any vector (a new face against a face bank, say) from the table's labelled rows.
+CREATE OR REPLACE FUNCTION imgembed.classify(
+    tbl regclass,
+    vec vector,
+    k integer DEFAULT 5,
+    model text DEFAULT NULL,
+    exact boolean DEFAULT false
+) RETURNS TABLE (label text, votes integer, confidence double precision)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_watch imgembed.watch := imgembed._watch_of(tbl);
+BEGIN
+    RETURN QUERY SELECT * FROM imgembed._vote(v_watch, imgembed._watch_model_of(v_watch, model), vec, k, '{}', exact);
+END $$;
+
+CREATE OR REPLACE FUNCTION imgembed._predicted_labels(p_k integer DEFAULT 5)
+RETURNS TABLE (table_name text, key text, model text, label text, confidence double precision)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_watch imgembed.watch;
+    v_link imgembed.watch_model;
+    v_key text;
+    v_vector vector;
+BEGIN
+    FOR v_watch IN SELECT * FROM imgembed.watch w WHERE w.label_column IS NOT NULL ORDER BY w.table_name LOOP
+        SELECT * INTO v_link FROM imgembed.watch_model wm WHERE wm.watch_id = v_watch.id AND wm.is_default;
+        CONTINUE WHEN NOT FOUND;
+        FOR v_key, v_vector IN EXECUTE format(
+            'SELECT e.id::text, e.embedding FROM imgembed.%I e JOIN %s s ON s.%I = e.id WHERE s.%I IS NULL ORDER BY 1',
+            v_link.storage_table, v_watch.tbl, v_watch.key_column, v_watch.label_column)
+        LOOP
+            table_name := v_watch.table_name;
+            key := v_key;
+            SELECT m.name INTO model FROM imgembed.model m WHERE m.id = v_link.model_id;
+            SELECT v.label, v.confidence INTO label, confidence
+              FROM imgembed._vote(v_watch, v_link, v_vector, p_k, ARRAY[v_key], false) v LIMIT 1;
+            RETURN NEXT;
+        END LOOP;
+    END LOOP;
+END $$;
+
+-- Every embedded, unlabelled row of every watched table with a label column, with the label its
+-- 5 nearest labelled neighbours vote for (NULL when no row is labelled yet).
+CREATE OR REPLACE VIEW imgembed.predicted_labels AS
+SELECT * FROM imgembed._predicted_labels(5);

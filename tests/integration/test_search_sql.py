@@ -1,0 +1,258 @@
+"""The SQL search surface on known vectors, checked against scikit-learn brute force."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import psycopg
+import pytest
+from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
+
+DIM = 64  # the test model's dimension
+ROWS = 2000
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def make_vectors(count: int, seed: int = 0) -> np.ndarray:
+    """Half random on the sphere, half in 20 tight clusters."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(20, DIM))
+    clustered = centres[rng.integers(0, 20, count // 2)] + 0.35 * rng.normal(size=(count // 2, DIM))
+    return unit(np.vstack([rng.normal(size=(count - count // 2, DIM)), clustered]))
+
+
+def storage_of(db: psycopg.Connection, table: str) -> str:
+    return db.execute(
+        "SELECT wm.storage_table FROM imgembed.watch_model wm JOIN imgembed.watch w ON w.id = wm.watch_id "
+        "WHERE w.table_name = %s AND wm.is_default", (table,)
+    ).fetchone()[0]
+
+
+def load_vectors(db: psycopg.Connection, table: str, keys: list[object], vectors: np.ndarray) -> None:
+    with db.cursor() as cursor, cursor.copy(
+        f"COPY imgembed.{storage_of(db, table)} (id, embedding, job_id) FROM STDIN"
+    ) as copy:
+        for key, vector in zip(keys, vectors):
+            copy.write_row((key, "[" + ",".join(f"{x:.8f}" for x in vector) + "]", 0))
+
+
+@pytest.fixture
+def library(db: psycopg.Connection) -> tuple[psycopg.Connection, np.ndarray]:
+    """`items`: 2,000 rows with known vectors, a category (1% are 'rare') and a label."""
+    vectors = make_vectors(ROWS)
+    db.execute("CREATE TABLE items (id bigint PRIMARY KEY, photo bytea, category text, label text)")
+    with db.cursor() as cursor, cursor.copy("COPY items FROM STDIN") as copy:
+        for i in range(ROWS):
+            copy.write_row((i, b"x", "rare" if i % 100 == 7 else f"c{i % 5}", None))
+    db.execute("SELECT imgembed.watch('items', 'photo', label_column => 'label')")
+    load_vectors(db, "public.items", list(range(ROWS)), vectors)
+    db.execute("ANALYZE")
+    return db, vectors
+
+
+def brute_force(vectors: np.ndarray, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[int]:
+    candidates = np.arange(len(vectors)) if allowed is None else allowed
+    model = NearestNeighbors(metric="cosine", algorithm="brute").fit(vectors[candidates])
+    _, indices = model.kneighbors(query[None, :], n_neighbors=min(k, len(candidates)))
+    return [int(candidates[i]) for i in indices[0]]
+
+
+def test_exact_similar_matches_brute_force(library: tuple[psycopg.Connection, np.ndarray]) -> None:
+    db, vectors = library
+    for key in (0, 17, 1500, 1999):
+        got = db.execute("SELECT id, distance FROM imgembed.similar('items', %s::bigint, 10, exact => true)", (key,)).fetchall()
+        others = np.array([i for i in range(ROWS) if i != key])
+        expected = brute_force(vectors, vectors[key], 10, others)
+        assert [row[0] for row in got] == expected
+        distances = 1 - vectors[expected] @ vectors[key]
+        np.testing.assert_allclose([row[1] for row in got], distances, atol=1e-5)
+
+
+def test_hnsw_recall_at_10(library: tuple[psycopg.Connection, np.ndarray]) -> None:
+    db, vectors = library
+    hits = 0
+    queries = range(0, ROWS, 40)
+    for key in queries:
+        approx = {row[0] for row in db.execute("SELECT id FROM imgembed.similar('items', %s::bigint, 10)", (key,))}
+        exact = set(brute_force(vectors, vectors[key], 11)) - {key}
+        hits += len(approx & set(list(exact)[:10]))
+    assert hits / (10 * len(queries)) >= 0.95
+
+
+def test_selective_filter_still_returns_k_correct_rows(library: tuple[psycopg.Connection, np.ndarray]) -> None:
+    db, vectors = library
+    rare = np.array([i for i in range(ROWS) if i % 100 == 7])  # 20 rows, 1%
+    for key in (3, 500):
+        got = [row[0] for row in db.execute(
+            "SELECT id FROM imgembed.similar('items', %s::bigint, 10, filter => %s)", (key, json.dumps({"category": "rare"}))
+        )]
+        assert got == brute_force(vectors, vectors[key], 10, rare)
+    many = [row[0] for row in db.execute(
+        "SELECT id FROM imgembed.similar('items', 3::bigint, 10, filter => %s, exact => true)",
+        (json.dumps({"category": ["c1", "c2"]}),),
+    )]
+    allowed = np.array([i for i in range(ROWS) if i % 100 != 7 and i % 5 in (1, 2) and i != 3])
+    assert many == brute_force(vectors, vectors[3], 10, allowed)
+
+
+def test_keyset_pagination_walks_the_same_order(library: tuple[psycopg.Connection, np.ndarray]) -> None:
+    db, _ = library
+    everything = db.execute("SELECT id, distance FROM imgembed.similar('items', 1::bigint, 30, exact => true)").fetchall()
+    pages: list[tuple[int, float]] = []
+    after: tuple[float, int] | None = None
+    for _ in range(3):
+        if after is None:
+            page = db.execute("SELECT id, distance FROM imgembed.similar('items', 1::bigint, 10, exact => true)").fetchall()
+        else:
+            page = db.execute(
+                "SELECT id, distance FROM imgembed.similar('items', 1::bigint, 10, exact => true, "
+                "after_distance => %s, after_id => %s::bigint)", (after[0], after[1])
+            ).fetchall()
+        pages.extend(page)
+        after = (page[-1][1], page[-1][0])
+    assert [row[0] for row in pages] == [row[0] for row in everything]
+
+
+def test_similar_to_vector_typed_and_text_keys(library: tuple[psycopg.Connection, np.ndarray]) -> None:
+    db, vectors = library
+    query = "[" + ",".join(map(str, vectors[42])) + "]"
+    as_text = db.execute("SELECT id FROM imgembed.similar_to_vector('items', %s::vector, 3, exact => true)", (query,)).fetchall()
+    typed = db.execute(
+        "SELECT r.id, i.category FROM imgembed.similar_to_vector('items', NULL::bigint, %s::vector, 3, exact => true) r "
+        "JOIN items i ON i.id = r.id", (query,)
+    ).fetchall()
+    assert as_text[0][0] == "42" and typed[0][0] == 42
+    assert [int(row[0]) for row in as_text] == [row[0] for row in typed]
+
+
+def test_knn_labels_match_scikit_learn(db: psycopg.Connection) -> None:
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(6, DIM))
+    labels_of = rng.integers(0, 6, 400)
+    vectors = unit(centres[labels_of] + 1.2 * rng.normal(size=(400, DIM)))
+    train, queries = np.arange(300), np.arange(300, 400)
+    db.execute("CREATE TABLE faces (id text PRIMARY KEY, photo text, person text)")
+    with db.cursor() as cursor:
+        cursor.executemany(
+            "INSERT INTO faces VALUES (%s, 'x', %s)",
+            [(f"f{i}", f"person{labels_of[i]}" if i in set(train) else None) for i in range(400)],
+        )
+    db.execute("SELECT imgembed.watch('faces', 'photo', label_column => 'person')")
+    load_vectors(db, "public.faces", [f"f{i}" for i in range(400)], vectors)
+
+    classifier = KNeighborsClassifier(n_neighbors=5, weights="distance", metric="cosine", algorithm="brute")
+    classifier.fit(vectors[train], [f"person{labels_of[i]}" for i in train])
+    expected = classifier.predict(vectors[queries])
+    probabilities = classifier.predict_proba(vectors[queries])
+    for index, query in enumerate(queries):
+        rows = db.execute("SELECT label, votes, confidence FROM imgembed.knn_label('faces', %s::text, 5, exact => true)",
+                          (f"f{query}",)).fetchall()
+        assert rows[0][0] == expected[index], f"query f{query}"
+        assert sum(row[1] for row in rows) == 5
+        assert rows[0][2] == pytest.approx(probabilities[index].max(), abs=1e-6)
+        vector = "[" + ",".join(map(str, vectors[query])) + "]"
+        assert db.execute("SELECT label FROM imgembed.classify('faces', %s::vector, 5, exact => true) LIMIT 1",
+                          (vector,)).fetchone()[0] == expected[index]
+
+    predicted = dict(db.execute("SELECT key, label FROM imgembed.predicted_labels WHERE table_name = 'public.faces'").fetchall())
+    assert set(predicted) == {f"f{i}" for i in queries}
+    agreement = np.mean([predicted[f"f{q}"] == expected[i] for i, q in enumerate(queries)])
+    assert agreement >= 0.9  # the view uses the HNSW index, not an exact scan
+
+
+def test_recommendations(library: tuple[psycopg.Connection, np.ndarray]) -> None:
+    db, _ = library
+    single = db.execute("SELECT id, score FROM imgembed.recommend('items', ARRAY[5::bigint], k => 10, exact => true)").fetchall()
+    similar = db.execute("SELECT id, distance FROM imgembed.similar('items', 5::bigint, 10, exact => true)").fetchall()
+    assert [row[0] for row in single] == [row[0] for row in similar]
+    np.testing.assert_allclose([row[1] for row in single], [1 - row[1] for row in similar], atol=1e-5)
+
+    positives, negatives = [5, 6, 7], [8, 9]
+    got = [row[0] for row in db.execute(
+        "SELECT id FROM imgembed.recommend('items', %s::bigint[], %s::bigint[], 50)", (positives, negatives))]
+    assert len(got) == 50 and not set(got) & set(positives + negatives)
+
+    db.execute("INSERT INTO imgembed.interaction (user_id, tbl, item, kind, weight) VALUES "
+               "('ann', 'items', '5', 'like', 1), ('ann', 'items', '6', 'purchase', 3), "
+               "('ann', 'items', '8', 'dislike', -1), ('ann', 'items', '11', 'view', 0)")
+    for_user = [row[0] for row in db.execute("SELECT id FROM imgembed.recommend_for_user('items', 'ann', 40)")]
+    assert len(for_user) == 40 and not set(for_user) & {"5", "6", "8", "11"}
+    with pytest.raises(psycopg.Error, match="no positive interaction"):
+        db.execute("SELECT * FROM imgembed.recommend_for_user('items', 'nobody')")
+
+
+def test_near_duplicates_each_pair_once(library: tuple[psycopg.Connection, np.ndarray]) -> None:
+    db, vectors = library
+    db.execute("INSERT INTO items VALUES (5000, 'x', 'c0', NULL), (5001, 'x', 'c0', NULL)")
+    nudged = unit(vectors[[10, 10]] + np.array([[0.0] * DIM, [0.001] * DIM]))
+    load_vectors(db, "public.items", [5000, 5001], nudged)
+    pairs = db.execute("SELECT a, b, distance FROM imgembed.near_duplicates('items', 0.001)").fetchall()
+    keys = {(a, b) for a, b, _ in pairs}
+    assert {("10", "5000"), ("10", "5001"), ("5000", "5001")} <= keys
+    assert len(keys) == len(pairs)
+    assert all(distance <= 0.001 for _, _, distance in pairs)
+
+
+def test_zero_shot_ranks_prompts_by_cosine(library: tuple[psycopg.Connection, np.ndarray]) -> None:
+    db, vectors = library
+    prompts = {"cat": [100, 101], "dog": [200], "car": [300]}
+    with db.cursor() as cursor:
+        for label, sources in prompts.items():
+            for n, _ in enumerate(sources):
+                cursor.execute("INSERT INTO imgembed.label_prompt (label, prompt) VALUES (%s, %s)", (label, f"{label} {n}"))
+    ids = dict(db.execute("SELECT prompt, id FROM imgembed.label_prompt").fetchall())
+    prompt_keys = [ids[f"{label} {n}"] for label, sources in prompts.items() for n, _ in enumerate(sources)]
+    prompt_vectors = vectors[[s for sources in prompts.values() for s in sources]]
+    load_vectors(db, "imgembed.label_prompt", prompt_keys, prompt_vectors)
+
+    rows = db.execute("SELECT label, similarity, probability FROM imgembed.zero_shot('items', 200::bigint)").fetchall()
+    means = {label: unit(vectors[sources].mean(axis=0, keepdims=True))[0] for label, sources in prompts.items()}
+    expected = sorted(means, key=lambda label: -float(means[label] @ vectors[200]))
+    assert [row[0] for row in rows] == expected
+    assert rows[0][0] == "dog" and rows[0][1] == pytest.approx(1.0, abs=1e-5)
+    assert sum(row[2] for row in rows) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        ("SELECT * FROM imgembed.similar('items', 1::bigint, 5, filter => %s)", "does not exist in table"),
+        ("SELECT * FROM imgembed.similar('items', 1::bigint, 0)", "k must be at least 1"),
+        ("SELECT * FROM imgembed.similar('items', 999999::bigint)", "has no vector yet"),
+        ("SELECT * FROM imgembed.similar('imgembed.model', 1::bigint)", "is not watched"),
+        ("SELECT * FROM imgembed.similar('items', 1::bigint, model => 'nope')", "not attached"),
+        ("SELECT * FROM imgembed.similar_to_vector('items', '[1,2,3]'::vector)", "3 dimensions"),
+        ("SELECT * FROM imgembed.knn_label('faces_missing', 'x'::text)", "does not exist"),
+    ],
+)
+def test_bad_calls_and_injection_attempts(library: tuple[psycopg.Connection, np.ndarray], call: str, message: str) -> None:
+    db, _ = library
+    params = (json.dumps({"category = category OR true; DROP TABLE items; --": "x"}),) if "%s" in call else ()
+    with pytest.raises(psycopg.Error, match=message):
+        db.execute(call, params)
+    assert db.execute("SELECT count(*) FROM items").fetchone()[0] == ROWS
+
+
+def test_filter_values_are_data_not_sql(library: tuple[psycopg.Connection, np.ndarray]) -> None:
+    db, _ = library
+    hostile = json.dumps({"category": "rare' OR '1'='1"})
+    assert db.execute("SELECT count(*) FROM imgembed.similar('items', 1::bigint, 10, filter => %s)", (hostile,)).fetchone()[0] == 0
+    assert db.execute("SELECT count(*) FROM items").fetchone()[0] == ROWS
+
+
+def test_models_above_2000_dimensions_use_a_halfvec_index(db: psycopg.Connection) -> None:
+    db.execute("SELECT imgembed.register_model('wide-test', 'wide', NULL, 2500)")
+    db.execute("CREATE TABLE wide (id integer PRIMARY KEY, photo bytea)")
+    db.execute("INSERT INTO wide SELECT g, 'x' FROM generate_series(1, 50) g")
+    db.execute("SELECT imgembed.watch('wide', 'photo', model => 'wide-test')")
+    index = db.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s", (storage_of(db, "public.wide") + "_hnsw",)).fetchone()[0]
+    assert "halfvec(2500)" in index and "halfvec_cosine_ops" in index
+    rng = np.random.default_rng(1)
+    vectors = unit(rng.normal(size=(50, 2500)))
+    load_vectors(db, "public.wide", list(range(1, 51)), vectors)
+    got = [row[0] for row in db.execute("SELECT id FROM imgembed.similar('wide', 1, 5, exact => true)")]
+    assert got == [int(i) + 1 for i in brute_force(vectors, vectors[0], 6)[1:]]

@@ -1,0 +1,75 @@
+"""Text search end to end: texts are embedded by the same workers and model as the images."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.conftest import REPO, Services, wait_for
+from worker.synthetic import random_shapes
+
+
+@pytest.fixture
+def shapes_table(db: psycopg.Connection) -> psycopg.Connection:
+    db.execute("CREATE TABLE shapes (id bigint PRIMARY KEY, image bytea, caption text)")
+    db.execute("SELECT imgembed.watch('shapes', 'image')")
+    with db.cursor() as cursor:
+        cursor.executemany(
+            "INSERT INTO shapes VALUES (%s, %s, %s)",
+            [(i, shape.png_bytes(), shape.caption) for i, shape in enumerate(random_shapes(40, seed=2))],
+        )
+    return db
+
+
+def test_search_text_waits_for_the_worker_then_serves_from_the_stored_vector(
+    shapes_table: psycopg.Connection, services: Services, tmp_path: Path
+) -> None:
+    db = shapes_table
+    services.start("dispatch")
+    services.start("worker")
+    wait_for(lambda: db.execute("SELECT pending + in_flight = 0 AND embedded = 40 FROM imgembed.status "
+                                "WHERE table_name = 'public.shapes'").fetchone()[0], 180, "shapes embedded")
+
+    # Never seen before: enqueued in its own transaction (dblink), embedded, then answered.
+    first = db.execute("SELECT id, distance FROM imgembed.search_text('shapes', 'a red circle', 5, timeout_seconds => 60)").fetchall()
+    assert len(first) == 5 and all(isinstance(row[0], str) for row in first)
+    assert [row[1] for row in first] == sorted(row[1] for row in first)
+    typed = db.execute("SELECT s.id, s.caption FROM imgembed.search_text('shapes', NULL::bigint, 'a red circle', 5) r "
+                       "JOIN shapes s ON s.id = r.id").fetchall()
+    assert [str(row[0]) for row in typed] == [row[0] for row in first]
+
+    # Second call: the stored vector answers; nothing new is queued.
+    jobs_before = db.execute("SELECT count(*) FROM imgembed.job").fetchone()[0]
+    again = db.execute("SELECT id, distance FROM imgembed.search_text('shapes', 'a red circle', 5, timeout_seconds => 0)").fetchall()
+    assert again == first
+    assert db.execute("SELECT count(*) FROM imgembed.text_query WHERE query = 'a red circle'").fetchone()[0] == 1
+    assert db.execute("SELECT count(*) FROM imgembed.job").fetchone()[0] == jobs_before
+
+    # request_text() first, then search: the same answer path.
+    db.execute("SELECT imgembed.request_text('a blue square')")
+    assert len(db.execute("SELECT * FROM imgembed.search_text('shapes', 'a blue square', 3, timeout_seconds => 60)").fetchall()) == 3
+
+    # The CLI's search commands.
+    env = services.env()
+    image_file = tmp_path / "query.png"
+    random_shapes(1, seed=99)[0].image.save(image_file)
+    for arguments in (["a red circle"], ["--like", "3"], ["--image", str(image_file)]):
+        result = subprocess.run(
+            [sys.executable, "-m", "worker.cli", "search", "--table", "shapes", "-k", "3", *arguments],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        assert len(result.stdout.strip().splitlines()) == 5  # header, rule, 3 rows
+
+
+def test_search_text_without_a_worker_fails_clearly(shapes_table: psycopg.Connection) -> None:
+    started = time.monotonic()
+    with pytest.raises(psycopg.Error, match="no vector for text") as raised:
+        shapes_table.execute("SELECT * FROM imgembed.search_text('shapes', 'a green triangle', timeout_seconds => 1)")
+    assert time.monotonic() - started >= 1
+    assert "worker" in (raised.value.diag.message_hint or "")
