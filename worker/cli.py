@@ -172,11 +172,80 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(settings: Settings, args: argparse.Namespace) -> int:
+    from worker import models
+    from worker.db import connect
+    from worker.report import format_table
+
+    with connect(require_database_url(settings)) as connection:
+        if args.models_command == "list":
+            rows = models.list_models(connection)
+            print(format_table(["model", "architecture", "weights", "dim", "default", "tables (* = table default)"], rows))
+        elif args.models_command == "add":
+            models.register_model(connection, args.name, make_default=args.default)
+            tables = args.table or models.image_tables(connection)
+            for table in tables:
+                connection.execute("SELECT imgembed.add_model(%s::regclass, %s)", (table, args.name))
+            print(f"{args.name} registered; backfilling {', '.join(tables) or 'no table'}")
+            if args.wait and tables:
+                models.wait_for_backfill(connection, args.name, tables)
+        elif args.models_command == "use":
+            connection.execute("SELECT imgembed.use_model(%s::regclass, %s, %s)", (args.table, args.name, args.force))
+            print(f"{args.table} now answers with {args.name}")
+        elif args.models_command == "drop":
+            if args.table:
+                for table in args.table:
+                    connection.execute("SELECT imgembed.drop_model(%s::regclass, %s)", (table, args.name))
+            else:
+                connection.execute("SELECT imgembed.forget_model(%s)", (args.name,))
+            print(f"dropped {args.name}" + (f" from {', '.join(args.table)}" if args.table else " everywhere"))
+    return 0
+
+
+def cmd_finetune(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from worker import finetune
+    from worker.db import connect
+
+    if args.csv:
+        pairs = finetune.pairs_from_csv(Path(args.csv))
+    elif args.table:
+        if not (args.image_column and args.text_column):
+            print("imgembed finetune: --table needs --image-column and --text-column", file=sys.stderr)
+            return 2
+        with connect(require_database_url(settings)) as connection:
+            pairs = finetune.pairs_from_table(connection, args.table, args.image_column, args.text_column)
+    elif args.synthetic:
+        pairs = finetune.synthetic_pairs(args.synthetic, seed=args.seed)
+    else:
+        print("imgembed finetune: give --csv FILE, --table TABLE or --synthetic N", file=sys.stderr)
+        return 2
+    model_name = args.model or settings.model
+    print(f"{len(pairs)} image+caption pairs; {'training ' + model_name.split(':')[0] + ' from scratch' if args.from_scratch else 'fine-tuning ' + model_name}")
+    result = finetune.finetune(
+        pairs, settings, model_name=model_name, from_scratch=args.from_scratch, out=Path(args.out),
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, holdout=args.holdout, seed=args.seed,
+    )
+    before, after = result.recall_before, result.recall_after
+    print(f"held-out image->text recall@1: {before['recall@1']:.3f} -> {after['recall@1']:.3f}   "
+          f"recall@5: {before['recall@5']:.3f} -> {after['recall@5']:.3f}")
+    print(f"loss: {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; checkpoint: {result.checkpoint}")
+    if args.register:
+        from worker.models import register_model
+
+        name = f"{model_name.split(':')[0]}:{result.checkpoint.resolve()}"
+        with connect(require_database_url(settings)) as connection:
+            register_model(connection, name)
+        print(f"registered as model {name}")
+    return 0
+
+
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
     _interrupt_on_sigterm()
-    return run_demo(settings, photos_dir=args.photos, generated=args.generated)
+    return run_demo(settings, photos_dir=args.photos, generated=args.generated, map_out=args.map)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,6 +281,41 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("paths", nargs="+", help="image files or directories")
     ingest.add_argument("--bytes", action="store_true", help="store the file contents instead of the path")
     ingest.add_argument("--label", help="label to store with every image")
+    models = add("models", cmd_models, "List, add (backfill), switch and drop embedding models.")
+    models_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    models_commands.add_parser("list", help="registered models and their tables' progress")
+    models_add = models_commands.add_parser(
+        "add", help="register a model and backfill tables with it while the current default keeps answering")
+    models_add.add_argument("name", help="ARCH:TAG, ARCH:/path/to/checkpoint.pt, imgembed-tiny or imgembed-shapes")
+    models_add.add_argument("--table", action="append", help="table to backfill (repeatable; default: every watched table)")
+    models_add.add_argument("--default", action="store_true", help="make it the default for tables watched from now on")
+    models_add.add_argument("--wait", action="store_true", help="wait for the backfill, with a progress bar")
+    models_use = models_commands.add_parser("use", help="switch a table's default model (atomic)")
+    models_use.add_argument("table")
+    models_use.add_argument("name")
+    models_use.add_argument("--force", action="store_true", help="switch even though the backfill is incomplete")
+    models_drop = models_commands.add_parser("drop", help="drop a model's vectors (from --table, or everywhere)")
+    models_drop.add_argument("name")
+    models_drop.add_argument("--table", action="append", help="only from this table (repeatable)")
+
+    tune = add("finetune", cmd_finetune, "Fine-tune an OpenCLIP model on image+caption pairs (contrastive loss), "
+               "or train a small architecture from scratch.")
+    source = tune.add_mutually_exclusive_group()
+    source.add_argument("--csv", help="CSV with path and caption columns")
+    source.add_argument("--table", help="table with an image column and a text column")
+    source.add_argument("--synthetic", type=int, metavar="N", help="N generated images of coloured shapes with captions")
+    tune.add_argument("--image-column", help="image column of --table (bytea or path/URI text)")
+    tune.add_argument("--text-column", help="caption column of --table")
+    tune.add_argument("--model", help="model to start from (default IMGEMBED_MODEL); with --from-scratch, its architecture")
+    tune.add_argument("--from-scratch", action="store_true", help="random initial weights (small architectures)")
+    tune.add_argument("--epochs", type=int, default=5)
+    tune.add_argument("--batch-size", type=int, default=128)
+    tune.add_argument("--lr", type=float, default=1e-5, help="learning rate (default 1e-5; ~2e-3 from scratch)")
+    tune.add_argument("--holdout", type=float, default=0.1, help="fraction held out for recall@1/5 (default 0.1)")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--out", default="finetuned.pt", help="checkpoint file to write (default finetuned.pt)")
+    tune.add_argument("--register", action="store_true", help="register the checkpoint as a model in DATABASE_URL")
+
     search = add("search", cmd_search, "Search a watched table by text, by an image file, or like one of its rows.")
     search.add_argument("query", nargs="?", help="text to search for, e.g. \"a red car\"")
     search.add_argument("--image", metavar="FILE", help="search with this image (embedded here, with the table's model)")
@@ -221,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a text's vector (default 30)")
     demo = add("demo", cmd_demo, "Start the local stack, ingest sample images, wait for their embeddings, show status.")
     demo.add_argument("--photos", default=None, help="directory of photos (default: ../shared/testdata/photos if present)")
-    demo.add_argument("--generated", type=int, default=100, help="number of generated images to add (default 100)")
+    demo.add_argument("--generated", type=int, default=300, help="number of generated images to add (default 300)")
+    demo.add_argument("--map", default="imgembed-demo-map.png", help="where to write the embedding map PNG")
     return parser
 
 

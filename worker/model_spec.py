@@ -4,7 +4,8 @@
   from a fixed seed (for tests: same weights in every process);
 - ``ARCH:TAG``: an OpenCLIP architecture with a pretrained tag (downloaded once by OpenCLIP);
 - ``ARCH:/path/to/checkpoint.pt`` (or ``file://``): an architecture with a local checkpoint;
-- ``ARCH``: the architecture with random weights from the fixed seed (speed measurements).
+- ``ARCH``: the architecture with random weights from the fixed seed (speed measurements);
+- ``imgembed-shapes``: a tiny CLIP trained by this project on generated shapes (weights shipped).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BUNDLED_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+BUNDLED_WEIGHTS_DIR = Path(__file__).resolve().parent / "model_weights"
+# Models whose trained weights ship with the package (see README: "A model made here").
+BUNDLED_CHECKPOINTS = {"imgembed-shapes": "imgembed-shapes.pt"}
 RANDOM_INIT_SEED = 20261127
 
 
@@ -45,6 +49,8 @@ def parse_model_spec(name: str) -> ModelSpec:
     text = name.strip()
     if not text:
         raise ModelSpecError("empty model name; use e.g. ViT-B-32:laion2b_s34b_b79k or imgembed-tiny")
+    if text in BUNDLED_CHECKPOINTS:
+        return ModelSpec(name=text, architecture=text, pretrained=str(BUNDLED_WEIGHTS_DIR / BUNDLED_CHECKPOINTS[text]))
     architecture, _, pretrained = text.partition(":")
     if not architecture:
         raise ModelSpecError(f"model name {name!r} has no architecture before ':'")

@@ -32,6 +32,16 @@ class ShapeImage:
     def caption(self) -> str:
         return f"a {self.size} {self.colour} {self.shape}"
 
+    def caption_variant(self, rng: random.Random) -> str:
+        """One of several phrasings, so a model learns colour and shape words, not one sentence."""
+        return rng.choice([
+            f"a {self.size} {self.colour} {self.shape}",
+            f"a {self.colour} {self.shape}",
+            f"{self.colour} {self.shape}",
+            f"a {self.shape} that is {self.colour}",
+            f"a photo of a {self.colour} {self.shape}",
+        ])
+
     def png_bytes(self) -> bytes:
         buffer = io.BytesIO()
         self.image.save(buffer, format="PNG")
@@ -39,10 +49,15 @@ class ShapeImage:
 
 
 def draw_shape(shape: str, colour: str, size: str, rng: random.Random, canvas: int = 96) -> ShapeImage:
-    grey = rng.randint(200, 255)
-    tint = tuple(max(0, min(255, grey + rng.randint(-25, 25))) for _ in range(3))
+    """One shape on a light, slightly tinted background, with a little noise clutter."""
+    grey = rng.randint(190, 255)
+    tint = tuple(max(0, min(255, grey + rng.randint(-30, 30))) for _ in range(3))
     image = Image.new("RGB", (canvas, canvas), tint)  # type: ignore[arg-type]
     draw = ImageDraw.Draw(image)
+    for _ in range(rng.randint(0, 3)):  # faint grey specks: backgrounds are never perfectly flat
+        x, y = rng.randint(0, canvas - 4), rng.randint(0, canvas - 4)
+        speck = rng.randint(140, 200)
+        draw.rectangle((x, y, x + rng.randint(1, 4), y + rng.randint(1, 4)), fill=(speck, speck, speck))
     extent = rng.randint(18, 28) if size == "small" else rng.randint(44, 64)
     left = rng.randint(2, canvas - extent - 2)
     top = rng.randint(2, canvas - extent - 2)

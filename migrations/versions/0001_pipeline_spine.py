@@ -39,6 +39,7 @@ def upgrade() -> None:
         "61_text.sql",
         "62_labels.sql",
         "63_recommend.sql",
+        "70_models.sql",
         "90_pin_search_path.sql",
     )
     # The ready-made table is watched out of the box: bytes in `content` or a location in `uri`.

@@ -48,3 +48,30 @@ def test_unloadable_models_say_why(tmp_path: Path) -> None:
         load_model(parse_model_spec(f"imgembed-tiny:{tmp_path / 'missing.pt'}"), "cpu")
     with pytest.raises(ModelLoadError, match="unknown OpenCLIP architecture"):
         load_model(parse_model_spec("NoSuchNet"), "cpu")
+
+
+def test_finetune_smoke_loss_falls_and_checkpoint_loads(tmp_path: Path) -> None:
+    from worker.finetune import finetune, synthetic_pairs
+    from worker.settings import load_settings
+
+    settings = load_settings({"IMGEMBED_DEVICE": "cpu", "IMGEMBED_DECODE_THREADS": "2"})
+    result = finetune(synthetic_pairs(96, seed=1), settings, model_name="imgembed-tiny", from_scratch=True,
+                      out=tmp_path / "smoke.pt", epochs=6, batch_size=32, learning_rate=2e-3, holdout=0.2,
+                      show_progress=False)
+    assert np.mean(result.losses[-3:]) < np.mean(result.losses[:3])
+    assert set(result.recall_after) == {"recall@1", "recall@5"}
+    loaded = load_model(parse_model_spec(f"imgembed-tiny:{result.checkpoint}"), "cpu")
+    saved = torch.load(result.checkpoint, weights_only=True)["state_dict"]
+    torch.testing.assert_close(loaded.model.state_dict()["visual.proj"], saved["visual.proj"].float())
+
+
+def test_csv_pairs(tmp_path: Path) -> None:
+    from worker.finetune import pairs_from_csv
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    (tmp_path / "pairs.csv").write_text("path,caption\na.png,a red square\n")
+    (pair,) = pairs_from_csv(tmp_path / "pairs.csv")
+    assert pair.caption == "a red square" and pair.source.uri == str(tmp_path / "a.png")
+    with pytest.raises(ValueError, match="caption"):
+        (tmp_path / "bad.csv").write_text("path,words\na.png,x\n")
+        pairs_from_csv(tmp_path / "bad.csv")

@@ -1,0 +1,85 @@
+-- Model lifecycle per watched table: backfill a new model beside the current one (add_model, in
+-- 20_watch.sql), switch the default atomically once it is complete, drop the old one.
+
+-- Jobs still waiting or running for (table, model): a backfill is complete when this is 0.
+CREATE OR REPLACE FUNCTION imgembed._unfinished_jobs(p_watch_id integer, p_model_id integer)
+RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT count(*) FROM imgembed.job
+     WHERE watch_id = p_watch_id AND model_id = p_model_id AND status IN ('pending', 'in_flight')
+$$;
+
+-- Make `model` the table's default: queries without a model use it from the next statement on.
+-- Refused while its backfill is incomplete, unless force.
+CREATE OR REPLACE FUNCTION imgembed.use_model(tbl regclass, model text, force boolean DEFAULT false)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_watch imgembed.watch := imgembed._watch_of(tbl);
+    v_link imgembed.watch_model := imgembed._watch_model_of(v_watch, model);
+    v_unfinished bigint := imgembed._unfinished_jobs(v_watch.id, v_link.model_id);
+BEGIN
+    IF v_unfinished > 0 AND NOT force THEN
+        RAISE EXCEPTION 'model % is still backfilling table % (% rows to go)', model, v_watch.table_name, v_unfinished
+            USING HINT = 'wait for it (imgembed models add --wait, or imgembed.status), or pass force => true',
+                  ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    -- Lock the table's links so concurrent switches serialise; two updates keep the
+    -- one-default-per-table index satisfied at every step.
+    PERFORM 1 FROM imgembed.watch_model WHERE watch_id = v_watch.id FOR UPDATE;
+    UPDATE imgembed.watch_model SET is_default = false WHERE watch_id = v_watch.id AND is_default;
+    UPDATE imgembed.watch_model SET is_default = true WHERE watch_id = v_watch.id AND model_id = v_link.model_id;
+END $$;
+
+-- Stop embedding a table with `model`: its vectors, index and jobs go. The default cannot be
+-- dropped: switch first with use_model().
+CREATE OR REPLACE FUNCTION imgembed.drop_model(tbl regclass, model text)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_watch imgembed.watch := imgembed._watch_of(tbl);
+    v_link imgembed.watch_model := imgembed._watch_model_of(v_watch, model);
+BEGIN
+    IF v_link.is_default THEN
+        RAISE EXCEPTION 'model % is the default of table %', model, v_watch.table_name
+            USING HINT = 'make another model the default first: imgembed.use_model(table, other_model)',
+                  ERRCODE = 'object_in_use';
+    END IF;
+    DELETE FROM imgembed.job WHERE watch_id = v_watch.id AND model_id = v_link.model_id;
+    EXECUTE format('DROP TABLE IF EXISTS imgembed.%I', v_link.storage_table);
+    DELETE FROM imgembed.watch_model WHERE watch_id = v_watch.id AND model_id = v_link.model_id;
+END $$;
+
+-- Remove a model everywhere (its vectors on every table, and the registry row). Refused while it
+-- is the default of some table.
+CREATE OR REPLACE FUNCTION imgembed.forget_model(model text)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_model imgembed.model := imgembed._model_named(model);
+    v_table regclass;
+BEGIN
+    SELECT w.tbl INTO v_table FROM imgembed.watch w JOIN imgembed.watch_model wm ON wm.watch_id = w.id
+     WHERE wm.model_id = v_model.id AND wm.is_default AND w.text_column IS NULL LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'model % is still the default of table %', model, v_table
+            USING HINT = 'switch that table to another model first with imgembed.use_model()',
+                  ERRCODE = 'object_in_use';
+    END IF;
+    FOR v_table IN
+        SELECT w.tbl FROM imgembed.watch w JOIN imgembed.watch_model wm ON wm.watch_id = w.id WHERE wm.model_id = v_model.id
+    LOOP
+        -- On text tables the default follows the image tables: hand it to another model, if any.
+        UPDATE imgembed.watch_model SET is_default = false
+         WHERE model_id = v_model.id AND watch_id = (SELECT id FROM imgembed.watch WHERE tbl = v_table);
+        UPDATE imgembed.watch_model SET is_default = true
+         WHERE (watch_id, model_id) = (
+             SELECT o.watch_id, min(o.model_id) FROM imgembed.watch_model o
+              WHERE o.watch_id = (SELECT id FROM imgembed.watch WHERE tbl = v_table) AND o.model_id <> v_model.id
+              GROUP BY o.watch_id)
+           AND NOT EXISTS (SELECT 1 FROM imgembed.watch_model d
+                            WHERE d.watch_id = (SELECT id FROM imgembed.watch WHERE tbl = v_table) AND d.is_default);
+        PERFORM imgembed.drop_model(v_table, model);
+    END LOOP;
+    DELETE FROM imgembed.model WHERE id = v_model.id;
+END $$;

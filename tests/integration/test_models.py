@@ -1,0 +1,125 @@
+"""Model lifecycle with real workers: backfill beside the current model while inserts continue,
+switch under concurrent queries, drop, and two dimensions side by side."""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg
+import pytest
+
+from tests.conftest import Services, wait_for
+from worker.db import connect
+from worker.models import register_model
+from worker.synthetic import random_shapes
+
+SECOND_MODEL = "imgembed-micro"  # 32 dimensions beside the test model's 64
+
+
+def storage(db: psycopg.Connection, model: str) -> str:
+    return db.execute(
+        "SELECT wm.storage_table FROM imgembed.watch_model wm JOIN imgembed.watch w ON w.id = wm.watch_id "
+        "JOIN imgembed.model m ON m.id = wm.model_id WHERE w.table_name = 'public.gallery' AND m.name = %s", (model,)
+    ).fetchone()[0]
+
+
+def settled(db: psycopg.Connection, model: str, rows: int) -> bool:
+    row = db.execute("SELECT embedded, pending + in_flight FROM imgembed.status "
+                     "WHERE table_name = 'public.gallery' AND model = %s", (model,)).fetchone()
+    return row is not None and row[0] == rows and row[1] == 0
+
+
+def test_backfill_switch_and_drop(db: psycopg.Connection, services: Services, database_url: str) -> None:
+    images = [shape.png_bytes() for shape in random_shapes(160, seed=4)]
+    db.execute("CREATE TABLE gallery (id bigint PRIMARY KEY, image bytea)")
+    db.execute("SELECT imgembed.watch('gallery', 'image')")
+    with db.cursor() as cursor:
+        cursor.executemany("INSERT INTO gallery VALUES (%s, %s)", [(i, images[i]) for i in range(80)])
+    services.start("dispatch")
+    services.start("worker")
+    wait_for(lambda: settled(db, "imgembed-tiny", 80), 180, "first model embedded")
+
+    # A second model of another dimension backfills while inserts continue.
+    register_model(db, SECOND_MODEL)
+    db.execute("SELECT imgembed.add_model('gallery', %s)", (SECOND_MODEL,))
+
+    def writer() -> None:
+        with connect(database_url) as connection:
+            for start in range(80, 160, 10):
+                with connection.cursor() as cursor:
+                    cursor.executemany("INSERT INTO gallery VALUES (%s, %s)",
+                                       [(i, images[i]) for i in range(start, start + 10)])
+
+    inserts = threading.Thread(target=writer)
+    inserts.start()
+    # While it backfills, queries keep using the current default, and switching is refused.
+    assert len(db.execute("SELECT * FROM imgembed.similar('gallery', 1::bigint, 5)").fetchall()) == 5
+    inserts.join()
+    if not settled(db, SECOND_MODEL, 160):
+        with pytest.raises(psycopg.Error, match="still backfilling"):
+            db.execute("SELECT imgembed.use_model('gallery', %s)", (SECOND_MODEL,))
+    wait_for(lambda: settled(db, SECOND_MODEL, 160) and settled(db, "imgembed-tiny", 160), 180, "both models complete")
+    for model, dim in (("imgembed-tiny", 64), (SECOND_MODEL, 32)):
+        count, distinct, dims = db.execute(
+            f"SELECT count(*), count(DISTINCT id), min(vector_dims(embedding)) FROM imgembed.{storage(db, model)}"
+        ).fetchone()
+        assert (count, distinct, dims) == (160, 160, dim), model
+
+    # Switch under concurrent queries: none fails, none comes back empty.
+    errors: list[BaseException] = []
+    empty = 0
+    stop = threading.Event()
+
+    def searcher() -> None:
+        nonlocal empty
+        with connect(database_url) as connection:
+            while not stop.is_set():
+                try:
+                    rows = connection.execute("SELECT * FROM imgembed.similar('gallery', 3::bigint, 5)").fetchall()
+                    empty += len(rows) == 0
+                except BaseException as error:  # noqa: BLE001 - recorded and asserted below
+                    errors.append(error)
+
+    readers = [threading.Thread(target=searcher) for _ in range(3)]
+    for reader in readers:
+        reader.start()
+    for _ in range(5):
+        db.execute("SELECT imgembed.use_model('gallery', %s)", (SECOND_MODEL,))
+        db.execute("SELECT imgembed.use_model('gallery', 'imgembed-tiny')")
+    db.execute("SELECT imgembed.use_model('gallery', %s)", (SECOND_MODEL,))
+    stop.set()
+    for reader in readers:
+        reader.join()
+    assert errors == [] and empty == 0
+    assert db.execute("SELECT vector_dims(imgembed.vector_of('gallery', 3::bigint))").fetchone()[0] == 32
+
+    # Drop the old model: its vectors, index and jobs go; the new default answers.
+    with pytest.raises(psycopg.Error, match="is the default"):
+        db.execute("SELECT imgembed.drop_model('gallery', %s)", (SECOND_MODEL,))
+    old_storage = storage(db, "imgembed-tiny")
+    db.execute("SELECT imgembed.drop_model('gallery', 'imgembed-tiny')")
+    assert db.execute("SELECT to_regclass(%s)", (f"imgembed.{old_storage}",)).fetchone()[0] is None
+    assert db.execute("SELECT count(*) FROM imgembed.job j JOIN imgembed.model m ON m.id = j.model_id "
+                      "JOIN imgembed.watch w ON w.id = j.watch_id "
+                      "WHERE m.name = 'imgembed-tiny' AND w.table_name = 'public.gallery'").fetchone()[0] == 0
+    db.execute("INSERT INTO gallery VALUES (500, %s)", (images[0],))
+    wait_for(lambda: settled(db, SECOND_MODEL, 161), 120, "a new row embedded by the remaining model only")
+    assert db.execute("SELECT count(*) FROM imgembed.watch_model wm JOIN imgembed.watch w ON w.id = wm.watch_id "
+                      "WHERE w.table_name = 'public.gallery'").fetchone()[0] == 1
+
+
+def test_forced_switch_and_forget(db: psycopg.Connection) -> None:
+    db.execute("CREATE TABLE gallery (id bigint PRIMARY KEY, image bytea)")
+    db.execute("INSERT INTO gallery VALUES (1, 'x')")
+    db.execute("SELECT imgembed.watch('gallery', 'image')")
+    register_model(db, SECOND_MODEL)
+    db.execute("SELECT imgembed.add_model('gallery', %s)", (SECOND_MODEL,))
+    with pytest.raises(psycopg.Error, match="still backfilling"):
+        db.execute("SELECT imgembed.use_model('gallery', %s)", (SECOND_MODEL,))
+    db.execute("SELECT imgembed.use_model('gallery', %s, force => true)", (SECOND_MODEL,))
+    with pytest.raises(psycopg.Error, match="still the default"):
+        db.execute("SELECT imgembed.forget_model(%s)", (SECOND_MODEL,))
+    db.execute("SELECT imgembed.use_model('gallery', 'imgembed-tiny', force => true)")
+    db.execute("SELECT imgembed.forget_model(%s)", (SECOND_MODEL,))
+    assert db.execute("SELECT count(*) FROM imgembed.model WHERE name = %s", (SECOND_MODEL,)).fetchone()[0] == 0
+    assert db.execute("SELECT count(*) FROM imgembed.job WHERE model_id NOT IN (SELECT id FROM imgembed.model)").fetchone()[0] == 0
