@@ -20,6 +20,12 @@ def connect(database_url: str, *, autocommit: bool = True, application_name: str
     return connection
 
 
+def as_array(value: object) -> np.ndarray:
+    """A vector read from PostgreSQL (pgvector's Vector, or a sequence) as float32 numpy."""
+    to_numpy = getattr(value, "to_numpy", None)
+    return np.asarray(to_numpy() if to_numpy else value, dtype=np.float32)
+
+
 @dataclass(frozen=True)
 class Claim:
     claim_id: UUID

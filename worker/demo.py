@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import psycopg
 
-from worker.db import connect
+from worker.db import as_array, connect
 from worker.embedding import ModelLoadError, load_model
 from worker.images import ImageError, ImageSource, decode_image, read_source
 from worker.ingest import ingest_paths
@@ -129,7 +129,7 @@ def write_map(connection: psycopg.Connection, settings: Settings, model: str, ou
     rows = connection.execute(
         f"SELECT i.content, i.uri, coalesce(i.label, i.metadata->>'truth'), e.embedding "  # noqa: S608 - catalog name
         f"FROM imgembed.image i JOIN imgembed.{storage} e ON e.id = i.id ORDER BY i.id").fetchall()
-    vectors = np.stack([np.asarray(row[3], dtype=np.float32) for row in rows])
+    vectors = np.stack([as_array(row[3]) for row in rows])
     thumbnails = []
     for content, uri, _, _ in rows:
         try:

@@ -3,12 +3,15 @@ switch under concurrent queries, drop, and two dimensions side by side."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import psycopg
 import pytest
 
-from tests.conftest import Services, wait_for
+from tests.conftest import REPO, Services, wait_for
 from worker.db import connect
 from worker.models import register_model
 from worker.synthetic import random_shapes
@@ -123,3 +126,37 @@ def test_forced_switch_and_forget(db: psycopg.Connection) -> None:
     db.execute("SELECT imgembed.forget_model(%s)", (SECOND_MODEL,))
     assert db.execute("SELECT count(*) FROM imgembed.model WHERE name = %s", (SECOND_MODEL,)).fetchone()[0] == 0
     assert db.execute("SELECT count(*) FROM imgembed.job WHERE model_id NOT IN (SELECT id FROM imgembed.model)").fetchone()[0] == 0
+
+
+def run_cli(services: Services, *arguments: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "worker.cli", *arguments], cwd=REPO, env=services.env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_cli_models_add_wait_list_and_finetune_register(db: psycopg.Connection, services: Services, tmp_path: Path) -> None:
+    shapes = random_shapes(40, seed=8)
+    db.execute("CREATE TABLE gallery (id bigint PRIMARY KEY, image bytea, caption text)")
+    with db.cursor() as cursor:
+        cursor.executemany("INSERT INTO gallery VALUES (%s, %s, %s)", [(i, s.png_bytes(), s.caption) for i, s in enumerate(shapes)])
+    db.execute("SELECT imgembed.watch('gallery', 'image')")
+    services.start("dispatch")
+    services.start("worker")
+
+    added = run_cli(services, "models", "add", SECOND_MODEL, "--table", "public.gallery", "--wait")
+    assert "backfilling public.gallery" in added.stdout
+    assert settled(db, SECOND_MODEL, 40)
+    listing = run_cli(services, "models", "list").stdout
+    assert SECOND_MODEL in listing and "public.gallery (40/40)" in listing
+    run_cli(services, "models", "use", "public.gallery", SECOND_MODEL)
+    run_cli(services, "models", "drop", "imgembed-tiny", "--table", "public.gallery")
+    assert db.execute("SELECT count(*) FROM imgembed.status WHERE table_name = 'public.gallery'").fetchone()[0] == 1
+
+    checkpoint = tmp_path / "gallery.pt"
+    tuned = run_cli(services, "finetune", "--table", "gallery", "--image-column", "image", "--text-column", "caption",
+                    "--model", "imgembed-tiny", "--from-scratch", "--epochs", "2", "--batch-size", "8",
+                    "--lr", "1e-3", "--out", str(checkpoint), "--register")
+    assert "recall@1" in tuned.stdout and checkpoint.exists()
+    name, sha256 = db.execute("SELECT name, sha256 FROM imgembed.model WHERE pretrained = %s", (str(checkpoint),)).fetchone()
+    assert name == f"imgembed-tiny:{checkpoint}" and len(sha256) == 64
