@@ -39,6 +39,9 @@ watch = sa.Table(
     sa.Column("uri_column", sa.Text),
     sa.Column("text_column", sa.Text),  # imgembed's own text tables: queries and label prompts
     sa.Column("label_column", sa.Text),
+    # Known-good rows for anomaly scores: a boolean column, or a value of the label column.
+    sa.Column("good_column", sa.Text),
+    sa.Column("good_label", sa.Text),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.CheckConstraint("num_nonnulls(content_column, uri_column, text_column) >= 1", name="watch_has_input_column"),
 )
@@ -137,3 +140,69 @@ interaction = sa.Table(
     sa.Column("at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
 )
 sa.Index("interaction_by_user", interaction.c.user_id, interaction.c.tbl)
+
+cluster_run = sa.Table(
+    "cluster_run",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("watch_id", sa.Integer, sa.ForeignKey("watch.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("model_id", sa.Integer, sa.ForeignKey("model.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("method", sa.Text, sa.CheckConstraint("method IN ('kmeans', 'minibatch_kmeans', 'hdbscan')",
+                                                      name="cluster_method_known"), nullable=False),
+    sa.Column("k_requested", sa.Integer),
+    sa.Column("k", sa.Integer),
+    sa.Column("quality", sa.Float),  # silhouette score (cosine) of the result
+    sa.Column("status", sa.Text, sa.CheckConstraint("status IN ('pending', 'running', 'done', 'failed')",
+                                                      name="cluster_status_known"),
+              nullable=False, server_default="pending"),
+    sa.Column("lease_until", sa.DateTime(timezone=True)),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("error", sa.Text),
+    sa.Column("params", pg.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("finished_at", sa.DateTime(timezone=True)),
+)
+sa.Index("cluster_run_pending", cluster_run.c.id, postgresql_where=cluster_run.c.status == "pending")
+
+cluster_member = sa.Table(
+    "cluster_member",
+    metadata,
+    sa.Column("run_id", sa.BigInteger, sa.ForeignKey("cluster_run.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("cluster", sa.Integer, nullable=False),  # -1: noise (HDBSCAN)
+    sa.Column("distance", sa.Float),  # cosine distance to the cluster's centre
+)
+
+cluster_centre = sa.Table(
+    "cluster_centre",
+    metadata,
+    sa.Column("run_id", sa.BigInteger, sa.ForeignKey("cluster_run.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("cluster", sa.Integer, primary_key=True),
+    sa.Column("centre", sa.Text, nullable=False),  # pgvector text form; cast to vector(dim) when read
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("medoid_key", sa.Text, nullable=False),
+)
+
+anomaly_threshold = sa.Table(
+    "anomaly_threshold",
+    metadata,
+    sa.Column("watch_id", sa.Integer, sa.ForeignKey("watch.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("model_id", sa.Integer, sa.ForeignKey("model.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("k", sa.Integer, nullable=False),
+    sa.Column("quantile", sa.Float, nullable=False),
+    sa.Column("threshold", sa.Float, nullable=False),
+    sa.Column("good_rows", sa.Integer, nullable=False),
+    sa.Column("calibrated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+
+projection = sa.Table(
+    "projection",
+    metadata,
+    sa.Column("watch_id", sa.Integer, sa.ForeignKey("watch.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("model_id", sa.Integer, sa.ForeignKey("model.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("method", sa.Text, primary_key=True),
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("x", sa.Float, nullable=False),
+    sa.Column("y", sa.Float, nullable=False),
+    sa.Column("computed_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)

@@ -99,3 +99,28 @@ END $$;
 -- 5 nearest labelled neighbours vote for (NULL when no row is labelled yet).
 CREATE OR REPLACE VIEW imgembed.predicted_labels AS
 SELECT * FROM imgembed._predicted_labels(5);
+
+-- Few-shot labels by prototype: the label whose mean labelled vector is nearest (Euclidean, as
+-- scikit-learn's NearestCentroid), working with one example per label. margin: how much nearer
+-- the best label is than the runner-up.
+CREATE OR REPLACE FUNCTION imgembed.classify_prototype(tbl regclass, key anyelement, model text DEFAULT NULL)
+RETURNS TABLE (label text, distance double precision, margin double precision)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_watch imgembed.watch := imgembed._watch_of(tbl);
+    v_link imgembed.watch_model := imgembed._watch_model_of(v_watch, model);
+BEGIN
+    IF v_watch.label_column IS NULL THEN
+        RAISE EXCEPTION 'table % has no label column', v_watch.table_name
+            USING HINT = 'watch it with label_column => ''your_label_column''', ERRCODE = 'undefined_column';
+    END IF;
+    RETURN QUERY EXECUTE format(
+        'WITH prototype AS ('
+        '  SELECT s.%1$I::text AS label, avg(e.embedding) AS centre FROM imgembed.%2$I e JOIN %3$s s ON s.%4$I = e.id'
+        '   WHERE s.%1$I IS NOT NULL AND e.id::text <> $2 GROUP BY 1),'
+        ' ranked AS (SELECT p.label, (p.centre <-> $1)::float8 AS d FROM prototype p)'
+        ' SELECT r.label, r.d, coalesce(lead(r.d) OVER (ORDER BY r.d, r.label) - r.d, ''Infinity''::float8)'
+        '   FROM ranked r ORDER BY r.d, r.label LIMIT 1',
+        v_watch.label_column, v_link.storage_table, v_watch.tbl, v_watch.key_column)
+    USING imgembed._require_vector(v_watch, v_link, key::text), key::text;
+END $$;

@@ -11,6 +11,7 @@ from celery import Celery
 from worker.settings import Settings, require_redis_url
 
 TASK_EMBED_BATCH = "imgembed.embed_batch"
+TASK_CLUSTER = "imgembed.cluster"
 
 
 def create_celery_app(settings: Settings) -> Celery:
@@ -34,6 +35,7 @@ def create_celery_app(settings: Settings) -> Celery:
 
 def register_worker_tasks(app: Celery) -> None:
     """Attach the task implementations (imports torch: only worker processes call this)."""
-    from worker.tasks import embed_batch
+    from worker.tasks import cluster, embed_batch
 
     app.task(name=TASK_EMBED_BATCH, acks_late=True, reject_on_worker_lost=True)(embed_batch)
+    app.task(name=TASK_CLUSTER, acks_late=True, reject_on_worker_lost=True)(cluster)

@@ -241,6 +241,54 @@ def cmd_finetune(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.db import connect
+    from worker.report import format_table
+
+    with connect(require_database_url(settings)) as connection:
+        (run_id,) = connection.execute(
+            "SELECT imgembed.cluster(%s::regclass, %s, %s, %s)", (args.table, args.k, args.method, args.model)
+        ).fetchone()  # type: ignore[misc]
+        print(f"clustering run {run_id} queued")
+        if not args.wait:
+            return 0
+        deadline = time.monotonic() + args.timeout
+        while True:
+            status, error, k, quality = connection.execute(
+                "SELECT status, error, k, quality FROM imgembed.cluster_run WHERE id = %s", (run_id,)).fetchone()  # type: ignore[misc]
+            if status in ("done", "failed"):
+                break
+            if time.monotonic() > deadline:
+                print(f"imgembed cluster: run {run_id} still {status} after {args.timeout}s (is a worker running?)",
+                      file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        if status == "failed":
+            print(f"imgembed cluster: run {run_id} failed: {error}", file=sys.stderr)
+            return 1
+        print(f"run {run_id}: {k} clusters, silhouette {quality if quality is None else round(quality, 3)}")
+        rows = connection.execute(
+            "SELECT cluster, size, medoid_key, label_mix::text FROM imgembed.cluster_summary WHERE run_id = %s "
+            "ORDER BY cluster", (run_id,)).fetchall()
+        print(format_table(["cluster", "size", "medoid", "labels"], rows))
+    return 0
+
+
+def cmd_map(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from worker.db import connect
+    from worker.mapping import map_table
+
+    out_png = Path(args.out)
+    out_html = Path(args.html) if args.html else out_png.with_suffix(".html")
+    with connect(require_database_url(settings)) as connection:
+        png, page, rows = map_table(connection, args.table, settings, method=args.method, color_by=args.color_by,
+                                    out_png=out_png, out_html=out_html, model=args.model)
+    print(f"{rows} rows projected with {args.method}; coordinates in imgembed.projection\nPNG: {png}\nHTML: {page}")
+    return 0
+
+
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
@@ -315,6 +363,24 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--out", default="finetuned.pt", help="checkpoint file to write (default finetuned.pt)")
     tune.add_argument("--register", action="store_true", help="register the checkpoint as a model in DATABASE_URL")
+
+    cluster = add("cluster", cmd_cluster, "Cluster a watched table's vectors (a worker runs scikit-learn).")
+    cluster.add_argument("table")
+    cluster.add_argument("--k", type=int, help="number of clusters (default: chosen by silhouette)")
+    cluster.add_argument("--method", default="kmeans", choices=["kmeans", "minibatch_kmeans", "hdbscan"])
+    cluster.add_argument("--model", help="model whose vectors to use (default: the table's default)")
+    cluster.add_argument("--wait", action="store_true", help="wait for the run and print its clusters")
+    cluster.add_argument("--timeout", type=float, default=600.0, help="seconds to wait with --wait (default 600)")
+
+    mapping = add("map", cmd_map, "Project a watched table's vectors to 2-D: coordinates in imgembed.projection, "
+                  "a PNG with thumbnails and a self-contained HTML page.")
+    mapping.add_argument("table")
+    mapping.add_argument("--method", default="pca", choices=["pca", "tsne", "umap"],
+                         help="pca (default), tsne, or umap (needs umap-learn)")
+    mapping.add_argument("--color-by", help="column to colour points by (default: the label column)")
+    mapping.add_argument("--out", default="map.png", help="PNG to write (default map.png)")
+    mapping.add_argument("--html", help="HTML page to write (default: the PNG's name with .html)")
+    mapping.add_argument("--model", help="model whose vectors to map (default: the table's default)")
 
     search = add("search", cmd_search, "Search a watched table by text, by an image file, or like one of its rows.")
     search.add_argument("query", nargs="?", help="text to search for, e.g. \"a red car\"")

@@ -11,7 +11,7 @@ import psycopg
 from celery import Celery
 
 from worker import db
-from worker.celery_app import TASK_EMBED_BATCH
+from worker.celery_app import TASK_CLUSTER, TASK_EMBED_BATCH
 from worker.settings import Settings, require_database_url
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class Dispatcher:
         recovered = db.recover_expired(connection, self.settings.max_attempts)
         if recovered:
             log.warning("recovered %d jobs whose lease expired", recovered)
-        sent = 0
+        sent = self._dispatch_cluster_runs(connection)
         while not self.stop_event.is_set():
             if db.in_flight_count(connection) >= self.settings.max_in_flight:
                 break
@@ -48,6 +48,19 @@ class Dispatcher:
                 raise
             sent += 1
             log.info("dispatched claim=%s model=%s jobs=%d", claim.claim_id, claim.model_name, len(claim.job_ids))
+        return sent
+
+    def _dispatch_cluster_runs(self, connection: psycopg.Connection) -> int:
+        sent = 0
+        while not self.stop_event.is_set():
+            (run_id,) = connection.execute(
+                "SELECT imgembed.claim_cluster_run(%s, %s)", (self.settings.lease_seconds, self.settings.max_attempts)
+            ).fetchone()  # type: ignore[misc]
+            if run_id is None:
+                return sent
+            self.celery_app.send_task(TASK_CLUSTER, args=[run_id], queue=self.settings.queue)
+            log.info("dispatched cluster run %s", run_id)
+            sent += 1
         return sent
 
     def _wait_for_notify(self, connection: psycopg.Connection) -> None:

@@ -22,3 +22,10 @@ def embed_batch(claim_id: str, model_name: str, job_ids: list[int]) -> dict[str,
     """Embed one claimed batch. ``job_ids`` is informational: the claim decides what is owned."""
     del job_ids
     return run_claim(runtime(), UUID(claim_id), model_name).as_dict()
+
+
+def cluster(run_id: int) -> dict[str, object]:
+    """Perform one clustering run (claimed by a dispatcher) with scikit-learn."""
+    from worker.clustering import run_clustering
+
+    return run_clustering(runtime().connection(), run_id)

@@ -19,6 +19,7 @@ depends_on = None
 SPINE_TABLES = [
     tables.model, tables.watch, tables.watch_model, tables.job, tables.image,
     tables.text_query, tables.label_prompt, tables.interaction,
+    tables.cluster_run, tables.cluster_member, tables.cluster_centre, tables.anomaly_threshold, tables.projection,
 ]
 
 
@@ -40,6 +41,8 @@ def upgrade() -> None:
         "62_labels.sql",
         "63_recommend.sql",
         "70_models.sql",
+        "80_clusters.sql",
+        "81_anomalies.sql",
         "90_pin_search_path.sql",
     )
     # The ready-made table is watched out of the box: bytes in `content` or a location in `uri`.

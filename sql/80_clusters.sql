@@ -1,0 +1,151 @@
+-- Clustering runs: requested in SQL, performed by a worker (scikit-learn), results in SQL.
+
+-- Ask for a clustering of a table's vectors: k clusters, or k chosen by silhouette when NULL.
+-- Returns the run id; imgembed.cluster_run shows its status.
+CREATE OR REPLACE FUNCTION imgembed.cluster(
+    tbl regclass,
+    k integer DEFAULT NULL,
+    method text DEFAULT 'kmeans',
+    model text DEFAULT NULL
+) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_watch imgembed.watch := imgembed._watch_of(tbl);
+    v_link imgembed.watch_model := imgembed._watch_model_of(v_watch, model);
+    v_run bigint;
+BEGIN
+    IF method NOT IN ('kmeans', 'minibatch_kmeans', 'hdbscan') THEN
+        RAISE EXCEPTION 'unknown clustering method %', method
+            USING HINT = 'use kmeans, minibatch_kmeans or hdbscan', ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF k IS NOT NULL AND k < 2 THEN
+        RAISE EXCEPTION 'k must be at least 2, got %', k USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO imgembed.cluster_run (watch_id, model_id, method, k_requested)
+    VALUES (v_watch.id, v_link.model_id, method, k) RETURNING id INTO v_run;
+    PERFORM imgembed._notify_jobs(1);
+    RETURN v_run;
+END $$;
+
+-- A dispatcher takes the oldest pending run (or one whose worker died), or NULL.
+CREATE OR REPLACE FUNCTION imgembed.claim_cluster_run(p_lease_seconds double precision, p_max_attempts integer)
+RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_run bigint;
+BEGIN
+    UPDATE imgembed.cluster_run
+       SET status = 'failed', error = format('worker lost: lease expired %s times', attempts), finished_at = now()
+     WHERE status = 'running' AND lease_until < now() AND attempts >= p_max_attempts;
+    UPDATE imgembed.cluster_run r
+       SET status = 'running', attempts = r.attempts + 1,
+           lease_until = now() + make_interval(secs => p_lease_seconds)
+     WHERE r.id = (SELECT c.id FROM imgembed.cluster_run c
+                    WHERE c.status = 'pending' OR (c.status = 'running' AND c.lease_until < now())
+                    ORDER BY c.id LIMIT 1 FOR UPDATE SKIP LOCKED)
+    RETURNING r.id INTO v_run;
+    RETURN v_run;
+END $$;
+
+-- The vectors a run clusters: (key, vector) of every embedded row.
+CREATE OR REPLACE FUNCTION imgembed.cluster_input(p_run_id bigint)
+RETURNS TABLE (key text, embedding vector)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_storage text;
+BEGIN
+    SELECT wm.storage_table INTO v_storage FROM imgembed.cluster_run r
+      JOIN imgembed.watch_model wm ON wm.watch_id = r.watch_id AND wm.model_id = r.model_id
+     WHERE r.id = p_run_id;
+    IF v_storage IS NULL THEN
+        RAISE EXCEPTION 'cluster run % has no vectors to read (model detached?)', p_run_id USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN QUERY EXECUTE format('SELECT e.id::text, e.embedding FROM imgembed.%I e ORDER BY 1', v_storage);
+END $$;
+
+-- Store a run's result in one transaction (a rerun of the same run replaces it).
+CREATE OR REPLACE FUNCTION imgembed.finish_cluster_run(
+    p_run_id bigint,
+    p_k integer,
+    p_quality double precision,
+    p_keys text[],
+    p_clusters integer[],
+    p_distances double precision[],
+    p_centre_clusters integer[],
+    p_centres text[],
+    p_sizes integer[],
+    p_medoids text[],
+    p_params jsonb DEFAULT '{}'
+) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM imgembed.cluster_member WHERE run_id = p_run_id;
+    DELETE FROM imgembed.cluster_centre WHERE run_id = p_run_id;
+    INSERT INTO imgembed.cluster_member (run_id, key, cluster, distance)
+    SELECT p_run_id, m.key, m.cluster, m.distance FROM unnest(p_keys, p_clusters, p_distances) AS m(key, cluster, distance);
+    INSERT INTO imgembed.cluster_centre (run_id, cluster, centre, size, medoid_key)
+    SELECT p_run_id, c.cluster, c.centre, c.size, c.medoid
+      FROM unnest(p_centre_clusters, p_centres, p_sizes, p_medoids) AS c(cluster, centre, size, medoid);
+    UPDATE imgembed.cluster_run
+       SET status = 'done', k = p_k, quality = p_quality, params = params || p_params, error = NULL,
+           finished_at = now(), lease_until = NULL
+     WHERE id = p_run_id;
+END $$;
+
+CREATE OR REPLACE FUNCTION imgembed.fail_cluster_run(p_run_id bigint, p_error text)
+RETURNS void
+LANGUAGE sql AS $$
+    UPDATE imgembed.cluster_run SET status = 'failed', error = p_error, finished_at = now(), lease_until = NULL
+     WHERE id = p_run_id
+$$;
+
+CREATE OR REPLACE FUNCTION imgembed._cluster_summary()
+RETURNS TABLE (run_id bigint, table_name text, model text, method text, cluster integer, size integer,
+               medoid_key text, label_mix jsonb)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_run record;
+BEGIN
+    FOR v_run IN
+        SELECT r.id, w.*, m.name AS model_name, r.method AS run_method
+          FROM imgembed.cluster_run r JOIN imgembed.watch w ON w.id = r.watch_id JOIN imgembed.model m ON m.id = r.model_id
+         WHERE r.status = 'done' ORDER BY r.id
+    LOOP
+        RETURN QUERY EXECUTE format(
+            'SELECT c.run_id, $2, $3, $4, c.cluster, c.size, c.medoid_key, %s'
+            '  FROM imgembed.cluster_centre c WHERE c.run_id = $1 ORDER BY c.cluster',
+            CASE WHEN v_run.label_column IS NULL THEN 'NULL::jsonb'
+                 ELSE format('(SELECT jsonb_object_agg(coalesce(x.label, ''(none)''), x.n) FROM ('
+                             ' SELECT s.%I::text AS label, count(*) AS n FROM imgembed.cluster_member mm'
+                             ' JOIN %s s ON s.%I = mm.key::%s WHERE mm.run_id = c.run_id AND mm.cluster = c.cluster'
+                             ' GROUP BY 1) x)', v_run.label_column, v_run.tbl, v_run.key_column, v_run.key_type) END)
+        USING v_run.id, v_run.table_name, v_run.model_name, v_run.run_method;
+    END LOOP;
+END $$;
+
+-- One row per cluster of every finished run: size, most central row, and the labels inside it.
+CREATE OR REPLACE VIEW imgembed.cluster_summary AS
+SELECT * FROM imgembed._cluster_summary();
+
+-- The cluster a row belongs to by its nearest centre (latest finished run unless one is named),
+-- so rows inserted after a run get a cluster without waiting for a new run.
+CREATE OR REPLACE FUNCTION imgembed.nearest_cluster(tbl regclass, key anyelement, run_id bigint DEFAULT NULL)
+RETURNS TABLE (run bigint, cluster integer, distance double precision)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_watch imgembed.watch := imgembed._watch_of(tbl);
+    v_run imgembed.cluster_run;
+    v_link imgembed.watch_model;
+BEGIN
+    SELECT * INTO v_run FROM imgembed.cluster_run r
+     WHERE r.watch_id = v_watch.id AND r.status = 'done' AND (nearest_cluster.run_id IS NULL OR r.id = nearest_cluster.run_id)
+     ORDER BY r.id DESC LIMIT 1;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'table % has no finished clustering run', v_watch.table_name
+            USING HINT = 'run SELECT imgembed.cluster(table) and let a worker finish it', ERRCODE = 'no_data_found';
+    END IF;
+    SELECT * INTO v_link FROM imgembed.watch_model wm WHERE wm.watch_id = v_watch.id AND wm.model_id = v_run.model_id;
+    RETURN QUERY
+    SELECT v_run.id, c.cluster, (c.centre::vector <=> imgembed._require_vector(v_watch, v_link, key::text))::float8 AS d
+      FROM imgembed.cluster_centre c WHERE c.run_id = v_run.id ORDER BY 3 LIMIT 1;
+END $$;
