@@ -289,6 +289,16 @@ def cmd_map(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from worker.bench import SMOKE, BenchSize, run_bench
+
+    device = args.device or ("cuda" if settings.device.startswith("cuda") else "cpu")
+    run_bench(settings, size=SMOKE if args.smoke else BenchSize(), model=args.model, out=Path(args.out), device=device)
+    return 0
+
+
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
@@ -381,6 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
     mapping.add_argument("--out", default="map.png", help="PNG to write (default map.png)")
     mapping.add_argument("--html", help="HTML page to write (default: the PNG's name with .html)")
     mapping.add_argument("--model", help="model whose vectors to map (default: the table's default)")
+
+    bench = add("bench", cmd_bench, "Measure throughput, latency, trigger cost, search speed and memory on the "
+                "embedded services; write the figures to bench/RESULTS.md.")
+    bench.add_argument("--model", default="ViT-B-32", help="model to measure (default ViT-B-32 with random weights)")
+    bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cpu unless IMGEMBED_DEVICE names cuda")
+    bench.add_argument("--smoke", action="store_true", help="tiny sizes, to check the benchmark runs")
+    bench.add_argument("--out", default="bench/RESULTS.md", help="where to write the results (default bench/RESULTS.md)")
 
     search = add("search", cmd_search, "Search a watched table by text, by an image file, or like one of its rows.")
     search.add_argument("query", nargs="?", help="text to search for, e.g. \"a red car\"")

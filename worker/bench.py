@@ -1,0 +1,298 @@
+"""``imgembed bench``: measure the system on the embedded services and write bench/RESULTS.md.
+
+Every figure is the median of several runs. Speed is measured here, never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import torch
+
+from worker.db import connect
+from worker.embedding import load_model
+from worker.model_spec import parse_model_spec
+from worker.models import register_model
+from worker.settings import Settings
+from worker.stack import Stack, local_stack
+
+PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "photos"
+
+
+@dataclass(frozen=True)
+class BenchSize:
+    e2e_rows: int = 1000
+    latency_inserts: int = 50
+    trigger_rows: int = 100_000
+    search_vectors: int = 100_000
+    search_dim: int = 512
+    search_queries: int = 100
+    raw_images: int = 256
+    repeats: int = 3
+
+
+SMOKE = BenchSize(e2e_rows=24, latency_inserts=3, trigger_rows=500, search_vectors=2000, search_dim=64,
+                  search_queries=5, raw_images=16, repeats=1)
+
+
+@dataclass
+class Results:
+    lines: list[str] = field(default_factory=list)
+    figures: dict[str, object] = field(default_factory=dict)
+
+    def add(self, key: str, value: object, text: str) -> None:
+        self.figures[key] = value
+        self.lines.append(text)
+        print(text, flush=True)
+
+
+def median_of(repeats: int, measure: Callable[[], float]) -> float:
+    return statistics.median(measure() for _ in range(repeats))
+
+
+def machine_description() -> list[str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    import open_clip
+    import pgvector
+
+    return [
+        f"- machine: {cpu}, {os.cpu_count()} cores, GPU: {gpu}",
+        f"- python {platform.python_version()}, torch {torch.__version__}, open_clip {open_clip.__version__}, "
+        f"pgvector-python {getattr(pgvector, '__version__', '?')}",
+    ]
+
+
+def raw_throughput(model_name: str, device: str, batch_size: int, images: int, repeats: int) -> float:
+    """(1) images/s of encode_image alone on already-preprocessed tensors."""
+    model = load_model(parse_model_spec(model_name), device)
+    pixels = torch.randn(batch_size, 3, model.input_size, model.input_size)
+    model.embed_pixels(pixels)  # warm-up
+
+    def once() -> float:
+        started = time.perf_counter()
+        done = 0
+        while done < images:
+            model.embed_pixels(pixels)
+            done += batch_size
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        return done / (time.perf_counter() - started)
+
+    return median_of(repeats, once)
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wait_embedded(connection: psycopg.Connection, table: str, rows: int, timeout: float = 3600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = connection.execute(
+            "SELECT embedded + failed >= %s AND pending + in_flight = 0 FROM imgembed.status "
+            "WHERE table_name = %s AND is_default", (rows, table)).fetchone()
+        if done and done[0]:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{table}: {rows} rows not embedded within {timeout}s")
+
+
+def end_to_end(connection: psycopg.Connection, rows: int, as_bytes: bool, round_number: int) -> float:
+    """(2) rows inserted (real JPEGs) until the last vector is committed, images/s."""
+    photos = sorted(PHOTOS.glob("*.JPEG"))
+    table = f"bench_e2e_{'bytes' if as_bytes else 'paths'}_{round_number}"
+    column = "bytea" if as_bytes else "text"
+    connection.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, image {column})")
+    connection.execute(f"SELECT imgembed.watch('{table}', 'image')")
+    payload = [photo.read_bytes() if as_bytes else str(photo) for photo in photos]
+    started = time.perf_counter()
+    with connection.cursor() as cursor, cursor.copy(f"COPY {table} (id, image) FROM STDIN") as copy:
+        for i in range(rows):
+            copy.write_row((i, payload[i % len(payload)]))
+    wait_embedded(connection, f"public.{table}", rows)
+    return rows / (time.perf_counter() - started)
+
+
+def insert_latency(connection: psycopg.Connection, inserts: int) -> tuple[float, float]:
+    """(3) one INSERT's commit to its vector's commit, at idle: p50 and p95 in ms."""
+    photo = sorted(PHOTOS.glob("*.JPEG"))[0].read_bytes()
+    connection.execute("CREATE TABLE bench_latency (id bigint PRIMARY KEY, image bytea)")
+    connection.execute("SELECT imgembed.watch('bench_latency', 'image')")
+    storage = connection.execute(
+        "SELECT wm.storage_table FROM imgembed.watch_model wm JOIN imgembed.watch w ON w.id = wm.watch_id "
+        "WHERE w.table_name = 'public.bench_latency' AND wm.is_default").fetchone()[0]  # type: ignore[index]
+    latencies = []
+    for i in range(inserts):
+        connection.execute("INSERT INTO bench_latency VALUES (%s, %s)", (i, photo))  # autocommit: committed now
+        committed = time.perf_counter()
+        while not connection.execute(f"SELECT 1 FROM imgembed.{storage} WHERE id = %s", (i,)).fetchone():
+            time.sleep(0.002)
+        latencies.append((time.perf_counter() - committed) * 1000)
+        time.sleep(0.3)  # idle between inserts
+    return float(np.percentile(latencies, 50)), float(np.percentile(latencies, 95))
+
+
+def trigger_overhead(connection: psycopg.Connection, rows: int, repeats: int) -> tuple[float, float]:
+    """(4) rows/s of one multi-row INSERT into an unwatched and a watched table."""
+    def insert_rate(watched: bool, attempt: int) -> float:
+        table = f"bench_trigger_{'w' if watched else 'u'}_{attempt}"
+        connection.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, path text)")
+        if watched:
+            connection.execute(f"SELECT imgembed.watch('{table}', 'path')")
+        started = time.perf_counter()
+        connection.execute(f"INSERT INTO {table} SELECT g, '/images/' || g || '.jpg' FROM generate_series(1, %s) g", (rows,))
+        rate = rows / (time.perf_counter() - started)
+        if watched:
+            connection.execute(f"SELECT imgembed.unwatch('{table}')")
+        connection.execute(f"DROP TABLE {table}")
+        return rate
+
+    unwatched = statistics.median(insert_rate(False, i) for i in range(repeats))
+    watched = statistics.median(insert_rate(True, i) for i in range(repeats))
+    return unwatched, watched
+
+
+def search_figures(connection: psycopg.Connection, size: BenchSize, results: Results) -> None:
+    """(5) similar() at N stored vectors: latency and recall@10 for several ef_search values."""
+    dim, count = size.search_dim, size.search_vectors
+    model_name = "bench-search"
+    connection.execute("SELECT imgembed.register_model(%s, 'bench', NULL, %s)", (model_name, dim))
+    connection.execute("CREATE TABLE bench_search (id bigint PRIMARY KEY, path text, category text)")
+    connection.execute("INSERT INTO bench_search SELECT g, NULL, CASE WHEN g %% 100 = 0 THEN 'rare' ELSE 'common' END "
+                       "FROM generate_series(0, %s - 1) g", (count,))
+    connection.execute("SELECT imgembed.watch('bench_search', 'path', model => %s)", (model_name,))
+    storage = connection.execute(
+        "SELECT wm.storage_table FROM imgembed.watch_model wm JOIN imgembed.watch w ON w.id = wm.watch_id "
+        "WHERE w.table_name = 'public.bench_search'").fetchone()[0]  # type: ignore[index]
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(50, dim))
+    half = count // 2
+    vectors = np.vstack([rng.normal(size=(count - half, dim)),
+                         centres[rng.integers(0, 50, half)] + 0.5 * rng.normal(size=(half, dim))]).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    connection.execute(f"DROP INDEX imgembed.{storage}_hnsw")
+    load_started = time.perf_counter()
+    with connection.cursor() as cursor, cursor.copy(
+        f"COPY imgembed.{storage} (id, embedding, job_id) FROM STDIN WITH (FORMAT BINARY)"
+    ) as copy:
+        copy.set_types(["bigint", "vector", "bigint"])
+        for i in range(count):
+            copy.write_row((i, vectors[i], 0))
+    connection.execute("SET maintenance_work_mem = '1GB'")
+    build_started = time.perf_counter()
+    connection.execute(f"CREATE INDEX {storage}_hnsw ON imgembed.{storage} USING hnsw (embedding vector_cosine_ops)")
+    build_seconds = time.perf_counter() - build_started
+    connection.execute(f"ANALYZE imgembed.{storage}")
+    results.add("search_load", {"vectors": count, "dim": dim, "copy_s": build_started - load_started, "hnsw_build_s": build_seconds},
+                f"- loaded {count} x {dim}-dim vectors in {build_started - load_started:.1f} s; "
+                f"HNSW build (m=16, ef_construction=64) {build_seconds:.1f} s")
+    queries = rng.choice(count, size.search_queries, replace=False).tolist()
+
+    def run(ef: int | None, exact: bool, filter_json: str | None) -> tuple[list[list[int]], list[float]]:
+        hits, timings = [], []
+        for key in queries:
+            started = time.perf_counter()
+            rows = connection.execute(
+                "SELECT id FROM imgembed.similar('bench_search', %s::bigint, 10, ef_search => %s, exact => %s, filter => %s)",
+                (key, ef, exact, filter_json)).fetchall()
+            timings.append((time.perf_counter() - started) * 1000)
+            hits.append([row[0] for row in rows])
+        return hits, timings
+
+    for label, filter_json in (("all rows", None), ("filter matching 1%", json.dumps({"category": "rare"}))):
+        truth, exact_ms = run(None, True, filter_json)
+        results.add(f"search_exact_{label}", {"p50_ms": np.percentile(exact_ms, 50)},
+                    f"- similar(), {label}, exact scan: p50 {np.percentile(exact_ms, 50):.1f} ms, "
+                    f"p95 {np.percentile(exact_ms, 95):.1f} ms")
+        for ef in (40, 100, 200):
+            approx, timings = run(ef, False, filter_json)
+            recall = np.mean([len(set(a) & set(t)) / max(1, len(t)) for a, t in zip(approx, truth)])
+            full = np.mean([len(a) == 10 for a in approx])
+            results.add(f"search_{label}_ef{ef}",
+                        {"p50_ms": float(np.percentile(timings, 50)), "p95_ms": float(np.percentile(timings, 95)),
+                         "recall_at_10": float(recall), "full_k": float(full)},
+                        f"- similar(), {label}, ef_search={ef}: p50 {np.percentile(timings, 50):.1f} ms, "
+                        f"p95 {np.percentile(timings, 95):.1f} ms, recall@10 {recall:.3f}, full k in {full:.0%} of queries")
+
+
+def run_bench(settings: Settings, *, size: BenchSize, model: str, out: Path, device: str = "cpu") -> Results:
+    results = Results()
+    bench_dir = settings.data_dir / "bench"
+    shutil.rmtree(bench_dir, ignore_errors=True)
+    torch.set_num_threads(os.cpu_count() or 1)
+    results.lines += ["# imgembed benchmark", "", f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at commit "
+                      f"{git_revision()} with `imgembed bench{' --smoke' if size == SMOKE else ''} --model {model}`.", ""]
+    results.lines += machine_description()
+    results.lines += [f"- model: {model} (random weights are fine for speed), batch size {settings.batch_size}, "
+                      f"device {device}, median of {size.repeats} runs", "", "## Figures", ""]
+    raw = raw_throughput(model, device, settings.batch_size, size.raw_images, size.repeats)
+    results.add("raw_images_per_s", raw, f"- (1) raw model throughput, encode_image on preprocessed tensors: {raw:.1f} images/s")
+    single_ms = 1000 / raw_throughput(model, device, 1, 4, size.repeats)
+    results.add("single_image_forward_ms", single_ms, f"- one image alone through encode_image: {single_ms:.0f} ms")
+
+    stack_settings = settings.with_overrides(model=model, data_dir=bench_dir, device=device)
+    with local_stack(stack_settings, durable=False) as stack, connect(stack.settings.database_url or "") as connection:
+        register_model(connection, model, make_default=True)
+        connection.execute("SELECT imgembed.use_model('imgembed.image', %s, force => true)", (model,))
+        wait_ready(stack)
+        for as_bytes in (True, False):
+            kind = "bytea" if as_bytes else "file paths"
+            rate = statistics.median(end_to_end(connection, size.e2e_rows, as_bytes, i) for i in range(size.repeats))
+            results.add(f"e2e_{kind}", rate, f"- (2) end to end, {size.e2e_rows} rows of real JPEGs as {kind}, "
+                        f"insert to last vector committed: {rate:.1f} images/s = {rate / raw:.0%} of (1)")
+        p50, p95 = insert_latency(connection, size.latency_inserts)
+        results.add("latency_ms", {"p50": p50, "p95": p95},
+                    f"- (3) one INSERT's commit to its vector's commit, at idle: p50 {p50:.0f} ms, p95 {p95:.0f} ms "
+                    f"(= single-image forward + {p50 - single_ms:.0f} ms at p50)")
+        worker_rss = peak_rss_mb(stack.children["worker"].pid)
+        dispatcher_rss = peak_rss_mb(stack.children["dispatch"].pid)
+        unwatched, watched = trigger_overhead(connection, size.trigger_rows, size.repeats)
+        results.add("trigger_rows_per_s", {"unwatched": unwatched, "watched": watched},
+                    f"- (4) {size.trigger_rows} rows in one INSERT: unwatched {unwatched:,.0f} rows/s, watched "
+                    f"{watched:,.0f} rows/s ({watched / unwatched:.0%}), one NOTIFY per statement")
+        search_figures(connection, size, results)
+        results.add("rss_mb", {"worker": worker_rss, "dispatcher": dispatcher_rss},
+                    f"- (6) peak RSS during (2)-(3): worker {worker_rss:.0f} MB, dispatcher {dispatcher_rss:.0f} MB")
+    results.lines += ["", "```json", json.dumps(results.figures, indent=2, default=float), "```", ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(results.lines))
+    print(f"\nwritten to {out}")
+    return results
+
+
+def wait_ready(stack: Stack, timeout: float = 300) -> None:
+    """Wait until the worker has loaded its model and answers (one tiny job round trip)."""
+    with connect(stack.settings.database_url or "") as connection:
+        connection.execute("CREATE TABLE bench_warmup (id bigint PRIMARY KEY, image bytea)")
+        connection.execute("SELECT imgembed.watch('bench_warmup', 'image')")
+        connection.execute("INSERT INTO bench_warmup VALUES (1, %s)", (sorted(PHOTOS.glob("*.JPEG"))[0].read_bytes(),))
+        wait_embedded(connection, "public.bench_warmup", 1, timeout)
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
