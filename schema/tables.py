@@ -66,8 +66,10 @@ job = sa.Table(
     "job",
     metadata,
     sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
-    sa.Column("watch_id", sa.Integer, sa.ForeignKey("watch.id", ondelete="CASCADE"), nullable=False),
-    sa.Column("model_id", sa.Integer, sa.ForeignKey("model.id", ondelete="CASCADE"), nullable=False),
+    # No foreign keys here: triggers insert a job per changed row, and a referential check per row
+    # would cost more than the insert. unwatch() and drop_model() delete their jobs themselves.
+    sa.Column("watch_id", sa.Integer, nullable=False),
+    sa.Column("model_id", sa.Integer, nullable=False),
     sa.Column("key", sa.Text, nullable=False),
     sa.Column(
         "status",
@@ -96,7 +98,8 @@ sa.Index(
 sa.Index("job_pending_by_model", job.c.model_id, job.c.id, postgresql_where=job.c.status == "pending")
 sa.Index("job_in_flight_lease", job.c.lease_until, postgresql_where=job.c.status == "in_flight")
 sa.Index("job_claim", job.c.claim_id, postgresql_where=job.c.claim_id.is_not(None))
-sa.Index("job_by_row", job.c.watch_id, job.c.key)
+# Jobs in flight or failed, by row (pending ones are found through job_one_pending).
+sa.Index("job_settled_by_row", job.c.watch_id, job.c.key, postgresql_where=job.c.status != "pending")
 
 image = sa.Table(
     "image",
@@ -205,4 +208,16 @@ projection = sa.Table(
     sa.Column("x", sa.Float, nullable=False),
     sa.Column("y", sa.Float, nullable=False),
     sa.Column("computed_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+
+worker_heartbeat = sa.Table(
+    "worker_heartbeat",
+    metadata,
+    sa.Column("worker", sa.Text, primary_key=True),  # celery hostname, e.g. imgembed-1234@host
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("device", sa.Text, nullable=False),
+    sa.Column("models", pg.ARRAY(sa.Text), nullable=False, server_default="{}"),
+    sa.Column("batches", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("last_seen", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
 )

@@ -177,13 +177,25 @@ $$;
 CREATE OR REPLACE FUNCTION imgembed._forget_sql(p_watch imgembed.watch, p_from text, p_where text DEFAULT 'true')
 RETURNS text[]
 LANGUAGE sql STABLE AS $$
-    SELECT array_prepend(
-        format('DELETE FROM imgembed.job j USING %s WHERE j.watch_id = %s AND j.key = o.%I::text AND (%s)',
-               p_from, p_watch.id, p_watch.key_column, p_where),
-        coalesce((
+    SELECT ARRAY[
+        format('DELETE FROM imgembed.job j USING %s WHERE j.watch_id = %s AND j.status = ''pending'' '
+               'AND j.key = o.%I::text AND (%s)', p_from, p_watch.id, p_watch.key_column, p_where),
+        format('DELETE FROM imgembed.job j USING %s WHERE j.watch_id = %s AND j.status <> ''pending'' '
+               'AND j.key = o.%I::text AND (%s)', p_from, p_watch.id, p_watch.key_column, p_where)
+    ] || coalesce((
             SELECT array_agg(
                 format('DELETE FROM imgembed.%I e USING %s WHERE e.id = o.%I AND (%s)',
                        wm.storage_table, p_from, p_watch.key_column, p_where)
                 ORDER BY wm.model_id)
-              FROM imgembed.watch_model wm WHERE wm.watch_id = p_watch.id), '{}'))
+              FROM imgembed.watch_model wm WHERE wm.watch_id = p_watch.id), '{}')
+$$;
+
+-- Delete the jobs of a watch (and model), through the job table's partial indexes.
+CREATE OR REPLACE FUNCTION imgembed._delete_jobs(p_watch_id integer, p_model_id integer DEFAULT NULL)
+RETURNS void
+LANGUAGE sql AS $$
+    DELETE FROM imgembed.job
+     WHERE watch_id = p_watch_id AND status = 'pending' AND (p_model_id IS NULL OR model_id = p_model_id);
+    DELETE FROM imgembed.job
+     WHERE watch_id = p_watch_id AND status <> 'pending' AND (p_model_id IS NULL OR model_id = p_model_id);
 $$;

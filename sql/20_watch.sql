@@ -28,6 +28,9 @@ BEGIN
         EXECUTE format('CREATE INDEX %I ON imgembed.%I USING hnsw ((embedding::halfvec(%s)) halfvec_cosine_ops)',
                        v_storage || '_hnsw', v_storage, p_model.dim);
     END IF;
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'imgembed_reader') THEN
+        EXECUTE format('GRANT SELECT ON imgembed.%I TO imgembed_reader', v_storage);
+    END IF;
     INSERT INTO imgembed.watch_model (watch_id, model_id, storage_table, is_default)
     VALUES (p_watch.id, p_model.id, v_storage,
             p_make_default OR NOT EXISTS (SELECT 1 FROM imgembed.watch_model WHERE watch_id = p_watch.id))
@@ -204,5 +207,6 @@ BEGIN
     FOR v_storage IN SELECT storage_table FROM imgembed.watch_model WHERE watch_id = v_watch.id LOOP
         EXECUTE format('DROP TABLE IF EXISTS imgembed.%I', v_storage);
     END LOOP;
+    PERFORM imgembed._delete_jobs(v_watch.id);
     DELETE FROM imgembed.watch WHERE id = v_watch.id;
 END $$;

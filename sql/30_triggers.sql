@@ -66,7 +66,7 @@ DECLARE
     v_watch_id integer := TG_ARGV[0]::integer;
     v_storage text;
 BEGIN
-    DELETE FROM imgembed.job WHERE watch_id = v_watch_id;
+    PERFORM imgembed._delete_jobs(v_watch_id);
     FOR v_storage IN SELECT storage_table FROM imgembed.watch_model WHERE watch_id = v_watch_id LOOP
         EXECUTE format('TRUNCATE imgembed.%I', v_storage);
     END LOOP;

@@ -40,6 +40,13 @@ BEGIN
      GROUP BY m.name;
 END $$;
 
+-- Jobs in flight now (the dispatcher's back-pressure).
+CREATE OR REPLACE FUNCTION imgembed.in_flight_count()
+RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT count(*) FROM imgembed.job WHERE status = 'in_flight'
+$$;
+
 -- A worker starts on a claim: extend the lease, return the jobs it still owns.
 CREATE OR REPLACE FUNCTION imgembed.start_claim(p_claim uuid, p_lease_seconds double precision)
 RETURNS SETOF bigint
@@ -193,21 +200,25 @@ BEGIN
     RETURN v_written;
 END $$;
 
--- Put failed jobs back in the queue (all, or one table's), with fresh attempts.
-CREATE OR REPLACE FUNCTION imgembed.retry_failed(p_tbl regclass DEFAULT NULL)
+-- Put failed jobs back in the queue (all, one table's, and/or those whose error contains
+-- `reason`), with fresh attempts. Returns how many.
+CREATE OR REPLACE FUNCTION imgembed.retry_failed(p_tbl regclass DEFAULT NULL, p_reason text DEFAULT NULL)
 RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
+    v_watch_id integer := CASE WHEN p_tbl IS NULL THEN NULL ELSE (imgembed._watch_of(p_tbl)).id END;
     v_count integer;
 BEGIN
     DELETE FROM imgembed.job j
      WHERE j.status = 'failed'
-       AND (p_tbl IS NULL OR j.watch_id = (imgembed._watch_of(p_tbl)).id)
+       AND (v_watch_id IS NULL OR j.watch_id = v_watch_id)
+       AND (p_reason IS NULL OR strpos(j.last_error, p_reason) > 0)
        AND EXISTS (SELECT 1 FROM imgembed.job p WHERE p.status = 'pending' AND p.watch_id = j.watch_id
                       AND p.model_id = j.model_id AND p.key = j.key);
     UPDATE imgembed.job
        SET status = 'pending', attempts = 0, not_before = now(), updated_at = now()
-     WHERE status = 'failed' AND (p_tbl IS NULL OR watch_id = (imgembed._watch_of(p_tbl)).id);
+     WHERE status = 'failed' AND (v_watch_id IS NULL OR watch_id = v_watch_id)
+       AND (p_reason IS NULL OR strpos(last_error, p_reason) > 0);
     GET DIAGNOSTICS v_count = ROW_COUNT;
     PERFORM imgembed._notify_jobs(v_count);
     RETURN v_count;

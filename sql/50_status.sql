@@ -10,7 +10,9 @@ RETURNS TABLE (
     pending bigint,
     in_flight bigint,
     failed bigint,
-    oldest_pending_age interval
+    oldest_pending_age interval,
+    embedded_last_minute bigint,
+    embedded_last_5_minutes bigint
 )
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
@@ -28,7 +30,10 @@ BEGIN
         model := v_link.name;
         is_default := v_link.is_default;
         EXECUTE format('SELECT count(*) FROM %s s WHERE %s', v_link.tbl, v_link.has_image) INTO "rows";
-        EXECUTE format('SELECT count(*) FROM imgembed.%I', v_link.storage_table) INTO embedded;
+        EXECUTE format('SELECT count(*), count(*) FILTER (WHERE embedded_at > now() - interval ''1 minute''),'
+                       ' count(*) FILTER (WHERE embedded_at > now() - interval ''5 minutes'') FROM imgembed.%I',
+                       v_link.storage_table)
+           INTO embedded, embedded_last_minute, embedded_last_5_minutes;
         SELECT count(*) FILTER (WHERE j.status = 'pending'),
                count(*) FILTER (WHERE j.status = 'in_flight'),
                count(*) FILTER (WHERE j.status = 'failed'),
@@ -41,7 +46,8 @@ BEGIN
 END $$;
 
 -- Per watched table and model: rows with an image, rows embedded, jobs pending / in flight /
--- failed, and how long the oldest pending job has waited. Counts are exact.
+-- failed, how long the oldest pending job has waited, and vectors written in the last 1 and 5
+-- minutes (throughput). Counts are exact.
 CREATE OR REPLACE VIEW imgembed.status AS
 SELECT * FROM imgembed._status_rows();
 
@@ -62,3 +68,28 @@ DECLARE
 BEGIN
     RETURN imgembed._stored_vector(v_watch, imgembed._watch_model_of(v_watch, model), key::text);
 END $$;
+
+-- Failures grouped by their reason (the error's text up to its first colon).
+CREATE OR REPLACE VIEW imgembed.failure_reasons AS
+SELECT f.table_name, f.model, split_part(f.last_error, ':', 1) AS reason, count(*) AS failures,
+       max(f.failed_at) AS latest
+  FROM imgembed.failures f
+ GROUP BY 1, 2, 3;
+
+-- Workers that reported in the last 30 seconds (they beat every 5 s while running).
+CREATE OR REPLACE VIEW imgembed.workers AS
+SELECT h.worker, h.pid, h.device, h.models, h.batches, h.started_at, h.last_seen,
+       h.last_seen > now() - interval '30 seconds' AS alive
+  FROM imgembed.worker_heartbeat h;
+
+CREATE OR REPLACE FUNCTION imgembed.worker_beat(
+    p_worker text, p_pid integer, p_device text, p_models text[], p_batches bigint
+) RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO imgembed.worker_heartbeat AS h (worker, pid, device, models, batches)
+    VALUES (p_worker, p_pid, p_device, p_models, p_batches)
+    ON CONFLICT (worker) DO UPDATE
+       SET pid = excluded.pid, device = excluded.device, models = excluded.models, batches = excluded.batches,
+           last_seen = now();
+    DELETE FROM imgembed.worker_heartbeat WHERE last_seen < now() - interval '1 day';
+$$;

@@ -45,7 +45,7 @@ BEGIN
             USING HINT = 'make another model the default first: imgembed.use_model(table, other_model)',
                   ERRCODE = 'object_in_use';
     END IF;
-    DELETE FROM imgembed.job WHERE watch_id = v_watch.id AND model_id = v_link.model_id;
+    PERFORM imgembed._delete_jobs(v_watch.id, v_link.model_id);
     EXECUTE format('DROP TABLE IF EXISTS imgembed.%I', v_link.storage_table);
     DELETE FROM imgembed.watch_model WHERE watch_id = v_watch.id AND model_id = v_link.model_id;
 END $$;

@@ -47,6 +47,13 @@ BEGIN
     RETURN v_run;
 END $$;
 
+-- What a run asks for: (method, k requested).
+CREATE OR REPLACE FUNCTION imgembed.cluster_run_spec(p_run_id bigint)
+RETURNS TABLE (method text, k_requested integer)
+LANGUAGE sql STABLE AS $$
+    SELECT r.method, r.k_requested FROM imgembed.cluster_run r WHERE r.id = p_run_id
+$$;
+
 -- The vectors a run clusters: (key, vector) of every embedded row.
 CREATE OR REPLACE FUNCTION imgembed.cluster_input(p_run_id bigint)
 RETURNS TABLE (key text, embedding vector)

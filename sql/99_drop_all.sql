@@ -24,3 +24,18 @@ BEGIN
         EXECUTE format('DROP TABLE IF EXISTS %s CASCADE', v_object);
     END LOOP;
 END $$;
+
+-- The roles are the cluster's: dropped when no other database still uses them.
+DO $$
+DECLARE
+    v_role text;
+BEGIN
+    FOREACH v_role IN ARRAY ARRAY['imgembed_reader', 'imgembed_worker'] LOOP
+        BEGIN
+            EXECUTE format('REVOKE ALL ON SCHEMA imgembed FROM %I', v_role);
+            EXECUTE format('DROP ROLE IF EXISTS %I', v_role);
+        EXCEPTION WHEN dependent_objects_still_exist OR insufficient_privilege OR undefined_object THEN
+            RAISE NOTICE 'imgembed: role % kept (%)', v_role, SQLERRM;
+        END;
+    END LOOP;
+END $$;

@@ -81,28 +81,46 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from worker.celery_app import create_celery_app, register_worker_tasks
 
     require_database_url(settings)
+    from worker.heartbeat import start_heartbeat
+    from worker.tasks import runtime
+
     app = create_celery_app(settings)
     register_worker_tasks(app)
     if args.preload:
         from worker.embedding import ModelLoadError
-        from worker.tasks import runtime
 
         try:
             runtime().model(settings.model)
         except ModelLoadError as error:
             log.warning("%s; jobs for it will fail with this reason until it loads", error)
-    app.worker_main(
-        [
-            "worker",
-            "--pool=solo",
-            "--concurrency=1",
-            f"--queues={settings.queue}",
-            f"--loglevel={settings.log_level}",
-            f"--hostname=imgembed-{os.getpid()}@{socket.gethostname()}",
-            "--without-gossip",
-            "--without-mingle",
-        ]
-    )
+    name = f"imgembed-{os.getpid()}@{socket.gethostname()}"
+    stop_beating = start_heartbeat(runtime(), name, require_database_url(settings))
+    try:
+        app.worker_main(
+            [
+                "worker",
+                "--pool=solo",
+                "--concurrency=1",
+                f"--queues={settings.queue}",
+                f"--loglevel={settings.log_level}",
+                f"--hostname={name}",
+                "--without-gossip",
+                "--without-mingle",
+            ]
+        )
+    finally:
+        stop_beating.set()
+    return 0
+
+
+def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.db import connect
+
+    with connect(require_database_url(settings)) as connection:
+        (count,) = connection.execute(
+            "SELECT imgembed.retry_failed(%s::regclass, %s)", (args.table, args.reason)
+        ).fetchone()  # type: ignore[misc]
+    print(f"{count} failed jobs queued again")
     return 0
 
 
@@ -332,7 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker = add("worker", cmd_worker, "Run a Celery worker that embeds images (GPU when available).")
     worker.add_argument("--no-preload", dest="preload", action="store_false",
                         help="load models on the first task instead of at start")
-    add("status", cmd_status, "Print the backlog per watched table and model, and recent failures.")
+    add("status", cmd_status, "Print the backlog per watched table and model, throughput, live workers and failures.")
+    retry = add("retry", cmd_retry, "Queue failed jobs again (all, one table's, or those whose error contains REASON).")
+    retry.add_argument("--table", help="only this watched table")
+    retry.add_argument("--reason", help="only failures whose error contains this text")
     add("up", cmd_up, "Start everything missing (embedded PostgreSQL, Redis), migrate, and run a dispatcher "
         "and a worker in the foreground. Ctrl-C stops it all.")
     ingest = add("ingest", cmd_ingest, "Insert image files into imgembed.image (as paths, or as bytes with --bytes).")

@@ -73,7 +73,7 @@ def fit_clusters(vectors: np.ndarray, k: int | None, method: str, seed: int = 0)
 
 def run_clustering(connection: psycopg.Connection, run_id: int, seed: int = 0) -> dict[str, object]:
     method, k_requested = connection.execute(
-        "SELECT method, k_requested FROM imgembed.cluster_run WHERE id = %s", (run_id,)
+        "SELECT method, k_requested FROM imgembed.cluster_run_spec(%s)", (run_id,)
     ).fetchone()  # type: ignore[misc]
     rows = connection.execute("SELECT key, embedding FROM imgembed.cluster_input(%s)", (run_id,)).fetchall()
     keys = [row[0] for row in rows]

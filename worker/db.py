@@ -66,7 +66,7 @@ def recover_expired(connection: psycopg.Connection, max_attempts: int) -> int:
 
 def in_flight_count(connection: psycopg.Connection) -> int:
     return int(
-        connection.execute("SELECT count(*) FROM imgembed.job WHERE status = 'in_flight'").fetchone()[0]  # type: ignore[index]
+        connection.execute("SELECT imgembed.in_flight_count()").fetchone()[0]  # type: ignore[index]
     )
 
 

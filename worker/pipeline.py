@@ -46,6 +46,7 @@ class WorkerRuntime:
 
     settings: Settings
     models: dict[str, LoadedModel] = field(default_factory=dict)
+    batches: int = 0
     _connection: psycopg.Connection | None = None
     _decoders: ThreadPoolExecutor | None = None
 
@@ -144,6 +145,7 @@ def run_claim(runtime: WorkerRuntime, claim_id: UUID, model_name: str) -> BatchO
         connection, claim_id, done, failures, settings.max_attempts, settings.retry_backoff_seconds
     )
     write_ms = (time.perf_counter() - write_started) * 1000
+    runtime.batches += 1
     outcome = BatchOutcome(
         str(claim_id), model_name, len(owned), written, len(failures), gone, decode_ms, embed_ms, write_ms
     )

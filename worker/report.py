@@ -34,6 +34,24 @@ def status_report(connection: object) -> str:
     text = format_table(
         ["table", "model", "default", "rows", "embedded", "pending", "in flight", "failed", "oldest pending"], status
     )
+    throughput = connection.execute(  # type: ignore[attr-defined]
+        "SELECT table_name, model, embedded_last_minute, embedded_last_5_minutes FROM imgembed.status "
+        "WHERE embedded_last_5_minutes > 0"
+    ).fetchall()
+    if throughput:
+        text += "\n\nThroughput:\n" + format_table(["table", "model", "last minute", "last 5 minutes"], throughput)
+    workers = connection.execute(  # type: ignore[attr-defined]
+        "SELECT worker, device, array_to_string(models, ', '), batches, now() - last_seen FROM imgembed.workers "
+        "WHERE alive ORDER BY worker"
+    ).fetchall()
+    text += "\n\nLive workers:\n" + (
+        format_table(["worker", "device", "models", "batches", "last seen"], workers) if workers else "(none)"
+    )
+    reasons = connection.execute(  # type: ignore[attr-defined]
+        "SELECT table_name, model, reason, failures FROM imgembed.failure_reasons ORDER BY failures DESC LIMIT 20"
+    ).fetchall()
+    if reasons:
+        text += "\n\nFailures by reason:\n" + format_table(["table", "model", "reason", "failures"], reasons)
     failures = connection.execute(  # type: ignore[attr-defined]
         "SELECT table_name, key, model, attempts, last_error FROM imgembed.failures ORDER BY failed_at DESC LIMIT 20"
     ).fetchall()

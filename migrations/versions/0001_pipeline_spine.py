@@ -20,6 +20,7 @@ SPINE_TABLES = [
     tables.model, tables.watch, tables.watch_model, tables.job, tables.image,
     tables.text_query, tables.label_prompt, tables.interaction,
     tables.cluster_run, tables.cluster_member, tables.cluster_centre, tables.anomaly_threshold, tables.projection,
+    tables.worker_heartbeat,
 ]
 
 
@@ -44,6 +45,7 @@ def upgrade() -> None:
         "80_clusters.sql",
         "81_anomalies.sql",
         "90_pin_search_path.sql",
+        "95_roles.sql",
     )
     # The ready-made table is watched out of the box: bytes in `content` or a location in `uri`.
     op.execute("SELECT imgembed._watch('imgembed.image', 'content', 'uri', 'label')")
