@@ -184,6 +184,8 @@ BEGIN
      WHERE d.id = ANY (v_owned) AND d.id = ANY (p_done_ids)
        AND f.status = 'failed' AND f.watch_id = d.watch_id AND f.model_id = d.model_id AND f.key = d.key;
     DELETE FROM imgembed.job WHERE id = ANY (v_owned) AND id = ANY (p_done_ids);
+    -- Room in flight again: wake a dispatcher to refill the broker's queue.
+    PERFORM imgembed._notify_jobs(cardinality(v_owned));
 
     -- Failures superseded by a newer pending job (the image changed meanwhile) are dropped.
     DELETE FROM imgembed.job j

@@ -65,9 +65,18 @@ BEGIN
     RETURN v_vector;
 END $$;
 
+-- Filtered searches whose filter matches at most this many rows scan those rows exactly
+-- (setting imgembed.exact_scan_rows, default 5000).
+CREATE OR REPLACE FUNCTION imgembed._exact_scan_rows()
+RETURNS integer
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(nullif(current_setting('imgembed.exact_scan_rows', true), '')::integer, 5000)
+$$;
+
 -- The k nearest rows to p_query, nearest first, as (text key, cosine distance).
--- HNSW with pgvector's iterative scan (strict order) serves filtered queries; if the index path
--- finds fewer than k rows under a filter, an exact scan over the filtered rows answers instead.
+-- A filter matching few rows (imgembed.exact_scan_rows) is answered by an exact scan of them;
+-- otherwise HNSW with pgvector's iterative scan (strict order) serves it, and if that still
+-- finds fewer than k rows, the exact scan answers instead.
 -- Keyset pagination: rows after (p_after_distance, p_after_id) in (distance, key) order.
 CREATE OR REPLACE FUNCTION imgembed._knn(
     p_watch imgembed.watch,
@@ -123,6 +132,13 @@ BEGIN
 
     IF p_ef_search IS NOT NULL THEN
         PERFORM set_config('hnsw.ef_search', greatest(p_ef_search, 1)::text, true);
+    END IF;
+    -- A very selective filter: scanning its few matching rows exactly is both faster and exact.
+    IF NOT p_exact AND (v_filter IS NOT NULL OR p_condition IS NOT NULL) THEN
+        EXECUTE format('SELECT count(*) <= $7 FROM (SELECT 1 FROM %s s WHERE (%s) AND (%s) LIMIT $7 + 1) x',
+                       p_watch.tbl, coalesce(v_filter, 'true'), coalesce(p_condition, 'true'))
+           INTO p_exact
+          USING p_query, p_k, coalesce(p_exclude, '{}'), p_filter, p_after_distance, p_after_id, imgembed._exact_scan_rows();
     END IF;
     IF NOT p_exact THEN
         EXECUTE format(v_template, v_distance)

@@ -99,8 +99,8 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         app.worker_main(
             [
                 "worker",
-                "--pool=solo",
-                "--concurrency=1",
+                "--pool=threads",
+                f"--concurrency={settings.worker_threads}",
                 f"--queues={settings.queue}",
                 f"--loglevel={settings.log_level}",
                 f"--hostname={name}",

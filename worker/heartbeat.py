@@ -27,12 +27,13 @@ def start_heartbeat(runtime: WorkerRuntime, worker_name: str, database_url: str)
             try:
                 if connection is None or connection.closed or connection.broken:
                     connection = connect(database_url, application_name="imgembed-heartbeat")
-                device = next((str(model.device) for model in runtime.models.values()), runtime.settings.device)
+                loaded = list(runtime.models.values())
+                device = str(loaded[0].device) if loaded else runtime.settings.device
                 connection.execute(
                     "SELECT imgembed.worker_beat(%s, %s, %s, %s, %s)",
                     (worker_name, os.getpid(), device, sorted(runtime.models), runtime.batches),
                 )
-            except psycopg.Error as error:
+            except (psycopg.Error, RuntimeError) as error:  # RuntimeError: models changed while read
                 log.warning("heartbeat failed (%s); retrying", str(error).strip())
                 connection = None
             stop.wait(BEAT_SECONDS)

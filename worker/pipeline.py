@@ -4,6 +4,7 @@ ones in one forward pass, write vectors and failures in one transaction."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -41,33 +42,49 @@ class BatchOutcome:
 
 @dataclass
 class WorkerRuntime:
-    """What a worker process keeps between tasks: its settings, one database connection, the
-    models it has loaded and the decode threads. Built lazily on the first task."""
+    """What a worker process keeps between tasks: its settings, a database connection per task
+    thread, the models it has loaded and the decode threads. Built lazily on the first task.
+
+    The worker runs IMGEMBED_WORKER_THREADS tasks at once: while one batch is in the model's
+    forward pass (one at a time, under ``forward_lock``), the next is read and decoded and the
+    previous one written, so reading, decoding and writing hide behind the model."""
 
     settings: Settings
     models: dict[str, LoadedModel] = field(default_factory=dict)
     batches: int = 0
-    _connection: psycopg.Connection | None = None
+    forward_lock: threading.Lock = field(default_factory=threading.Lock)
+    _load_lock: threading.Lock = field(default_factory=threading.Lock)
+    _local: threading.local = field(default_factory=threading.local)
+    _connections: list[psycopg.Connection] = field(default_factory=list)
     _decoders: ThreadPoolExecutor | None = None
 
     def connection(self) -> psycopg.Connection:
-        if self._connection is None or self._connection.closed or self._connection.broken:
-            self._connection = db.connect(require_database_url(self.settings), application_name="imgembed-worker")
-        return self._connection
+        connection: psycopg.Connection | None = getattr(self._local, "connection", None)
+        if connection is None or connection.closed or connection.broken:
+            connection = db.connect(require_database_url(self.settings), application_name="imgembed-worker")
+            self._local.connection = connection
+            self._connections.append(connection)
+        return connection
 
     def decoders(self) -> ThreadPoolExecutor:
-        if self._decoders is None:
-            self._decoders = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="imgembed-decode")
-        return self._decoders
+        with self._load_lock:
+            if self._decoders is None:
+                self._decoders = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="imgembed-decode")
+            return self._decoders
 
     def model(self, name: str) -> LoadedModel:
-        if name not in self.models:
-            self.models[name] = load_model(parse_model_spec(name), self.settings.device)
-        return self.models[name]
+        with self._load_lock:
+            if name not in self.models:
+                self.models[name] = load_model(parse_model_spec(name), self.settings.device)
+            return self.models[name]
+
+    def count_batch(self) -> None:
+        with self._load_lock:
+            self.batches += 1
 
     def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
+        for connection in self._connections:
+            connection.close()
         if self._decoders is not None:
             self._decoders.shutdown(wait=False, cancel_futures=True)
 
@@ -132,12 +149,14 @@ def run_claim(runtime: WorkerRuntime, claim_id: UUID, model_name: str) -> BatchO
         embed_started = time.perf_counter()
         for start in range(0, len(good), settings.batch_size):
             chunk = good[start : start + settings.batch_size]
-            _embed_chunk(lambda: model.embed_pixels(torch.stack([pixels for _, pixels in chunk])),
-                         [job_id for job_id, _ in chunk], done, failures)
+            batch = torch.stack([pixels for _, pixels in chunk])
+            with runtime.forward_lock:
+                _embed_chunk(lambda: model.embed_pixels(batch), [job_id for job_id, _ in chunk], done, failures)
         for start in range(0, len(texts), settings.batch_size):
             text_chunk = texts[start : start + settings.batch_size]
-            _embed_chunk(lambda: model.embed_texts([item.text or "" for item in text_chunk]),
-                         [item.job_id for item in text_chunk], done, failures)
+            with runtime.forward_lock:
+                _embed_chunk(lambda: model.embed_texts([item.text or "" for item in text_chunk]),
+                             [item.job_id for item in text_chunk], done, failures)
         embed_ms = (time.perf_counter() - embed_started) * 1000
 
     write_started = time.perf_counter()
@@ -145,7 +164,7 @@ def run_claim(runtime: WorkerRuntime, claim_id: UUID, model_name: str) -> BatchO
         connection, claim_id, done, failures, settings.max_attempts, settings.retry_backoff_seconds
     )
     write_ms = (time.perf_counter() - write_started) * 1000
-    runtime.batches += 1
+    runtime.count_batch()
     outcome = BatchOutcome(
         str(claim_id), model_name, len(owned), written, len(failures), gone, decode_ms, embed_ms, write_ms
     )
