@@ -101,6 +101,20 @@ sa.Index("job_claim", job.c.claim_id, postgresql_where=job.c.claim_id.is_not(Non
 # Jobs in flight or failed, by row (pending ones are found through job_one_pending).
 sa.Index("job_settled_by_row", job.c.watch_id, job.c.key, postgresql_where=job.c.status != "pending")
 
+# What triggers write: one row per statement (and per 10,000 keys), holding the changed keys.
+# Dispatchers expand it into jobs off the writer's path, so a bulk insert into a watched table
+# costs one array, not one indexed job row per row.
+intake = sa.Table(
+    "intake",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("watch_id", sa.Integer, nullable=False),
+    sa.Column("model_id", sa.Integer),  # NULL: every model attached when it is expanded
+    sa.Column("keys", pg.ARRAY(sa.Text), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+sa.Index("intake_by_watch", intake.c.watch_id)
+
 image = sa.Table(
     "image",
     metadata,

@@ -147,8 +147,8 @@ LANGUAGE sql IMMUTABLE AS $$
       FROM unnest(imgembed._input_columns(p_watch)) AS c
 $$;
 
--- SQL that enqueues one job per (row with an image in p_from aliased n, attached model).
--- p_from is a FROM clause (a table or a trigger's transition table) and p_where a filter.
+-- SQL that queues the keys of the rows with an image in p_from (aliased n) for embedding: one
+-- intake row per 10,000 keys; dispatchers expand them into jobs (expand_intake).
 CREATE OR REPLACE FUNCTION imgembed._enqueue_sql(
     p_watch imgembed.watch,
     p_from text,
@@ -157,16 +157,15 @@ CREATE OR REPLACE FUNCTION imgembed._enqueue_sql(
 ) RETURNS text
 LANGUAGE sql STABLE AS $$
     SELECT format($f$
-        INSERT INTO imgembed.job (watch_id, model_id, key)
-        SELECT %1$s, wm.model_id, n.%2$I::text
-          FROM %3$s
-          JOIN imgembed.watch_model wm ON wm.watch_id = %1$s %4$s
-         WHERE (%5$s) AND (%6$s)
-        ON CONFLICT (watch_id, model_id, key) WHERE status = 'pending' DO NOTHING$f$,
+        INSERT INTO imgembed.intake (watch_id, model_id, keys)
+        SELECT %1$s, %4$s, array_agg(q.key)
+          FROM (SELECT n.%2$I::text AS key, (row_number() OVER ()) / 10000 AS chunk
+                  FROM %3$s WHERE (%5$s) AND (%6$s)) q
+         GROUP BY q.chunk$f$,
         p_watch.id,
         p_watch.key_column,
         p_from,
-        CASE WHEN p_model_id IS NULL THEN '' ELSE format('AND wm.model_id = %s', p_model_id) END,
+        coalesce(p_model_id::text, 'NULL::integer'),
         imgembed._has_image_sql(p_watch, 'n'),
         p_where)
 $$;
@@ -190,10 +189,12 @@ LANGUAGE sql STABLE AS $$
               FROM imgembed.watch_model wm WHERE wm.watch_id = p_watch.id), '{}')
 $$;
 
--- Delete the jobs of a watch (and model), through the job table's partial indexes.
+-- Delete the jobs (and queued intake) of a watch, or of one of its models.
 CREATE OR REPLACE FUNCTION imgembed._delete_jobs(p_watch_id integer, p_model_id integer DEFAULT NULL)
 RETURNS void
 LANGUAGE sql AS $$
+    DELETE FROM imgembed.intake
+     WHERE watch_id = p_watch_id AND (p_model_id IS NULL OR model_id = p_model_id);
     DELETE FROM imgembed.job
      WHERE watch_id = p_watch_id AND status = 'pending' AND (p_model_id IS NULL OR model_id = p_model_id);
     DELETE FROM imgembed.job

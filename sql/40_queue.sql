@@ -2,6 +2,30 @@
 -- vectors it produced. A claim id ties a batch to the one task that may finish it, so a stale
 -- Celery message (redelivered after its lease expired) can never write or complete anything.
 
+-- Turn up to p_max_rows intake rows into jobs: one per (key, model attached to the table), at
+-- most one pending per row and model. Returns the number of intake rows expanded.
+CREATE OR REPLACE FUNCTION imgembed.expand_intake(p_max_rows integer DEFAULT 100)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_intake imgembed.intake;
+    v_expanded integer := 0;
+BEGIN
+    FOR v_intake IN
+        SELECT * FROM imgembed.intake ORDER BY id LIMIT p_max_rows FOR UPDATE SKIP LOCKED
+    LOOP
+        INSERT INTO imgembed.job (watch_id, model_id, key, enqueued_at)
+        SELECT v_intake.watch_id, wm.model_id, k.key, v_intake.created_at
+          FROM unnest(v_intake.keys) AS k(key)
+          JOIN imgembed.watch_model wm
+            ON wm.watch_id = v_intake.watch_id AND (v_intake.model_id IS NULL OR wm.model_id = v_intake.model_id)
+        ON CONFLICT (watch_id, model_id, key) WHERE status = 'pending' DO NOTHING;
+        DELETE FROM imgembed.intake WHERE id = v_intake.id;
+        v_expanded := v_expanded + 1;
+    END LOOP;
+    RETURN v_expanded;
+END $$;
+
 -- Claim up to p_batch_size pending jobs of one model (the model of the oldest pending job).
 -- Returns nothing when no job is ready.
 CREATE OR REPLACE FUNCTION imgembed.claim_batch(p_batch_size integer, p_lease_seconds double precision)

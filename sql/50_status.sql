@@ -41,6 +41,12 @@ BEGIN
           INTO pending, in_flight, failed, oldest_pending_age
           FROM imgembed.job j
          WHERE j.watch_id = v_link.watch_id AND j.model_id = v_link.model_id;
+        -- Keys still in the intake (not yet expanded into jobs) are pending too.
+        SELECT pending + coalesce(sum(cardinality(i.keys)), 0),
+               greatest(oldest_pending_age, now() - min(i.created_at))
+          INTO pending, oldest_pending_age
+          FROM imgembed.intake i
+         WHERE i.watch_id = v_link.watch_id AND (i.model_id IS NULL OR i.model_id = v_link.model_id);
         RETURN NEXT;
     END LOOP;
 END $$;

@@ -1,12 +1,14 @@
 -- Model lifecycle per watched table: backfill a new model beside the current one (add_model, in
 -- 20_watch.sql), switch the default atomically once it is complete, drop the old one.
 
--- Jobs still waiting or running for (table, model): a backfill is complete when this is 0.
+-- Rows still to embed for (table, model), queued or running: a backfill is complete at 0.
 CREATE OR REPLACE FUNCTION imgembed._unfinished_jobs(p_watch_id integer, p_model_id integer)
 RETURNS bigint
 LANGUAGE sql STABLE AS $$
-    SELECT count(*) FROM imgembed.job
-     WHERE watch_id = p_watch_id AND model_id = p_model_id AND status IN ('pending', 'in_flight')
+    SELECT (SELECT count(*) FROM imgembed.job
+             WHERE watch_id = p_watch_id AND model_id = p_model_id AND status IN ('pending', 'in_flight'))
+         + (SELECT coalesce(sum(cardinality(keys)), 0) FROM imgembed.intake
+             WHERE watch_id = p_watch_id AND (model_id IS NULL OR model_id = p_model_id))
 $$;
 
 -- Make `model` the table's default: queries without a model use it from the next statement on.

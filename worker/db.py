@@ -49,6 +49,11 @@ class JobFailure:
     retryable: bool
 
 
+def expand_intake(connection: psycopg.Connection, max_rows: int = 100) -> int:
+    """Turn queued intake rows (written by the triggers) into jobs; returns rows expanded."""
+    return int(connection.execute("SELECT imgembed.expand_intake(%s)", (max_rows,)).fetchone()[0])  # type: ignore[index]
+
+
 def claim_batch(connection: psycopg.Connection, batch_size: int, lease_seconds: float) -> Claim | None:
     row = connection.execute(
         "SELECT claim_id, model_name, job_ids FROM imgembed.claim_batch(%s, %s)", (batch_size, lease_seconds)

@@ -26,7 +26,10 @@ class Dispatcher:
         self.stop_event = threading.Event()
 
     def dispatch_once(self, connection: psycopg.Connection) -> int:
-        """Recover expired leases, then send tasks while jobs are ready. Returns tasks sent."""
+        """Expand the intake into jobs, recover expired leases, then send tasks while jobs are
+        ready. Returns tasks sent."""
+        while db.expand_intake(connection) and not self.stop_event.is_set():
+            pass
         recovered = db.recover_expired(connection, self.settings.max_attempts)
         if recovered:
             log.warning("recovered %d jobs whose lease expired", recovered)

@@ -17,7 +17,7 @@ branch_labels = None
 depends_on = None
 
 SPINE_TABLES = [
-    tables.model, tables.watch, tables.watch_model, tables.job, tables.image,
+    tables.model, tables.watch, tables.watch_model, tables.job, tables.intake, tables.image,
     tables.text_query, tables.label_prompt, tables.interaction,
     tables.cluster_run, tables.cluster_member, tables.cluster_centre, tables.anomaly_threshold, tables.projection,
     tables.worker_heartbeat,

@@ -50,7 +50,7 @@ def grouped_table(db: psycopg.Connection) -> tuple[psycopg.Connection, np.ndarra
                            [(i, image, f"group{truth[i]}", bool(truth[i] == 0 and i % 5 != 0)) for i in range(len(truth))])
     db.execute("SELECT imgembed.watch('parts', 'photo', label_column => 'kind')")
     load_vectors(db, "public.parts", list(range(len(truth))), vectors)
-    db.execute("DELETE FROM imgembed.job")  # vectors were written directly: nothing for workers to embed
+    db.execute("DELETE FROM imgembed.intake")  # vectors were written directly: nothing for workers to embed
     return db, vectors, truth
 
 

@@ -137,6 +137,7 @@ def test_two_histories_in_one_database(fresh_database: Callable[[str | None], st
     with connect(url) as connection:
         models = connection.execute("SELECT model FROM imgembed.status WHERE table_name = 'public.products' ORDER BY 1").fetchall()
         assert models == [("imgembed-micro",), ("imgembed-tiny",)]
+        connection.execute("SELECT imgembed.expand_intake()")
         assert connection.execute("SELECT count(*) FROM imgembed.job j JOIN imgembed.watch w ON w.id = j.watch_id "
                                   "WHERE w.table_name = 'public.products'").fetchone()[0] == 4
 

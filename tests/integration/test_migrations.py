@@ -35,6 +35,7 @@ def test_upgrade_downgrade_upgrade_keeps_user_tables(fresh_database: Callable[[s
     with connect(url) as connection:
         register_model(connection, "imgembed-tiny")
         connection.execute("SELECT imgembed.watch('shop', 'photo')")
+        connection.execute("SELECT imgembed.expand_intake()")
         assert connection.execute("SELECT count(*) FROM imgembed.job").fetchone()[0] == 25
 
     migrate.downgrade(url, "base")
@@ -51,6 +52,7 @@ def test_upgrade_downgrade_upgrade_keeps_user_tables(fresh_database: Callable[[s
     with connect(url) as connection:
         register_model(connection, "imgembed-tiny")
         connection.execute("SELECT imgembed.watch('shop', 'photo')")
+        connection.execute("SELECT imgembed.expand_intake()")
         assert connection.execute("SELECT count(*) FROM imgembed.job").fetchone()[0] == 26
         assert connection.execute("SELECT count(*) FROM shop").fetchone()[0] == 26
 

@@ -14,6 +14,8 @@ def storage_of(db: psycopg.Connection, table: str) -> str:
 
 
 def jobs(db: psycopg.Connection, status: str = "pending") -> list[str]:
+    """Jobs by status, after expanding what the triggers queued (as a dispatcher does)."""
+    db.execute("SELECT imgembed.expand_intake(1000)")
     return [row[0] for row in db.execute("SELECT key FROM imgembed.job WHERE status = %s ORDER BY id", (status,))]
 
 
