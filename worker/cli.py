@@ -90,7 +90,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         from worker.embedding import ModelLoadError
 
         try:
-            runtime().model(settings.model)
+            runtime().model(settings.model, "image")
         except ModelLoadError as error:
             log.warning("%s; jobs for it will fail with this reason until it loads", error)
     name = f"imgembed-{os.getpid()}@{socket.gethostname()}"

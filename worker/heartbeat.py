@@ -31,7 +31,7 @@ def start_heartbeat(runtime: WorkerRuntime, worker_name: str, database_url: str)
                 device = str(loaded[0].device) if loaded else runtime.settings.device
                 connection.execute(
                     "SELECT imgembed.worker_beat(%s, %s, %s, %s, %s)",
-                    (worker_name, os.getpid(), device, sorted(runtime.models), runtime.batches),
+                    (worker_name, os.getpid(), device, sorted({name for name, _ in list(runtime.models)}), runtime.batches),
                 )
             except (psycopg.Error, RuntimeError) as error:  # RuntimeError: models changed while read
                 log.warning("heartbeat failed (%s); retrying", str(error).strip())

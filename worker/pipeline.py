@@ -16,7 +16,7 @@ import psycopg
 import torch
 
 from worker import db
-from worker.embedding import LoadedModel, ModelLoadError, load_model
+from worker.embedding import LoadedModel, ModelLoadError, Tower, load_model
 from worker.images import ImageError, ImageSource, decode_image, read_source
 from worker.model_spec import parse_model_spec
 from worker.settings import Settings, require_database_url
@@ -50,7 +50,7 @@ class WorkerRuntime:
     previous one written, so reading, decoding and writing hide behind the model."""
 
     settings: Settings
-    models: dict[str, LoadedModel] = field(default_factory=dict)
+    models: dict[tuple[str, Tower], LoadedModel] = field(default_factory=dict)
     batches: int = 0
     forward_lock: threading.Lock = field(default_factory=threading.Lock)
     _load_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -72,11 +72,12 @@ class WorkerRuntime:
                 self._decoders = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="imgembed-decode")
             return self._decoders
 
-    def model(self, name: str) -> LoadedModel:
+    def model(self, name: str, tower: Tower = "image") -> LoadedModel:
+        """The model, loaded once per process with only the tower jobs need (image or text)."""
         with self._load_lock:
-            if name not in self.models:
-                self.models[name] = load_model(parse_model_spec(name), self.settings.device)
-            return self.models[name]
+            if (name, tower) not in self.models:
+                self.models[(name, tower)] = load_model(parse_model_spec(name), self.settings.device, tower=tower)
+            return self.models[(name, tower)]
 
     def count_batch(self) -> None:
         with self._load_lock:
@@ -129,35 +130,44 @@ def run_claim(runtime: WorkerRuntime, claim_id: UUID, model_name: str) -> BatchO
     gone = len(done)
     failures: list[db.JobFailure] = []
 
-    started = time.perf_counter()
-    try:
-        model = runtime.model(model_name)
-    except ModelLoadError as error:
-        failures = [db.JobFailure(image.job_id, str(error), True) for image in images]
-        decode_ms = embed_ms = 0.0
-    else:
-        texts = [item for item in images if item.text is not None]
-        pictures = [item for item in images if item.text is None]
-        prepared = list(runtime.decoders().map(lambda image: _prepare(image, model, settings), pictures))
-        decode_ms = (time.perf_counter() - started) * 1000
-        good: list[tuple[int, torch.Tensor]] = []
-        for image, result in zip(pictures, prepared):
-            if isinstance(result, ImageError):
-                failures.append(db.JobFailure(image.job_id, str(result), result.retryable))
-            else:
-                good.append((image.job_id, result))
-        embed_started = time.perf_counter()
-        for start in range(0, len(good), settings.batch_size):
-            chunk = good[start : start + settings.batch_size]
-            batch = torch.stack([pixels for _, pixels in chunk])
-            with runtime.forward_lock:
-                _embed_chunk(lambda: model.embed_pixels(batch), [job_id for job_id, _ in chunk], done, failures)
-        for start in range(0, len(texts), settings.batch_size):
-            text_chunk = texts[start : start + settings.batch_size]
-            with runtime.forward_lock:
-                _embed_chunk(lambda: model.embed_texts([item.text or "" for item in text_chunk]),
-                             [item.job_id for item in text_chunk], done, failures)
-        embed_ms = (time.perf_counter() - embed_started) * 1000
+    texts = [item for item in images if item.text is not None]
+    pictures = [item for item in images if item.text is None]
+    decode_ms = embed_ms = 0.0
+    if pictures:
+        try:
+            image_model = runtime.model(model_name, "image")
+        except ModelLoadError as error:
+            failures += [db.JobFailure(item.job_id, str(error), True) for item in pictures]
+        else:
+            started = time.perf_counter()
+            prepared = list(runtime.decoders().map(lambda item: _prepare(item, image_model, settings), pictures))
+            decode_ms = (time.perf_counter() - started) * 1000
+            good: list[tuple[int, torch.Tensor]] = []
+            for item, result in zip(pictures, prepared):
+                if isinstance(result, ImageError):
+                    failures.append(db.JobFailure(item.job_id, str(result), result.retryable))
+                else:
+                    good.append((item.job_id, result))
+            embed_started = time.perf_counter()
+            for first in range(0, len(good), settings.batch_size):
+                chunk = good[first : first + settings.batch_size]
+                batch = torch.stack([pixels for _, pixels in chunk])
+                with runtime.forward_lock:
+                    _embed_chunk(lambda: image_model.embed_pixels(batch), [job_id for job_id, _ in chunk], done, failures)
+            embed_ms += (time.perf_counter() - embed_started) * 1000
+    if texts:
+        try:
+            text_model = runtime.model(model_name, "text")
+        except ModelLoadError as error:
+            failures += [db.JobFailure(item.job_id, str(error), True) for item in texts]
+        else:
+            embed_started = time.perf_counter()
+            for first in range(0, len(texts), settings.batch_size):
+                text_chunk = texts[first : first + settings.batch_size]
+                with runtime.forward_lock:
+                    _embed_chunk(lambda: text_model.embed_texts([item.text or "" for item in text_chunk]),
+                                 [item.job_id for item in text_chunk], done, failures)
+            embed_ms += (time.perf_counter() - embed_started) * 1000
 
     write_started = time.perf_counter()
     written = db.finish_batch(
