@@ -13,7 +13,7 @@ from worker.db import as_array
 
 log = logging.getLogger(__name__)
 
-K_SEARCH_MAX = 15
+K_SEARCH_MAX = 20
 SILHOUETTE_SAMPLE = 5000
 
 
