@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -96,21 +97,41 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     name = f"imgembed-{os.getpid()}@{socket.gethostname()}"
     stop_beating = start_heartbeat(runtime(), name, require_database_url(settings))
     try:
-        app.worker_main(
-            [
-                "worker",
-                "--pool=threads",
-                f"--concurrency={settings.worker_threads}",
-                f"--queues={settings.queue}",
-                f"--loglevel={settings.log_level}",
-                f"--hostname={name}",
-                "--without-gossip",
-                "--without-mingle",
-            ]
-        )
+        run_celery_worker(app, [
+            "worker",
+            "--pool=threads",
+            f"--concurrency={settings.worker_threads}",
+            f"--queues={settings.queue}",
+            f"--loglevel={settings.log_level}",
+            f"--hostname={name}",
+            "--without-gossip",
+            "--without-mingle",
+        ])
     finally:
         stop_beating.set()
     return 0
+
+
+def run_celery_worker(app: object, argv: list[str], backoff_seconds: float = 2.0) -> None:
+    """Run Celery's worker until a signal asks it to stop. Celery can stop on its own after broker
+    trouble (an 'Unrecoverable error' inside kombu while Redis restarts): then it starts again in
+    this process, with the models still loaded. Jobs of the lost messages come back by lease."""
+    from celery import signals
+    from celery.worker import state
+
+    asked_to_stop = threading.Event()
+    signals.worker_shutting_down.connect(lambda **_: asked_to_stop.set(), weak=False)
+    while True:
+        try:
+            app.worker_main(argv)  # type: ignore[attr-defined]
+        except SystemExit:
+            pass
+        if asked_to_stop.is_set():
+            return
+        log.error("the Celery worker stopped without being asked to (broker trouble?); starting it again in %.0fs",
+                  backoff_seconds)
+        state.should_stop = state.should_terminate = None
+        time.sleep(backoff_seconds)
 
 
 def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:

@@ -29,8 +29,8 @@ BURST = 50
 
 
 class Writer(threading.Thread):
-    """Inserts its rows in bursts, then changes some images and deletes some rows; retries a
-    burst whose transaction the database restart broke."""
+    """Inserts its rows in bursts, changes some images and deletes some rows; retries a burst
+    whose transaction the database restart broke (every statement is safe to run twice)."""
 
     def __init__(self, number: int, database_url: str, images: list[bytes]) -> None:
         super().__init__(name=f"writer-{number}")
@@ -53,7 +53,9 @@ class Writer(threading.Thread):
             first = self.number * ROWS_PER_WRITER
             for start in range(first, first + ROWS_PER_WRITER, BURST):
                 rows = [(i, self.images[i % len(self.images)]) for i in range(start, start + BURST)]
-                self.transaction(lambda c: c.cursor().executemany("INSERT INTO stress VALUES (%s, %s)", rows))
+                # ON CONFLICT: a burst whose commit reply was lost in the restart is retried as a no-op.
+                self.transaction(lambda c: c.cursor().executemany(
+                    "INSERT INTO stress VALUES (%s, %s) ON CONFLICT (id) DO NOTHING", rows))
                 time.sleep(rng.uniform(0, 0.05))
                 if start > first:
                     changed = rng.sample(range(first, start), 3)

@@ -117,3 +117,24 @@ def test_format_table() -> None:
     text = format_table(["a", "bb"], [[1, None], ["long", timedelta(seconds=2)]])
     assert text.splitlines()[0] == "a     bb"
     assert "2.0s" in text and "-" in text.splitlines()[2]
+
+
+def test_celery_worker_is_started_again_unless_asked_to_stop() -> None:
+    from celery import signals
+
+    from worker.cli import run_celery_worker
+
+    class FlakyCelery:
+        """Stops on its own the first time (as after a broker error), by a signal the second."""
+
+        calls = 0
+
+        def worker_main(self, argv: list[str]) -> None:
+            self.calls += 1
+            if self.calls == 2:
+                signals.worker_shutting_down.send(sender=None, sig="SIGTERM", how="Warm", exitcode=0)
+            raise SystemExit(0)
+
+    app = FlakyCelery()
+    run_celery_worker(app, ["worker"], backoff_seconds=0)
+    assert app.calls == 2
