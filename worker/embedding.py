@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import threading
@@ -82,6 +83,15 @@ class LoadedModel:
         return features.cpu().numpy()
 
 
+def _return_freed_memory() -> None:
+    """Hand the memory freed while building the model (the dropped tower, temporaries) back to
+    the OS (glibc keeps it otherwise): about 150 MB for ViT-B-32."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def _keep_tower(model: Any, tower: Tower) -> None:
     """Free the tower a worker does not need: image jobs never touch the text tower, and text jobs
     never touch the image tower (a third of ViT-B-32's weights, more for larger text towers)."""
@@ -122,6 +132,7 @@ def load_model(spec: ModelSpec, device_setting: str = "auto", tower: Tower = "bo
         dim = int(model.encode_image(torch.zeros(1, 3, input_size, input_size)).shape[-1])
     _keep_tower(model, tower)
     gc.collect()
+    _return_freed_memory()
     model.eval().to(device)
     log.info("loaded model %s (%s tower%s) on %s (dim %s, input %spx)", spec.name, tower,
              "s" if tower == "both" else "", device, dim, input_size)
