@@ -44,8 +44,7 @@ def main() -> int:
             time.sleep(0.5)
         db.execute("SELECT imgembed.set_known_good('parts', good_column => 'good')")
         db.execute("SELECT imgembed.calibrate_anomalies('parts')")
-        storage = db.execute("SELECT storage_table FROM imgembed.watch_model wm JOIN imgembed.watch w ON w.id = wm.watch_id "
-                             "WHERE w.table_name = 'public.parts'").fetchone()[0]
+        storage = db.execute("SELECT imgembed.storage_table('parts')").fetchone()[0]
         rows = db.execute(
             f"SELECT p.id, e.embedding, p.photo, p.kind, m.cluster, p.good, a.is_anomaly "
             f"FROM parts p JOIN imgembed.{storage} e ON e.id = p.id "

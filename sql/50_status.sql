@@ -99,3 +99,12 @@ LANGUAGE sql AS $$
            last_seen = now();
     DELETE FROM imgembed.worker_heartbeat WHERE last_seen < now() - interval '1 day';
 $$;
+
+-- The name (in schema imgembed) of the table holding a watched table's vectors for a model
+-- (default: the table's default model), for queries that read vectors directly.
+CREATE OR REPLACE FUNCTION imgembed.storage_table(tbl regclass, model text DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (imgembed._watch_model_of(imgembed._watch_of(tbl), model)).storage_table;
+END $$;

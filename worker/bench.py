@@ -159,9 +159,7 @@ def insert_latency(connection: psycopg.Connection, inserts: int) -> tuple[float,
     photo = sorted(PHOTOS.glob("*.JPEG"))[0].read_bytes()
     connection.execute("CREATE TABLE bench_latency (id bigint PRIMARY KEY, image bytea)")
     connection.execute("SELECT imgembed.watch('bench_latency', 'image')")
-    storage = connection.execute(
-        "SELECT wm.storage_table FROM imgembed.watch_model wm JOIN imgembed.watch w ON w.id = wm.watch_id "
-        "WHERE w.table_name = 'public.bench_latency' AND wm.is_default").fetchone()[0]  # type: ignore[index]
+    storage = connection.execute("SELECT imgembed.storage_table('bench_latency')").fetchone()[0]  # type: ignore[index]
     latencies = []
     for i in range(inserts):
         connection.execute("INSERT INTO bench_latency VALUES (%s, %s)", (i, photo))  # autocommit: committed now
@@ -202,9 +200,7 @@ def search_figures(connection: psycopg.Connection, size: BenchSize, results: Res
     connection.execute("INSERT INTO bench_search SELECT g, NULL, CASE WHEN g %% 100 = 0 THEN 'rare' ELSE 'common' END "
                        "FROM generate_series(0, %s - 1) g", (count,))
     connection.execute("SELECT imgembed.watch('bench_search', 'path', model => %s)", (model_name,))
-    storage = connection.execute(
-        "SELECT wm.storage_table FROM imgembed.watch_model wm JOIN imgembed.watch w ON w.id = wm.watch_id "
-        "WHERE w.table_name = 'public.bench_search'").fetchone()[0]  # type: ignore[index]
+    storage = connection.execute("SELECT imgembed.storage_table('bench_search')").fetchone()[0]  # type: ignore[index]
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(50, dim))
     half = count // 2

@@ -122,10 +122,7 @@ def label_of(connection: psycopg.Connection, key: int) -> str:
 
 
 def write_map(connection: psycopg.Connection, settings: Settings, model: str, out: Path) -> Path:
-    storage = connection.execute(
-        "SELECT wm.storage_table FROM imgembed.watch_model wm JOIN imgembed.watch w ON w.id = wm.watch_id "
-        "JOIN imgembed.model m ON m.id = wm.model_id WHERE w.table_name = 'imgembed.image' AND m.name = %s",
-        (model,)).fetchone()[0]  # type: ignore[index]
+    storage = connection.execute("SELECT imgembed.storage_table('imgembed.image', %s)", (model,)).fetchone()[0]  # type: ignore[index]
     rows = connection.execute(
         f"SELECT i.content, i.uri, coalesce(i.label, i.metadata->>'truth'), e.embedding "  # noqa: S608 - catalog name
         f"FROM imgembed.image i JOIN imgembed.{storage} e ON e.id = i.id ORDER BY i.id").fetchall()

@@ -207,14 +207,12 @@ def test_sqlalchemy_helpers_match_the_sql_functions(database_url: str) -> None:
             cursor.executemany("INSERT INTO catalogue VALUES (%s, 'x', %s)",
                                [(i, None if i < 10 else ("a", "b", "c")[i % 3]) for i in range(120)])
         db.execute("SELECT imgembed.watch('catalogue', 'photo', label_column => 'kind')")
-        storage = db.execute("SELECT storage_table FROM imgembed.watch_model wm JOIN imgembed.watch w ON w.id = wm.watch_id "
-                             "WHERE w.table_name = 'public.catalogue'").fetchone()[0]
+        storage = db.execute("SELECT imgembed.storage_table('catalogue')").fetchone()[0]
         with db.cursor() as cursor:
             cursor.executemany(f"INSERT INTO imgembed.{storage} VALUES (%s, %s, 0)", [(i, vectors[i]) for i in range(120)])
         # A text whose vector is already stored: search_text answers without a worker.
         text_id = db.execute("SELECT imgembed.request_text('something')").fetchone()[0]
-        text_storage = db.execute("SELECT storage_table FROM imgembed.watch_model wm JOIN imgembed.watch w "
-                                  "ON w.id = wm.watch_id WHERE w.table_name = 'imgembed.text_query'").fetchone()[0]
+        text_storage = db.execute("SELECT imgembed.storage_table('imgembed.text_query')").fetchone()[0]
         db.execute(f"INSERT INTO imgembed.{text_storage} VALUES (%s, %s, 0)", (text_id, vectors[7]))
         raw = {
             "similar": db.execute("SELECT id, distance FROM imgembed.similar('catalogue', 3::bigint, 5, exact => true)").fetchall(),

@@ -120,8 +120,7 @@ def test_nothing_lost_under_faults(
                 "SELECT count(*) FROM imgembed.job").fetchone()[0] == 0
         wait_for(settled, 300, "every job done after the faults")
 
-        storage = check.execute("SELECT storage_table FROM imgembed.watch_model wm JOIN imgembed.watch w "
-                                "ON w.id = wm.watch_id WHERE w.table_name = 'public.stress'").fetchone()[0]
+        storage = check.execute("SELECT imgembed.storage_table('stress')").fetchone()[0]
         rows = dict(check.execute("SELECT id, image FROM stress").fetchall())
         vectors = dict(check.execute(f"SELECT id, embedding FROM imgembed.{storage}").fetchall())
         assert set(vectors) == set(rows), "every row has a vector and no deleted row has one"

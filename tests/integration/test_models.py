@@ -20,10 +20,7 @@ SECOND_MODEL = "imgembed-micro"  # 32 dimensions beside the test model's 64
 
 
 def storage(db: psycopg.Connection, model: str) -> str:
-    return db.execute(
-        "SELECT wm.storage_table FROM imgembed.watch_model wm JOIN imgembed.watch w ON w.id = wm.watch_id "
-        "JOIN imgembed.model m ON m.id = wm.model_id WHERE w.table_name = 'public.gallery' AND m.name = %s", (model,)
-    ).fetchone()[0]
+    return db.execute("SELECT imgembed.storage_table('gallery', %s)", (model,)).fetchone()[0]
 
 
 def settled(db: psycopg.Connection, model: str, rows: int) -> bool:

@@ -43,10 +43,7 @@ def wait_until_settled(db: psycopg.Connection, table: str, expected_done: int, t
 
 
 def storage_of(db: psycopg.Connection, table: str) -> str:
-    return db.execute(
-        "SELECT wm.storage_table FROM imgembed.watch_model wm JOIN imgembed.watch w ON w.id = wm.watch_id "
-        "WHERE w.table_name = %s AND wm.is_default", (table,)
-    ).fetchone()[0]
+    return db.execute("SELECT imgembed.storage_table(%s)", (table,)).fetchone()[0]
 
 
 def shape_files(directory: Path, count: int) -> list[Path]:

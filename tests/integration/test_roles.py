@@ -53,8 +53,7 @@ def test_worker_role_runs_the_pipeline_without_reading_user_tables(
 
 def test_reader_role_searches_but_changes_nothing(shop: tuple[psycopg.Connection, str, str], database_url: str) -> None:
     db, reader, _ = shop
-    storage = db.execute("SELECT storage_table FROM imgembed.watch_model wm JOIN imgembed.watch w ON w.id = wm.watch_id "
-                         "WHERE w.table_name = 'public.products'").fetchone()[0]
+    storage = db.execute("SELECT imgembed.storage_table('products')").fetchone()[0]
     db.execute(f"INSERT INTO imgembed.{storage} SELECT g, array_fill(g::real + 1, ARRAY[64])::vector, 0 "
                "FROM generate_series(0, 11) g")
     with login_as(database_url, reader) as connection:

@@ -26,10 +26,7 @@ def make_vectors(count: int, seed: int = 0) -> np.ndarray:
 
 
 def storage_of(db: psycopg.Connection, table: str) -> str:
-    return db.execute(
-        "SELECT wm.storage_table FROM imgembed.watch_model wm JOIN imgembed.watch w ON w.id = wm.watch_id "
-        "WHERE w.table_name = %s AND wm.is_default", (table,)
-    ).fetchone()[0]
+    return db.execute("SELECT imgembed.storage_table(%s)", (table,)).fetchone()[0]
 
 
 def load_vectors(db: psycopg.Connection, table: str, keys: list[object], vectors: np.ndarray) -> None:
