@@ -61,6 +61,16 @@ BEGIN
     RETURN v_model;
 END $$;
 
+-- Whether a pending job exists for this row and model: it supersedes an in-flight or failed one
+-- (the row changed meanwhile, and the pending job will read its current image).
+CREATE OR REPLACE FUNCTION imgembed._superseded(p_watch_id integer, p_model_id integer, p_key text)
+RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM imgembed.job p
+                    WHERE p.status = 'pending' AND p.watch_id = p_watch_id AND p.model_id = p_model_id
+                      AND p.key = p_key)
+$$;
+
 -- Wake the dispatchers when jobs were queued. The payload is constant, so PostgreSQL folds the
 -- notifications of one transaction into one.
 CREATE OR REPLACE FUNCTION imgembed._notify_jobs(p_queued bigint)

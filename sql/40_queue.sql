@@ -90,8 +90,7 @@ DECLARE
 BEGIN
     DELETE FROM imgembed.job j
      WHERE j.claim_id = p_claim AND j.status = 'in_flight'
-       AND EXISTS (SELECT 1 FROM imgembed.job p WHERE p.status = 'pending' AND p.watch_id = j.watch_id
-                      AND p.model_id = j.model_id AND p.key = j.key);
+       AND imgembed._superseded(j.watch_id, j.model_id, j.key);
     UPDATE imgembed.job
        SET status = 'pending', claim_id = NULL, lease_until = NULL, attempts = greatest(attempts - 1, 0),
            updated_at = now()
@@ -110,8 +109,7 @@ DECLARE
 BEGIN
     DELETE FROM imgembed.job j
      WHERE j.status = 'in_flight' AND j.lease_until < now()
-       AND EXISTS (SELECT 1 FROM imgembed.job p WHERE p.status = 'pending' AND p.watch_id = j.watch_id
-                      AND p.model_id = j.model_id AND p.key = j.key);
+       AND imgembed._superseded(j.watch_id, j.model_id, j.key);
     WITH expired AS (
         SELECT id FROM imgembed.job
          WHERE status = 'in_flight' AND lease_until < now()
@@ -214,8 +212,7 @@ BEGIN
     -- Failures superseded by a newer pending job (the image changed meanwhile) are dropped.
     DELETE FROM imgembed.job j
      WHERE j.id = ANY (v_owned) AND j.id = ANY (p_failed_ids)
-       AND EXISTS (SELECT 1 FROM imgembed.job p WHERE p.status = 'pending' AND p.watch_id = j.watch_id
-                      AND p.model_id = j.model_id AND p.key = j.key);
+       AND imgembed._superseded(j.watch_id, j.model_id, j.key);
     UPDATE imgembed.job j
        SET status = CASE WHEN f.retryable AND j.attempts < p_max_attempts THEN 'pending' ELSE 'failed' END,
            last_error = f.error,
@@ -239,8 +236,7 @@ BEGIN
      WHERE j.status = 'failed'
        AND (v_watch_id IS NULL OR j.watch_id = v_watch_id)
        AND (p_reason IS NULL OR strpos(j.last_error, p_reason) > 0)
-       AND EXISTS (SELECT 1 FROM imgembed.job p WHERE p.status = 'pending' AND p.watch_id = j.watch_id
-                      AND p.model_id = j.model_id AND p.key = j.key);
+       AND imgembed._superseded(j.watch_id, j.model_id, j.key);
     UPDATE imgembed.job
        SET status = 'pending', attempts = 0, not_before = now(), updated_at = now()
      WHERE status = 'failed' AND (v_watch_id IS NULL OR watch_id = v_watch_id)

@@ -39,6 +39,10 @@ def wait_for(predicate: Callable[[], object], timeout: float, message: str, inte
         time.sleep(interval)
 
 
+def storage_of(db: psycopg.Connection, table: str) -> str:
+    return db.execute("SELECT imgembed.storage_table(%s)", (table,)).fetchone()[0]
+
+
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
     server = EmbeddedPostgres(tmp_path_factory.mktemp("postgres"), durable=False)

@@ -18,7 +18,7 @@ from worker.images import ImageError, ImageSource, decode_image, read_source
 from worker.ingest import ingest_paths
 from worker.mapping import draw_map, project_2d
 from worker.model_spec import parse_model_spec
-from worker.models import register_model
+from worker.models import register_model, wait_for_backfill
 from worker.report import format_table, status_report
 from worker.settings import DEFAULT_MODEL, Settings
 from worker.stack import local_stack
@@ -51,23 +51,6 @@ def photo_labels(photos_dir: Path) -> dict[Path, str]:
     file_column = next((i for i, name in enumerate(header) if name.lower() in ("file", "filename", "path")), 0)
     label_column = next((i for i, name in enumerate(header) if name.lower() in ("label", "class", "name")), 1)
     return {(photos_dir / row[file_column]).resolve(): row[label_column] for row in body if len(row) > label_column}
-
-
-def wait_for_embeddings(connection: psycopg.Connection, model: str, total: int) -> None:
-    from tqdm import tqdm
-
-    query = ("SELECT embedded, failed, pending + in_flight FROM imgembed.status "
-             "WHERE table_name = 'imgembed.image' AND model = %s")
-    deadline = time.monotonic() + WAIT_LIMIT_SECONDS
-    with tqdm(total=total, desc="embedding", unit="img") as progress:
-        while time.monotonic() < deadline:
-            embedded, failed, waiting = connection.execute(query, (model,)).fetchone()  # type: ignore[misc]
-            progress.n = embedded + failed
-            progress.refresh()
-            if waiting == 0 and embedded + failed >= total:
-                return
-            time.sleep(0.5)
-    raise TimeoutError(f"embeddings not finished after {WAIT_LIMIT_SECONDS}s; see `imgembed status`")
 
 
 def section(title: str, headers: list[str], rows: list[tuple[object, ...]]) -> None:
@@ -159,7 +142,7 @@ def run_demo(settings: Settings, photos_dir: str | None = None, generated: int =
             count, ids_by_label = ingest_generated(connection, generated)
             total += count
             print(f"inserted {count} generated images ({HELD_OUT} unlabelled); {total} in all")
-            wait_for_embeddings(connection, model, total)
+            wait_for_backfill(connection, model, ["imgembed.image"], timeout=WAIT_LIMIT_SECONDS, desc="embedding")
             show_answers(connection, ids_by_label)
             print("\n== Status (imgembed.status)\n" + status_report(connection))
             picture = write_map(connection, settings, model, Path(map_out).resolve())

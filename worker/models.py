@@ -54,15 +54,18 @@ def unfinished_jobs(connection: psycopg.Connection, model: str, tables: list[str
     ).fetchone()[0])  # type: ignore[index]
 
 
-def wait_for_backfill(connection: psycopg.Connection, model: str, tables: list[str], timeout: float | None = None) -> None:
-    """Block with a progress bar (rate, ETA) until no job of `model` on `tables` is pending."""
+def wait_for_backfill(
+    connection: psycopg.Connection, model: str, tables: list[str], timeout: float | None = None,
+    desc: str | None = None,
+) -> None:
+    """Block with a progress bar (rate, ETA) until no row of `tables` waits for `model`."""
     import time
 
     from tqdm import tqdm
 
     total = unfinished_jobs(connection, model, tables)
     deadline = None if timeout is None else time.monotonic() + timeout
-    with tqdm(total=total, desc=f"backfilling {model}", unit="img") as progress:
+    with tqdm(total=total, desc=desc or f"backfilling {model}", unit="img") as progress:
         while True:
             remaining = unfinished_jobs(connection, model, tables)
             progress.total = max(progress.total, remaining)

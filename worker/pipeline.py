@@ -55,7 +55,6 @@ class WorkerRuntime:
     forward_lock: threading.Lock = field(default_factory=threading.Lock)
     _load_lock: threading.Lock = field(default_factory=threading.Lock)
     _local: threading.local = field(default_factory=threading.local)
-    _connections: list[psycopg.Connection] = field(default_factory=list)
     _decoders: ThreadPoolExecutor | None = None
 
     def connection(self) -> psycopg.Connection:
@@ -63,7 +62,6 @@ class WorkerRuntime:
         if connection is None or connection.closed or connection.broken:
             connection = db.connect(require_database_url(self.settings), application_name="imgembed-worker")
             self._local.connection = connection
-            self._connections.append(connection)
         return connection
 
     def decoders(self) -> ThreadPoolExecutor:
@@ -82,12 +80,6 @@ class WorkerRuntime:
     def count_batch(self) -> None:
         with self._load_lock:
             self.batches += 1
-
-    def close(self) -> None:
-        for connection in self._connections:
-            connection.close()
-        if self._decoders is not None:
-            self._decoders.shutdown(wait=False, cancel_futures=True)
 
 
 def _prepare(image: db.ClaimedImage, model: LoadedModel, settings: Settings) -> torch.Tensor | ImageError:

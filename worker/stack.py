@@ -80,7 +80,7 @@ class Stack:
 
 
 @contextmanager
-def local_stack(settings: Settings, *, durable: bool = True, with_processes: bool = True) -> Iterator[Stack]:
+def local_stack(settings: Settings, *, durable: bool = True) -> Iterator[Stack]:
     """Start what is missing, migrate, run a dispatcher and a worker; undo it all on exit."""
     with ExitStack() as cleanup:
         if not settings.database_url:
@@ -98,8 +98,7 @@ def local_stack(settings: Settings, *, durable: bool = True, with_processes: boo
             cleanup.callback(redis.stop)
         prepare_database(settings)
         stack = Stack(settings)
-        if with_processes:
-            cleanup.callback(stack.stop_children)
-            stack.spawn("dispatch")
-            stack.spawn("worker")
+        cleanup.callback(stack.stop_children)
+        stack.spawn("dispatch")
+        stack.spawn("worker")
         yield stack

@@ -15,7 +15,7 @@ from sklearn.metrics import adjusted_rand_score, roc_auc_score
 from sklearn.neighbors import NearestCentroid, NearestNeighbors
 
 from tests.conftest import REPO, Services, wait_for
-from tests.integration.test_search_sql import load_vectors, storage_of, unit
+from tests.integration.test_search_sql import load_vectors, unit
 from worker.clustering import fit_clusters
 from worker.models import register_model
 from worker.synthetic import random_shapes

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from PIL import Image
 
-from tests.conftest import TESTDATA, Services, wait_for
+from tests.conftest import TESTDATA, Services, storage_of, wait_for
 from worker.synthetic import random_shapes
 
 ODD_IMAGES = TESTDATA / "odd-images"
@@ -40,10 +40,6 @@ def wait_until_settled(db: psycopg.Connection, table: str, expected_done: int, t
         return pending == 0 and in_flight == 0 and embedded + failed >= expected_done
 
     wait_for(settled, timeout, f"{expected_done} rows of {table} embedded or failed (now {backlog(db, table)})")
-
-
-def storage_of(db: psycopg.Connection, table: str) -> str:
-    return db.execute("SELECT imgembed.storage_table(%s)", (table,)).fetchone()[0]
 
 
 def shape_files(directory: Path, count: int) -> list[Path]:

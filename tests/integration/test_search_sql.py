@@ -7,6 +7,8 @@ import json
 import numpy as np
 import psycopg
 import pytest
+
+from tests.conftest import storage_of
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 DIM = 64  # the test model's dimension
@@ -23,10 +25,6 @@ def make_vectors(count: int, seed: int = 0) -> np.ndarray:
     centres = rng.normal(size=(20, DIM))
     clustered = centres[rng.integers(0, 20, count // 2)] + 0.35 * rng.normal(size=(count // 2, DIM))
     return unit(np.vstack([rng.normal(size=(count - count // 2, DIM)), clustered]))
-
-
-def storage_of(db: psycopg.Connection, table: str) -> str:
-    return db.execute("SELECT imgembed.storage_table(%s)", (table,)).fetchone()[0]
 
 
 def load_vectors(db: psycopg.Connection, table: str, keys: list[object], vectors: np.ndarray) -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-
-def storage_of(db: psycopg.Connection, table: str) -> str:
-    return db.execute("SELECT imgembed.storage_table(%s)", (table,)).fetchone()[0]
+from tests.conftest import storage_of
 
 
 def jobs(db: psycopg.Connection, status: str = "pending") -> list[str]:
