@@ -1,5 +1,26 @@
 -- Attaching imgembed to tables: watch(), unwatch(), add_model().
 
+-- The HNSW index of one vector table. It indexes half-precision copies of the vectors (half the
+-- size and faster to compare, same recall at CLIP dimensions, up to 4,000 dimensions); searches
+-- re-rank its candidates with the full-precision vectors (see imgembed._knn).
+CREATE OR REPLACE FUNCTION imgembed._create_index(
+    p_storage text,
+    p_dim integer,
+    p_m integer DEFAULT 16,
+    p_ef_construction integer DEFAULT 64
+) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_dim > 4000 THEN
+        RAISE NOTICE 'no HNSW index on imgembed.%: pgvector indexes at most 4,000 dimensions; searches scan exactly',
+            p_storage;
+        RETURN;
+    END IF;
+    EXECUTE format('CREATE INDEX %I ON imgembed.%I USING hnsw ((embedding::halfvec(%s)) halfvec_cosine_ops) '
+                   'WITH (m = %s, ef_construction = %s)',
+                   p_storage || '_hnsw', p_storage, p_dim, p_m, p_ef_construction);
+END $$;
+
 -- Create the vector table of (watch, model), its HNSW index, and enqueue every existing row.
 CREATE OR REPLACE FUNCTION imgembed._attach_model(
     p_watch imgembed.watch,
@@ -20,14 +41,12 @@ BEGIN
         'CREATE TABLE imgembed.%I (id %s PRIMARY KEY, embedding vector(%s) NOT NULL, '
         'job_id bigint NOT NULL, embedded_at timestamptz NOT NULL DEFAULT now())',
         v_storage, p_watch.key_type, p_model.dim);
-    IF p_model.dim <= 2000 THEN
-        EXECUTE format('CREATE INDEX %I ON imgembed.%I USING hnsw (embedding vector_cosine_ops)',
-                       v_storage || '_hnsw', v_storage);
-    ELSE
-        -- HNSW indexes vectors up to 2,000 dimensions; halfvec goes to 4,000.
-        EXECUTE format('CREATE INDEX %I ON imgembed.%I USING hnsw ((embedding::halfvec(%s)) halfvec_cosine_ops)',
-                       v_storage || '_hnsw', v_storage, p_model.dim);
+    -- Vectors of up to 1,536 dimensions (6 KB) stay in the row instead of going to TOAST: exact
+    -- scans and re-ranking then read one page per row, not three (ten times faster at 512 dims).
+    IF p_model.dim <= 1536 THEN
+        EXECUTE format('ALTER TABLE imgembed.%I ALTER COLUMN embedding SET STORAGE PLAIN', v_storage);
     END IF;
+    PERFORM imgembed._create_index(v_storage, p_model.dim);
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'imgembed_reader') THEN
         EXECUTE format('GRANT SELECT ON imgembed.%I TO imgembed_reader', v_storage);
     END IF;
@@ -53,6 +72,25 @@ RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM imgembed._attach_model(imgembed._watch_of(p_tbl), imgembed._model_named(p_model), false);
+END $$;
+
+-- Build a watched table's HNSW index again with other settings (pgvector's m and
+-- ef_construction: larger is slower to build, bigger, and finds more true neighbours). Writes of
+-- new vectors for that table and model wait while it builds; raise maintenance_work_mem first.
+CREATE OR REPLACE FUNCTION imgembed.rebuild_index(
+    tbl regclass,
+    model text DEFAULT NULL,
+    m integer DEFAULT 16,
+    ef_construction integer DEFAULT 64
+) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_watch imgembed.watch := imgembed._watch_of(tbl);
+    v_link imgembed.watch_model := imgembed._watch_model_of(v_watch, model);
+BEGIN
+    EXECUTE format('DROP INDEX IF EXISTS imgembed.%I', v_link.storage_table || '_hnsw');
+    PERFORM imgembed._create_index(v_link.storage_table, registered.dim, m, ef_construction)
+       FROM imgembed.model registered WHERE registered.id = v_link.model_id;
 END $$;
 
 -- Attach to a table with explicit input columns: image bytes (bytea) and/or image location (text);

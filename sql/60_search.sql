@@ -75,8 +75,9 @@ $$;
 
 -- The k nearest rows to p_query, nearest first, as (text key, cosine distance).
 -- A filter matching few rows (imgembed.exact_scan_rows) is answered by an exact scan of them;
--- otherwise HNSW with pgvector's iterative scan (strict order) serves it, and if that still
--- finds fewer than k rows, the exact scan answers instead.
+-- otherwise the HNSW index (half precision) with pgvector's iterative scan (strict order) finds
+-- 2k candidates, re-ranked by their full-precision distance; if a filtered search still finds
+-- fewer than k rows, the exact scan answers instead. Distances are always full precision.
 -- Keyset pagination: rows after (p_after_distance, p_after_id) in (distance, key) order.
 CREATE OR REPLACE FUNCTION imgembed._knn(
     p_watch imgembed.watch,
@@ -97,7 +98,6 @@ AS $$
 DECLARE
     v_dim integer;
     v_filter text := imgembed._filter_sql(p_watch, p_filter, 4);
-    v_distance text;
     v_template text;
     v_ids text[];
     v_distances double precision[];
@@ -114,21 +114,19 @@ BEGIN
         RAISE EXCEPTION 'query vector has % dimensions but the model has %', vector_dims(p_query), v_dim
             USING ERRCODE = 'data_exception';
     END IF;
-    v_distance := CASE WHEN v_dim <= 2000 THEN 'e.embedding <=> $1'
-                       ELSE format('e.embedding::halfvec(%1$s) <=> $1::halfvec(%1$s)', v_dim) END;
-    -- %%s below is the ORDER BY, filled per path.
+    p_exact := p_exact OR v_dim > 4000;  -- no index above 4,000 dimensions (see _create_index)
+    -- The first %%s below is the ORDER BY, the second the LIMIT; both are filled per path.
     v_template := format(
-        'SELECT array_agg(q.id ORDER BY q.d, q.id), array_agg(q.d ORDER BY q.d, q.id) FROM ('
-        ' SELECT e.id::text AS id, (%1$s)::float8 AS d FROM imgembed.%2$I e %3$s'
-        ' WHERE e.id::text <> ALL ($3) AND (%4$s) AND (%5$s) AND (%6$s) ORDER BY %%s LIMIT $2) q',
-        v_distance,
+        'SELECT (array_agg(q.id ORDER BY q.d, q.id))[1:$2], (array_agg(q.d ORDER BY q.d, q.id))[1:$2] FROM ('
+        ' SELECT e.id::text AS id, (e.embedding <=> $1)::float8 AS d FROM imgembed.%1$I e %2$s'
+        ' WHERE e.id::text <> ALL ($3) AND (%3$s) AND (%4$s) AND (%5$s) ORDER BY %%s LIMIT %%s) q',
         p_link.storage_table,
         CASE WHEN v_filter IS NULL AND p_condition IS NULL THEN ''
              ELSE format('JOIN %s s ON s.%I = e.id', p_watch.tbl, p_watch.key_column) END,
         coalesce(v_filter, 'true'),
         coalesce(p_condition, 'true'),
         CASE WHEN p_after_distance IS NULL THEN 'true'
-             ELSE format('(%1$s) > $5 OR ((%1$s) = $5 AND e.id::text > $6)', v_distance) END);
+             ELSE '(e.embedding <=> $1) > $5 OR ((e.embedding <=> $1) = $5 AND e.id::text > $6)' END);
 
     IF p_ef_search IS NOT NULL THEN
         PERFORM set_config('hnsw.ef_search', greatest(p_ef_search, 1)::text, true);
@@ -141,13 +139,14 @@ BEGIN
           USING p_query, p_k, coalesce(p_exclude, '{}'), p_filter, p_after_distance, p_after_id, imgembed._exact_scan_rows();
     END IF;
     IF NOT p_exact THEN
-        EXECUTE format(v_template, v_distance)
+        -- The same expression as the index, so the planner walks it.
+        EXECUTE format(v_template, format('e.embedding::halfvec(%1$s) <=> $1::halfvec(%1$s)', v_dim), '$2 * 2')
            INTO v_ids, v_distances
           USING p_query, p_k, coalesce(p_exclude, '{}'), p_filter, p_after_distance, p_after_id;
     END IF;
     IF p_exact OR ((v_filter IS NOT NULL OR p_condition IS NOT NULL) AND coalesce(cardinality(v_ids), 0) < p_k) THEN
         -- "+ 0" keeps the planner off the index: an exact scan in (distance, key) order.
-        EXECUTE format(v_template, format('(%s) + 0, e.id::text', v_distance))
+        EXECUTE format(v_template, '(e.embedding <=> $1) + 0, e.id::text', '$2')
            INTO v_ids, v_distances
           USING p_query, p_k, coalesce(p_exclude, '{}'), p_filter, p_after_distance, p_after_id;
     END IF;
@@ -243,9 +242,10 @@ BEGIN
         '        least(e.id, n.id) AS a, greatest(e.id, n.id) AS b, n.d'
         '   FROM imgembed.%1$I e'
         '   CROSS JOIN LATERAL (SELECT f.id, (f.embedding <=> e.embedding)::float8 AS d FROM imgembed.%1$I f'
-        '                        WHERE f.id <> e.id ORDER BY f.embedding <=> e.embedding LIMIT $2) n'
+        '                        WHERE f.id <> e.id'
+        '                        ORDER BY f.embedding::halfvec(%2$s) <=> e.embedding::halfvec(%2$s) LIMIT $2) n'
         '  WHERE n.d <= $1 ORDER BY least(e.id, n.id), greatest(e.id, n.id)) p'
         ' ORDER BY p.d, p.a, p.b',
-        v_link.storage_table)
+        v_link.storage_table, (SELECT dim FROM imgembed.model WHERE model.id = v_link.model_id))
     USING max_distance, per_item;
 END $$;

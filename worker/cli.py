@@ -79,6 +79,9 @@ def cmd_dispatch(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.memory import limit_malloc_arenas
+
+    limit_malloc_arenas(settings.malloc_arenas)  # before any thread starts
     from worker.celery_app import create_celery_app, register_worker_tasks
 
     require_database_url(settings)
@@ -91,7 +94,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         from worker.embedding import ModelLoadError
 
         try:
-            runtime().model(settings.model, "image")
+            runtime().batcher(settings.model, "image")
         except ModelLoadError as error:
             log.warning("%s; jobs for it will fail with this reason until it loads", error)
     name = f"imgembed-{os.getpid()}@{socket.gethostname()}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import threading
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from worker.memory import return_freed_memory
 from worker.model_spec import BUNDLED_CONFIG_DIR, RANDOM_INIT_SEED, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,24 @@ class LoadedModel:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
 
+    _pinned: torch.Tensor | None = None  # reused page-locked staging buffer (CUDA only)
+
+    def stack_pixels(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Preprocessed images as one (N, 3, H, W) batch. For CUDA it is built in page-locked
+        memory, so the copy to the GPU runs asynchronously (non_blocking) at full speed."""
+        if self.device.type != "cuda":
+            return torch.stack(list(images))
+        shape = (len(images), *images[0].shape)
+        if self._pinned is None or self._pinned.shape[0] < shape[0] or self._pinned.shape[1:] != shape[1:]:
+            self._pinned = torch.empty(shape, dtype=images[0].dtype, pin_memory=True)
+        # The previous batch's copy has finished: embed_pixels waited for its results.
+        return torch.stack(list(images), out=self._pinned[: shape[0]])
+
+    @torch.inference_mode()
+    def embed_images(self, images: Sequence[torch.Tensor]) -> np.ndarray:
+        """Preprocessed (3, H, W) images -> (N, dim) float32 unit vectors."""
+        return self.embed_pixels(self.stack_pixels(images))
+
     @torch.inference_mode()
     def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """(N, 3, H, W) preprocessed pixels -> (N, dim) float32 unit vectors."""
@@ -81,15 +99,6 @@ class LoadedModel:
             features = self.model.encode_text(tokens)
         features = torch.nn.functional.normalize(features.float(), dim=-1)
         return features.cpu().numpy()
-
-
-def _return_freed_memory() -> None:
-    """Hand the memory freed while building the model (the dropped tower, temporaries) back to
-    the OS (glibc keeps it otherwise): about 150 MB for ViT-B-32."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def _keep_tower(model: Any, tower: Tower) -> None:
@@ -132,7 +141,7 @@ def load_model(spec: ModelSpec, device_setting: str = "auto", tower: Tower = "bo
         dim = int(model.encode_image(torch.zeros(1, 3, input_size, input_size)).shape[-1])
     _keep_tower(model, tower)
     gc.collect()
-    _return_freed_memory()
+    return_freed_memory()
     model.eval().to(device)
     log.info("loaded model %s (%s tower%s) on %s (dim %s, input %spx)", spec.name, tower,
              "s" if tower == "both" else "", device, dim, input_size)

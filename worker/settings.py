@@ -25,6 +25,8 @@ class Settings:
     model: str = DEFAULT_MODEL
     device: str = "auto"
     batch_size: int = 32
+    forward_batch: int | None = None  # None: the claim size on CPU, measured on CUDA (see batcher)
+    malloc_arenas: int = 2
     decode_threads: int = 4
     worker_threads: int = 2
     queue: str = "imgembed"
@@ -63,6 +65,13 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
     if value < minimum:
         raise SettingsError(f"{name}={value} must be at least {minimum}")
     return value
+
+
+def _optional_int(env: Mapping[str, str], name: str) -> int | None:
+    """An integer of at least 1, or None for "auto" (also when unset)."""
+    if env.get(name, "").strip().lower() in {"", "auto"}:
+        return None
+    return _int(env, name, 1)
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
@@ -108,6 +117,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         model=env.get("IMGEMBED_MODEL", "").strip() or DEFAULT_MODEL,
         device=device,
         batch_size=_int(env, "IMGEMBED_BATCH_SIZE", 32),
+        forward_batch=_optional_int(env, "IMGEMBED_FORWARD_BATCH"),
+        malloc_arenas=_int(env, "IMGEMBED_MALLOC_ARENAS", 2, minimum=0),
         decode_threads=_int(env, "IMGEMBED_DECODE_THREADS", min(8, (os.cpu_count() or 2) * 2)),
         worker_threads=_int(env, "IMGEMBED_WORKER_THREADS", 2),
         queue=env.get("IMGEMBED_QUEUE", "").strip() or "imgembed",

@@ -30,7 +30,7 @@ def test_upgrade_downgrade_upgrade_keeps_user_tables(fresh_database: Callable[[s
         connection.execute("INSERT INTO public.alembic_version VALUES ('app_rev_1')")
 
     migrate.upgrade(url)
-    assert migrate.current_revision(url) == "0001"
+    assert migrate.current_revision(url) == "0002"
     migrate.upgrade(url)  # a second run is a no-op
     with connect(url) as connection:
         register_model(connection, "imgembed-tiny")
@@ -48,7 +48,7 @@ def test_upgrade_downgrade_upgrade_keeps_user_tables(fresh_database: Callable[[s
         connection.execute("INSERT INTO shop VALUES (26, 'x', 'still writable')")
 
     migrate.upgrade(url)
-    assert migrate.current_revision(url) == "0001"
+    assert migrate.current_revision(url) == "0002"
     with connect(url) as connection:
         register_model(connection, "imgembed-tiny")
         connection.execute("SELECT imgembed.watch('shop', 'photo')")
@@ -71,3 +71,56 @@ def test_offline_sql_is_printed(database_url: str, capsys: object) -> None:
     output = capsys.readouterr().out  # type: ignore[attr-defined]
     assert "CREATE TABLE imgembed.job" in output
     assert "CREATE OR REPLACE FUNCTION imgembed.finish_batch" in output
+
+
+def test_revision_0002_converts_existing_vector_tables(fresh_database: Callable[[str | None], str]) -> None:
+    """A database at 0001 with TOASTed vectors and a full-precision index: after 0002 the same
+    vectors sit in the rows under a half-precision index, and search answers the same."""
+    import numpy as np
+
+    url = fresh_database(None)
+    migrate.upgrade(url)
+    migrate.downgrade(url, "0001")  # revision 0001's functions, index and storage
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(300, 512)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    with connect(url) as connection:
+        connection.execute("SELECT imgembed.register_model('old-512', 'old', NULL, 512)")
+        connection.execute("CREATE TABLE shop (id bigint PRIMARY KEY, photo bytea)")
+        connection.execute("INSERT INTO shop SELECT g, 'x' FROM generate_series(0, 299) g")
+        connection.execute("SELECT imgembed.watch('shop', 'photo', model => 'old-512')")
+        storage = connection.execute("SELECT imgembed.storage_table('shop')").fetchone()[0]
+        with connection.cursor() as cursor, cursor.copy(
+            f"COPY imgembed.{storage} (id, embedding, job_id) FROM STDIN WITH (FORMAT BINARY)"
+        ) as copy:
+            copy.set_types(["bigint", "vector", "bigint"])
+            for key, vector in enumerate(vectors):
+                copy.write_row((key, vector, 0))
+
+        def toasted() -> int:
+            toast = connection.execute(
+                "SELECT reltoastrelid::regclass FROM pg_class WHERE oid = %s::regclass", (f"imgembed.{storage}",)
+            ).fetchone()[0]
+            return connection.execute(f"SELECT count(*) FROM {toast}").fetchone()[0]
+
+        def index_definition() -> str:
+            return connection.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s", (storage + "_hnsw",)).fetchone()[0]
+
+        def nearest() -> list[tuple[int, float]]:
+            return connection.execute("SELECT id, distance FROM imgembed.similar('shop', 7::bigint, 5)").fetchall()
+
+        assert toasted() > 0 and "vector_cosine_ops" in index_definition()
+        before = nearest()
+
+        migrate.upgrade(url)
+        assert migrate.current_revision(url) == "0002"
+        assert toasted() == 0
+        assert "halfvec(512)" in index_definition() and "halfvec_cosine_ops" in index_definition()
+        after = nearest()
+        assert [key for key, _ in after] == [key for key, _ in before]
+        np.testing.assert_allclose([d for _, d in after], [d for _, d in before], atol=1e-6)
+        connection.execute("SET enable_seqscan = off")  # 300 rows: the planner would rather scan them
+        plan = "\n".join(row[0] for row in connection.execute(
+            f"EXPLAIN SELECT id FROM imgembed.{storage} ORDER BY embedding::halfvec(512) <=> %s::vector::halfvec(512) LIMIT 5",
+            (vectors[0],)))
+        assert storage + "_hnsw" in plan

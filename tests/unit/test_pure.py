@@ -138,3 +138,14 @@ def test_celery_worker_is_started_again_unless_asked_to_stop() -> None:
     app = FlakyCelery()
     run_celery_worker(app, ["worker"], backoff_seconds=0)
     assert app.calls == 2
+
+
+def test_numpy_vector_dumper_matches_pgvector_binary_format() -> None:
+    import numpy as np
+    from pgvector import Vector
+
+    from worker.db import NumpyVectorBinaryDumper
+
+    values = np.array([0.5, -1.25, 3.0e-7, 42.0], dtype=np.float32)
+    assert NumpyVectorBinaryDumper(np.ndarray).dump(values) == Vector(values).to_binary()
+    assert NumpyVectorBinaryDumper(np.ndarray).dump(values.astype(np.float64)) == Vector(values).to_binary()
