@@ -73,6 +73,15 @@ LANGUAGE sql STABLE AS $$
     SELECT coalesce(nullif(current_setting('imgembed.exact_scan_rows', true), '')::integer, 5000)
 $$;
 
+-- The HNSW candidate list of searches that name no ef_search (setting imgembed.ef_search,
+-- default 100: pgvector's own default of 40 misses more of the true neighbours in clustered data
+-- for about the same time; see bench/RESULTS.md).
+CREATE OR REPLACE FUNCTION imgembed._ef_search()
+RETURNS integer
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(nullif(current_setting('imgembed.ef_search', true), '')::integer, 100)
+$$;
+
 -- The k nearest rows to p_query, nearest first, as (text key, cosine distance).
 -- A filter matching few rows (imgembed.exact_scan_rows) is answered by an exact scan of them;
 -- otherwise the HNSW index (half precision) with pgvector's iterative scan (strict order) finds
@@ -128,9 +137,7 @@ BEGIN
         CASE WHEN p_after_distance IS NULL THEN 'true'
              ELSE '(e.embedding <=> $1) > $5 OR ((e.embedding <=> $1) = $5 AND e.id::text > $6)' END);
 
-    IF p_ef_search IS NOT NULL THEN
-        PERFORM set_config('hnsw.ef_search', greatest(p_ef_search, 1)::text, true);
-    END IF;
+    PERFORM set_config('hnsw.ef_search', greatest(coalesce(p_ef_search, imgembed._ef_search()), 1)::text, true);
     -- A very selective filter: scanning its few matching rows exactly is both faster and exact.
     IF NOT p_exact AND (v_filter IS NOT NULL OR p_condition IS NOT NULL) THEN
         EXECUTE format('SELECT count(*) <= $7 FROM (SELECT 1 FROM %s s WHERE (%s) AND (%s) LIMIT $7 + 1) x',
@@ -150,9 +157,7 @@ BEGIN
            INTO v_ids, v_distances
           USING p_query, p_k, coalesce(p_exclude, '{}'), p_filter, p_after_distance, p_after_id;
     END IF;
-    IF p_ef_search IS NOT NULL THEN
-        PERFORM set_config('hnsw.ef_search', coalesce(v_previous_ef, '40'), true);
-    END IF;
+    PERFORM set_config('hnsw.ef_search', coalesce(v_previous_ef, '40'), true);
     RETURN QUERY SELECT u.id, u.d FROM unnest(v_ids, v_distances) WITH ORDINALITY AS u(id, d, n) ORDER BY u.n;
 END $$;
 

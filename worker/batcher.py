@@ -108,32 +108,27 @@ class ForwardBatcher(Generic[Item]):
 def tune_max_batch(run_batch: Callable[[int], None], ceiling: int, start: int = 16, min_gain: float = 0.05) -> int:
     """The batch size to use: doubled from ``start`` while each doubling still runs (no
     out-of-memory error) and raises throughput by at least ``min_gain``, up to ``ceiling``."""
-    def rate(size: int) -> float:
-        run_batch(size)  # warm-up: kernels picked, memory pools grown
-        started = time.perf_counter()
-        run_batch(size)
-        return size / max(time.perf_counter() - started, 1e-9)
-
-    best_size = min(start, ceiling)
-    try:
-        best_rate = rate(best_size)
-    except Exception as error:
-        if not _out_of_memory(error):
-            raise
-        torch.cuda.empty_cache()
-        return max(1, best_size // 2)
-    size = best_size * 2
-    while size <= ceiling:
+    def rate(size: int) -> float | None:
+        """Inputs per second at this size; None when it does not fit in device memory."""
         try:
-            size_rate = rate(size)
+            run_batch(size)  # warm-up: kernels picked, memory pools grown
+            started = time.perf_counter()
+            run_batch(size)
+            return size / max(time.perf_counter() - started, 1e-9)
         except Exception as error:
             if not _out_of_memory(error):
                 raise
             torch.cuda.empty_cache()
+            return None
+
+    best_size = min(start, ceiling)
+    best_rate = rate(best_size)
+    if best_rate is None:
+        return max(1, best_size // 2)
+    while best_size * 2 <= ceiling:
+        doubled = rate(best_size * 2)
+        if doubled is None or doubled < best_rate * (1 + min_gain):
             break
-        if size_rate < best_rate * (1 + min_gain):
-            break
-        best_size, best_rate = size, size_rate
-        size *= 2
+        best_size, best_rate = best_size * 2, doubled
     log.info("forward batch size %d (%.0f inputs/s when measured)", best_size, best_rate)
     return best_size

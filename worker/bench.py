@@ -21,6 +21,7 @@ import numpy as np
 import psycopg
 import torch
 
+from worker.batcher import tune_max_batch
 from worker.db import connect
 from worker.embedding import load_model
 from worker.model_spec import parse_model_spec
@@ -34,6 +35,7 @@ PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "photos"
 @dataclass(frozen=True)
 class BenchSize:
     e2e_rows: int = 1000
+    e2e_rows_gpu: int = 10_000  # a GPU embeds 1,000 rows in well under a second
     latency_inserts: int = 50
     trigger_rows: int = 100_000
     search_vectors: int = 100_000
@@ -43,7 +45,7 @@ class BenchSize:
     repeats: int = 3
 
 
-SMOKE = BenchSize(e2e_rows=24, latency_inserts=3, trigger_rows=500, search_vectors=2000, search_dim=64,
+SMOKE = BenchSize(e2e_rows=24, e2e_rows_gpu=24, latency_inserts=3, trigger_rows=500, search_vectors=2000, search_dim=64,
                   search_queries=5, raw_images=16, repeats=1)
 
 
@@ -82,9 +84,21 @@ def machine_description() -> list[str]:
     ]
 
 
+def forward_batch(model_name: str, device: str, claim_size: int) -> int:
+    """Images per forward pass as a worker would choose them (IMGEMBED_FORWARD_BATCH=auto)."""
+    if not device.startswith("cuda"):
+        return claim_size
+    model = load_model(parse_model_spec(model_name), device, tower="image")
+    size = model.input_size
+    chosen = tune_max_batch(lambda count: model.embed_pixels(torch.zeros(count, 3, size, size)), ceiling=1024)
+    del model
+    torch.cuda.empty_cache()
+    return chosen
+
+
 def raw_throughput(model_name: str, device: str, batch_size: int, images: int, repeats: int) -> float:
     """(1) images/s of encode_image alone on already-preprocessed tensors."""
-    model = load_model(parse_model_spec(model_name), device)
+    model = load_model(parse_model_spec(model_name), device, tower="image")
     pixels = torch.randn(batch_size, 3, model.input_size, model.input_size)
     model.embed_pixels(pixels)  # warm-up
 
@@ -107,6 +121,33 @@ def rss_mb(pid: int, field_name: str = "VmRSS") -> float:
         if line.startswith(f"{field_name}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+class GpuSampler(threading.Thread):
+    """GPU memory in use and utilisation while a measurement runs, from nvidia-smi every 0.2 s."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak_memory_mb = 0.0
+        self.utilisation: list[float] = []
+        self.stop = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        query = ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits", "--id=0"]
+        while not self.stop.wait(0.2):
+            try:
+                utilisation, memory = subprocess.run(query, capture_output=True, text=True, timeout=5).stdout.split(",")
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                continue
+            self.utilisation.append(float(utilisation))
+            self.peak_memory_mb = max(self.peak_memory_mb, float(memory))
+
+    def mean_utilisation(self) -> float:
+        return statistics.fmean(self.utilisation) if self.utilisation else float("nan")
+
+    def summary(self) -> dict[str, float]:
+        return {"peak_memory_mb": self.peak_memory_mb, "mean_utilisation_percent": self.mean_utilisation()}
 
 
 class RssSampler(threading.Thread):
@@ -138,9 +179,9 @@ def wait_embedded(connection: psycopg.Connection, table: str, rows: int, timeout
     raise TimeoutError(f"{table}: {rows} rows not embedded within {timeout}s")
 
 
-def end_to_end(connection: psycopg.Connection, rows: int, as_bytes: bool, round_number: int) -> float:
+def end_to_end(connection: psycopg.Connection, rows: int, as_bytes: bool, round_number: int, photo_dir: Path) -> float:
     """(2) rows inserted (real JPEGs) until the last vector is committed, images/s."""
-    photos = sorted(PHOTOS.glob("*.JPEG"))
+    photos = sorted(photo_dir.glob("*.JPEG"))
     table = f"bench_e2e_{'bytes' if as_bytes else 'paths'}_{round_number}"
     column = "bytea" if as_bytes else "text"
     connection.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, image {column})")
@@ -154,9 +195,9 @@ def end_to_end(connection: psycopg.Connection, rows: int, as_bytes: bool, round_
     return rows / (time.perf_counter() - started)
 
 
-def insert_latency(connection: psycopg.Connection, inserts: int) -> tuple[float, float]:
+def insert_latency(connection: psycopg.Connection, inserts: int, photo_dir: Path) -> tuple[float, float]:
     """(3) one INSERT's commit to its vector's commit, at idle: p50 and p95 in ms."""
-    photo = sorted(PHOTOS.glob("*.JPEG"))[0].read_bytes()
+    photo = sorted(photo_dir.glob("*.JPEG"))[0].read_bytes()
     connection.execute("CREATE TABLE bench_latency (id bigint PRIMARY KEY, image bytea)")
     connection.execute("SELECT imgembed.watch('bench_latency', 'image')")
     storage = connection.execute("SELECT imgembed.storage_table('bench_latency')").fetchone()[0]  # type: ignore[index]
@@ -261,48 +302,92 @@ def search_figures(connection: psycopg.Connection, size: BenchSize, results: Res
                         f"{recall_clustered:.3f}, random-sphere queries {recall_random:.3f}), full k in {full:.0%} of queries")
 
 
-def run_bench(settings: Settings, *, size: BenchSize, model: str, out: Path, device: str = "cpu") -> Results:
+FIGURES = (1, 2, 3, 4, 5, 6)
+
+
+def device_settings(settings: Settings, device: str) -> Settings:
+    """On a GPU the model outruns one decode thread per core only with large claims, several of
+    them waiting to merge, and a deep enough queue (see README, Speed)."""
+    if not device.startswith("cuda"):
+        return settings.with_overrides(device=device)
+    return settings.with_overrides(device=device, batch_size=max(settings.batch_size, 256),
+                                   worker_threads=max(settings.worker_threads, 4),
+                                   decode_threads=max(settings.decode_threads, os.cpu_count() or 1),
+                                   max_in_flight=max(settings.max_in_flight, 4096))
+
+
+def run_bench(settings: Settings, *, size: BenchSize, model: str, out: Path, device: str = "cpu",
+              figures: tuple[int, ...] = FIGURES, photos: Path = PHOTOS) -> Results:
+    if set(figures) & {2, 3} and not any(photos.glob("*.JPEG")):
+        raise FileNotFoundError(f"no *.JPEG photos in {photos} (give another folder with --photos)")
     results = Results()
     bench_dir = settings.data_dir / "bench"
     shutil.rmtree(bench_dir, ignore_errors=True)
     torch.set_num_threads(os.cpu_count() or 1)
+    settings = device_settings(settings, device)
+    on_gpu = device.startswith("cuda")
+    e2e_rows = size.e2e_rows_gpu if on_gpu else size.e2e_rows
+    chosen = "" if figures == FIGURES else f" --figures {','.join(map(str, figures))}"
     results.lines += ["# imgembed benchmark", "", f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at commit "
-                      f"{git_revision()} with `imgembed bench{' --smoke' if size == SMOKE else ''} --model {model}`.", ""]
+                      f"{git_revision()} with `imgembed bench{' --smoke' if size == SMOKE else ''} --model {model}"
+                      f"{' --device ' + device if on_gpu else ''}{chosen}`.", ""]
     results.lines += machine_description()
-    results.lines += [f"- model: {model} (random weights are fine for speed), batch size {settings.batch_size}, "
+    results.lines += [f"- model: {model} (random weights are fine for speed), {settings.batch_size} jobs per claim, "
+                      f"{settings.worker_threads} task threads, {settings.decode_threads} decode threads, "
                       f"device {device}, median of {size.repeats} runs", "", "## Figures", ""]
-    raw = raw_throughput(model, device, settings.batch_size, size.raw_images, size.repeats)
-    results.add("raw_images_per_s", raw, f"- (1) raw model throughput, encode_image on preprocessed tensors: {raw:.1f} images/s")
-    single_ms = 1000 / raw_throughput(model, device, 1, 4, size.repeats)
-    results.add("single_image_forward_ms", single_ms, f"- one image alone through encode_image: {single_ms:.0f} ms")
+    raw = single_ms = float("nan")
+    if 1 in figures:
+        batch = forward_batch(model, device, settings.batch_size)
+        raw = raw_throughput(model, device, batch, max(size.raw_images, 8 * batch if on_gpu else 0), size.repeats)
+        results.add("raw_images_per_s", raw, f"- (1) raw model throughput, encode_image on preprocessed tensors, "
+                    f"{batch} images per pass: {raw:.1f} images/s")
+        single_ms = 1000 / raw_throughput(model, device, 1, 4, size.repeats)
+        results.add("single_image_forward_ms", single_ms, f"- one image alone through encode_image: {single_ms:.0f} ms")
+    if not set(figures) & {2, 3, 4, 5, 6}:
+        return write_results(results, out)
 
-    stack_settings = settings.with_overrides(model=model, data_dir=bench_dir, device=device)
+    stack_settings = settings.with_overrides(model=model, data_dir=bench_dir)
     with local_stack(stack_settings, durable=False) as stack, connect(stack.settings.database_url or "") as connection:
         register_model(connection, model, make_default=True)
         connection.execute("SELECT imgembed.use_model('imgembed.image', %s, force => true)", (model,))
-        wait_ready(stack)
+        wait_ready(stack, photos)
         sampler = RssSampler({role: stack.children[role].pid for role in ("worker", "dispatch")})
         sampler.start()
-        for as_bytes in (True, False):
-            kind = "bytea" if as_bytes else "file paths"
-            rate = statistics.median(end_to_end(connection, size.e2e_rows, as_bytes, i) for i in range(size.repeats))
-            results.add(f"e2e_{kind}", rate, f"- (2) end to end, {size.e2e_rows} rows of real JPEGs as {kind}, "
-                        f"insert to last vector committed: {rate:.1f} images/s = {rate / raw:.0%} of (1)")
-        p50, p95 = insert_latency(connection, size.latency_inserts)
-        results.add("latency_ms", {"p50": p50, "p95": p95},
-                    f"- (3) one INSERT's commit to its vector's commit, at idle: p50 {p50:.0f} ms, p95 {p95:.0f} ms "
-                    f"(= single-image forward + {p50 - single_ms:.0f} ms at p50)")
+        gpu = GpuSampler() if on_gpu else None
+        if 2 in figures:
+            for as_bytes in (True, False):
+                kind = "bytea" if as_bytes else "file paths"
+                rate = statistics.median(end_to_end(connection, e2e_rows, as_bytes, i, photos) for i in range(size.repeats))
+                ratio = f" = {rate / raw:.0%} of (1)" if raw == raw else ""
+                results.add(f"e2e_{kind}", rate, f"- (2) end to end, {e2e_rows} rows of real JPEGs as {kind}, "
+                            f"insert to last vector committed: {rate:.1f} images/s{ratio}")
+        if gpu is not None:
+            gpu.stop.set()
+            results.add("gpu", gpu.summary(), f"- (7) during (2): GPU memory used at most {gpu.peak_memory_mb:.0f} MB, "
+                        f"GPU utilisation {gpu.mean_utilisation():.0f}% on average (nvidia-smi every 0.2 s)")
+        if 3 in figures:
+            p50, p95 = insert_latency(connection, size.latency_inserts, photos)
+            results.add("latency_ms", {"p50": p50, "p95": p95},
+                        f"- (3) one INSERT's commit to its vector's commit, at idle: p50 {p50:.0f} ms, p95 {p95:.0f} ms"
+                        + (f" (= single-image forward + {p50 - single_ms:.0f} ms at p50)" if single_ms == single_ms else ""))
         sampler.stop.set()
         worker_rss, dispatcher_rss = sampler.peaks["worker"], sampler.peaks["dispatch"]
         worker_hwm = rss_mb(stack.children["worker"].pid, "VmHWM")
-        unwatched, watched = trigger_overhead(connection, size.trigger_rows, size.repeats)
-        results.add("trigger_rows_per_s", {"unwatched": unwatched, "watched": watched},
-                    f"- (4) {size.trigger_rows} rows in one INSERT: unwatched {unwatched:,.0f} rows/s, watched "
-                    f"{watched:,.0f} rows/s ({watched / unwatched:.0%}), one NOTIFY per statement")
-        search_figures(connection, size, results)
-        results.add("rss_mb", {"worker": worker_rss, "dispatcher": dispatcher_rss, "worker_since_start": worker_hwm},
-                    f"- (6) peak RSS during (2)-(3): worker {worker_rss:.0f} MB, dispatcher {dispatcher_rss:.0f} MB "
-                    f"(worker's high-water mark since start, model loading included: {worker_hwm:.0f} MB)")
+        if 4 in figures:
+            unwatched, watched = trigger_overhead(connection, size.trigger_rows, size.repeats)
+            results.add("trigger_rows_per_s", {"unwatched": unwatched, "watched": watched},
+                        f"- (4) {size.trigger_rows} rows in one INSERT: unwatched {unwatched:,.0f} rows/s, watched "
+                        f"{watched:,.0f} rows/s ({watched / unwatched:.0%}), one NOTIFY per statement")
+        if 5 in figures:
+            search_figures(connection, size, results)
+        if 6 in figures and set(figures) & {2, 3}:
+            results.add("rss_mb", {"worker": worker_rss, "dispatcher": dispatcher_rss, "worker_since_start": worker_hwm},
+                        f"- (6) peak RSS during (2)-(3): worker {worker_rss:.0f} MB, dispatcher {dispatcher_rss:.0f} MB "
+                        f"(worker's high-water mark since start, model loading included: {worker_hwm:.0f} MB)")
+    return write_results(results, out)
+
+
+def write_results(results: Results, out: Path) -> Results:
     results.lines += ["", "```json", json.dumps(results.figures, indent=2, default=float), "```", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(results.lines))
@@ -310,12 +395,12 @@ def run_bench(settings: Settings, *, size: BenchSize, model: str, out: Path, dev
     return results
 
 
-def wait_ready(stack: Stack, timeout: float = 300) -> None:
+def wait_ready(stack: Stack, photo_dir: Path, timeout: float = 300) -> None:
     """Wait until the worker has loaded its model and answers (one tiny job round trip)."""
     with connect(stack.settings.database_url or "") as connection:
         connection.execute("CREATE TABLE bench_warmup (id bigint PRIMARY KEY, image bytea)")
         connection.execute("SELECT imgembed.watch('bench_warmup', 'image')")
-        connection.execute("INSERT INTO bench_warmup VALUES (1, %s)", (sorted(PHOTOS.glob("*.JPEG"))[0].read_bytes(),))
+        connection.execute("INSERT INTO bench_warmup VALUES (1, %s)", (sorted(photo_dir.glob("*.JPEG"))[0].read_bytes(),))
         wait_embedded(connection, "public.bench_warmup", 1, timeout)
 
 

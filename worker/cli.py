@@ -334,10 +334,17 @@ def cmd_map(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from worker.bench import SMOKE, BenchSize, run_bench
+    from worker.bench import FIGURES, PHOTOS, SMOKE, BenchSize, run_bench
 
     device = args.device or ("cuda" if settings.device.startswith("cuda") else "cpu")
-    run_bench(settings, size=SMOKE if args.smoke else BenchSize(), model=args.model, out=Path(args.out), device=device)
+    try:
+        figures = tuple(sorted({int(part) for part in args.figures.split(",")}))
+    except ValueError:
+        raise SettingsError(f"--figures {args.figures!r}: give numbers from 1 to 6, separated by commas") from None
+    if not figures or not set(figures) <= set(FIGURES):
+        raise SettingsError(f"--figures {args.figures!r}: give numbers from 1 to 6, separated by commas")
+    run_bench(settings, size=SMOKE if args.smoke else BenchSize(), model=args.model, out=Path(args.out), device=device,
+              figures=figures, photos=Path(args.photos) if args.photos else PHOTOS)
     return 0
 
 
@@ -442,6 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", default="ViT-B-32", help="model to measure (default ViT-B-32 with random weights)")
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cpu unless IMGEMBED_DEVICE names cuda")
     bench.add_argument("--smoke", action="store_true", help="tiny sizes, to check the benchmark runs")
+    bench.add_argument("--figures", default="1,2,3,4,5,6",
+                       help="which figures to measure (default all): 1 raw model, 2 end to end, 3 latency, 4 triggers, "
+                            "5 search, 6 memory (needs 2 or 3); with --device cuda, GPU memory and use come with 2")
+    bench.add_argument("--photos", help="folder of *.JPEG photos for (2) and (3) (default ../shared/testdata/photos)")
     bench.add_argument("--out", default="bench/RESULTS.md", help="where to write the results (default bench/RESULTS.md)")
 
     search = add("search", cmd_search, "Search a watched table by text, by an image file, or like one of its rows.")

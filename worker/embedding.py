@@ -72,6 +72,8 @@ class LoadedModel:
         memory, so the copy to the GPU runs asynchronously (non_blocking) at full speed."""
         if self.device.type != "cuda":
             return torch.stack(list(images))
+        if any(image.device != torch.device("cpu") for image in images):  # decoded on the device
+            return torch.stack([image.to(self.device, non_blocking=True) for image in images])
         shape = (len(images), *images[0].shape)
         if self._pinned is None or self._pinned.shape[0] < shape[0] or self._pinned.shape[1:] != shape[1:]:
             self._pinned = torch.empty(shape, dtype=images[0].dtype, pin_memory=True)

@@ -46,6 +46,12 @@ def child_environment(settings: Settings) -> dict[str, str]:
         REDIS_URL=settings.redis_url or "",
         IMGEMBED_MODEL=settings.model,
         IMGEMBED_QUEUE=settings.queue,
+        IMGEMBED_DEVICE=settings.device,
+        IMGEMBED_BATCH_SIZE=str(settings.batch_size),
+        IMGEMBED_FORWARD_BATCH=str(settings.forward_batch or "auto"),
+        IMGEMBED_WORKER_THREADS=str(settings.worker_threads),
+        IMGEMBED_DECODE_THREADS=str(settings.decode_threads),
+        IMGEMBED_MAX_IN_FLIGHT=str(settings.max_in_flight),
         PYTHONUNBUFFERED="1",
     )
     return env

@@ -22,6 +22,7 @@ BEGIN
 END $$;
 
 DROP FUNCTION IF EXISTS imgembed._create_index(text, integer, integer, integer);
+DROP FUNCTION IF EXISTS imgembed._ef_search();
 
 -- Revision 0001's definitions of the functions revision 0002 changed.
 CREATE OR REPLACE FUNCTION imgembed._attach_model(

@@ -89,7 +89,11 @@ def test_bytea_paths_and_file_uris_all_get_unit_vectors(db: psycopg.Connection, 
     assert db.execute("SELECT imgembed.vector_of('items', %s::uuid)", (some_key,)).fetchone()[0] is not None
 
 
-def test_odd_images_embed_or_fail_alone(db: psycopg.Connection, services: Services) -> None:
+@pytest.mark.parametrize("jpeg_decode", ["pillow", "device"])
+def test_odd_images_embed_or_fail_alone(db: psycopg.Connection, services: Services, jpeg_decode: str) -> None:
+    """Also with JPEGs decoded by torchvision on the model's device (here the CPU): the same
+    images embed, the same fail, with Pillow's reasons."""
+    services.extra_env["IMGEMBED_JPEG_DECODE"] = jpeg_decode
     with (ODD_IMAGES / "MANIFEST.csv").open(newline="") as handle:
         manifest = {row["file"]: row for row in csv.DictReader(handle)}
     db.execute("CREATE TABLE odd (name text PRIMARY KEY, data bytea)")

@@ -251,3 +251,12 @@ def test_models_above_2000_dimensions_use_a_halfvec_index(db: psycopg.Connection
     load_vectors(db, "public.wide", list(range(1, 51)), vectors)
     got = [row[0] for row in db.execute("SELECT id FROM imgembed.similar('wide', 1, 5, exact => true)")]
     assert got == [int(i) + 1 for i in brute_force(vectors, vectors[0], 6)[1:]]
+
+
+def test_search_leaves_the_sessions_ef_search_alone(library: tuple[psycopg.Connection, np.ndarray]) -> None:
+    db, _ = library
+    db.execute("SET hnsw.ef_search = 77")
+    db.execute("SET imgembed.ef_search = 12")
+    for ef in (None, 5):
+        assert len(db.execute("SELECT * FROM imgembed.similar('items', 3::bigint, 10, ef_search => %s)", (ef,)).fetchall()) == 10
+        assert db.execute("SHOW hnsw.ef_search").fetchone()[0] == "77"

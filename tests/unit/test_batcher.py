@@ -81,7 +81,7 @@ def test_tuning_stops_at_out_of_memory_and_at_the_ceiling() -> None:
         def run(size: int) -> None:
             if size > limit:
                 raise torch.OutOfMemoryError("simulated")
-            threading.Event().wait(0.001)  # a fixed cost per pass: larger batches always gain
+            threading.Event().wait(0.02)  # a fixed cost per pass: larger batches always gain
         return run
 
     assert tune_max_batch(fits_up_to(100), ceiling=1024, start=16) == 64
