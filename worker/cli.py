@@ -22,11 +22,13 @@ environment:
   REDIS_URL                 Redis for Celery (unset: `up`/`demo` start a private redis-server)
   IMGEMBED_MODEL            OpenCLIP model: ARCH:TAG, ARCH:/path/to/checkpoint, or imgembed-tiny
                             (default ViT-B-32:laion2b_s34b_b79k)
-  IMGEMBED_DEVICE           auto | cpu | cuda[:N]         IMGEMBED_BATCH_SIZE  images per batch (32)
+  IMGEMBED_DEVICE           auto | cpu | cuda[:N]         IMGEMBED_BATCH_SIZE  jobs per claim (32)
   IMGEMBED_QUEUE            Celery queue name (imgembed)  IMGEMBED_LEASE_SECONDS  job lease (300)
   IMGEMBED_MAX_ATTEMPTS     tries before a job fails (5)  IMGEMBED_SWEEP_SECONDS  dispatcher sweep (2)
-  IMGEMBED_MAX_PIXELS, IMGEMBED_MAX_IMAGE_BYTES, IMGEMBED_ALLOWED_ROOTS, IMGEMBED_ALLOW_HTTP,
-  IMGEMBED_HTTP_ALLOW_PRIVATE, IMGEMBED_DATA_DIR, IMGEMBED_LOG_LEVEL: see README.md
+  IMGEMBED_FORWARD_BATCH, IMGEMBED_WORKER_THREADS, IMGEMBED_DECODE_THREADS, IMGEMBED_JPEG_DECODE,
+  IMGEMBED_MALLOC_ARENAS, IMGEMBED_MAX_IN_FLIGHT, IMGEMBED_MAX_PIXELS, IMGEMBED_MAX_IMAGE_BYTES,
+  IMGEMBED_ALLOWED_ROOTS, IMGEMBED_ALLOW_HTTP, IMGEMBED_HTTP_ALLOW_PRIVATE, IMGEMBED_DATA_DIR,
+  IMGEMBED_LOG_LEVEL: see README.md (Configuration)
 """
 
 
