@@ -7,7 +7,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -65,7 +65,7 @@ class LoadedModel:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
 
-    _pinned: torch.Tensor | None = None  # reused page-locked staging buffer (CUDA only)
+    _pinned: torch.Tensor | None = field(default=None, repr=False, compare=False)  # CUDA staging buffer
 
     def stack_pixels(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         """Preprocessed images as one (N, 3, H, W) batch. For CUDA it is built in page-locked

@@ -148,8 +148,12 @@ def _prepare_on_device(
         chunk = eligible[first:first + DEVICE_DECODE_CHUNK]
         decoded = decode_jpegs([read_results[index][0] for index in chunk], model.device)  # type: ignore[misc]
         for index, image in zip(chunk, decoded):
-            if image is not None:
+            if image is None:
+                continue
+            try:
                 prepared[index] = tensor_preprocess(apply_orientation(image, read_results[index][1] or 1))
+            except RuntimeError as error:  # e.g. out of device memory: Pillow takes this one
+                log.warning("device preprocessing failed (%s); using Pillow for this image", error)
 
     def on_cpu(index: int) -> torch.Tensor | ImageError:
         data = read_results[index][0]
