@@ -22,3 +22,18 @@ def test_bench_smoke(tmp_path: Path, redis_url: str) -> None:
     for figure in ("(1) raw model throughput", "(2) end to end", "as file paths", "(3) one INSERT", "(4) 500 rows",
                    "ef_search=100", "filter matching 1%", "(6) peak RSS", "```json"):
         assert figure in text, figure
+
+
+def test_bench_measures_only_the_figures_asked_for(tmp_path: Path, redis_url: str) -> None:
+    out = tmp_path / "RESULTS.md"
+    env = {**os.environ, "IMGEMBED_DATA_DIR": str(tmp_path / "data"), "REDIS_URL": redis_url,
+           "IMGEMBED_QUEUE": "bench-smoke-2", "IMGEMBED_SWEEP_SECONDS": "0.5"}
+    env.pop("DATABASE_URL", None)
+    command = [sys.executable, "-m", "worker.cli", "bench", "--smoke", "--model", "imgembed-tiny", "--out", str(out)]
+    refused = subprocess.run([*command, "--figures", "2,9"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "--figures" in refused.stderr
+    result = subprocess.run([*command, "--figures", "2,6"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    assert "(2) end to end" in text and "(6) peak RSS" in text
+    assert "(1) raw" not in text and "(3) one INSERT" not in text and "ef_search" not in text
