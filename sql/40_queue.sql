@@ -27,7 +27,8 @@ BEGIN
 END $$;
 
 -- Claim up to p_batch_size pending jobs of one model (the model of the oldest pending job).
--- Returns nothing when no job is ready.
+-- Returns nothing when no job is ready. The attempt is counted when a worker starts the claim, so
+-- a claim that waited in the broker past its lease costs its jobs no attempt.
 CREATE OR REPLACE FUNCTION imgembed.claim_batch(p_batch_size integer, p_lease_seconds double precision)
 RETURNS TABLE (claim_id uuid, model_name text, job_ids bigint[])
 LANGUAGE plpgsql AS $$
@@ -53,7 +54,7 @@ BEGIN
          FOR UPDATE SKIP LOCKED
     ), claimed AS (
         UPDATE imgembed.job j
-           SET status = 'in_flight', claim_id = v_claim, attempts = j.attempts + 1,
+           SET status = 'in_flight', claim_id = v_claim,
                lease_until = now() + make_interval(secs => p_lease_seconds), updated_at = now()
           FROM picked WHERE j.id = picked.id
         RETURNING j.id
@@ -71,12 +72,13 @@ LANGUAGE sql STABLE AS $$
     SELECT count(*) FROM imgembed.job WHERE status = 'in_flight'
 $$;
 
--- A worker starts on a claim: extend the lease, return the jobs it still owns.
+-- A worker starts on a claim: extend the lease, count an attempt, return the jobs it still owns.
 CREATE OR REPLACE FUNCTION imgembed.start_claim(p_claim uuid, p_lease_seconds double precision)
 RETURNS SETOF bigint
 LANGUAGE sql AS $$
     UPDATE imgembed.job
-       SET lease_until = now() + make_interval(secs => p_lease_seconds), updated_at = now()
+       SET lease_until = now() + make_interval(secs => p_lease_seconds), updated_at = now(),
+           attempts = attempts + 1
      WHERE claim_id = p_claim AND status = 'in_flight'
     RETURNING id
 $$;
@@ -92,8 +94,7 @@ BEGIN
      WHERE j.claim_id = p_claim AND j.status = 'in_flight'
        AND imgembed._superseded(j.watch_id, j.model_id, j.key);
     UPDATE imgembed.job
-       SET status = 'pending', claim_id = NULL, lease_until = NULL, attempts = greatest(attempts - 1, 0),
-           updated_at = now()
+       SET status = 'pending', claim_id = NULL, lease_until = NULL, updated_at = now()
      WHERE claim_id = p_claim AND status = 'in_flight';
     GET DIAGNOSTICS v_released = ROW_COUNT;
     RETURN v_released;
@@ -117,7 +118,10 @@ BEGIN
     )
     UPDATE imgembed.job j
        SET status = CASE WHEN j.attempts >= p_max_attempts THEN 'failed' ELSE 'pending' END,
-           last_error = format('worker lost: lease expired (attempt %s of %s)', j.attempts, p_max_attempts),
+           last_error = CASE WHEN j.attempts = 0
+               THEN 'lease expired before a worker started the claim (queued too long: raise IMGEMBED_LEASE_SECONDS '
+                    'or lower IMGEMBED_MAX_IN_FLIGHT)'
+               ELSE format('worker lost: lease expired (attempt %s of %s)', j.attempts, p_max_attempts) END,
            claim_id = NULL, lease_until = NULL, updated_at = now()
       FROM expired WHERE j.id = expired.id;
     GET DIAGNOSTICS v_recovered = ROW_COUNT;

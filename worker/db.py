@@ -101,8 +101,10 @@ def start_claim(connection: psycopg.Connection, claim_id: UUID, lease_seconds: f
 
 
 def claimed_images(connection: psycopg.Connection, claim_id: UUID) -> list[ClaimedImage]:
+    # Binary results: image bytes arrive as they are, not as hex text twice their size that the
+    # server must encode and the worker decode.
     rows = connection.execute(
-        "SELECT job_id, key, content, uri, body FROM imgembed.claimed_images(%s)", (claim_id,)
+        "SELECT job_id, key, content, uri, body FROM imgembed.claimed_images(%s)", (claim_id,), binary=True
     ).fetchall()
     return [ClaimedImage(*row) for row in rows]
 

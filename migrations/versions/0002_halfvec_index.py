@@ -1,4 +1,5 @@
-"""Half-precision HNSW indexes with full-precision re-ranking, vectors stored in the row.
+"""Half-precision HNSW indexes with full-precision re-ranking, vectors stored in the row; an
+attempt is counted when a worker starts a claim, not when a dispatcher makes it.
 
 Revision ID: 0002
 Revises: 0001
@@ -14,8 +15,9 @@ depends_on = None
 
 
 def upgrade() -> None:
-    apply_sql("20_watch.sql", "60_search.sql", "upgrades/0002_halfvec_index.sql", "90_pin_search_path.sql")
+    apply_sql("20_watch.sql", "40_queue.sql", "60_search.sql", "upgrades/0002_halfvec_index.sql",
+              "90_pin_search_path.sql", "95_roles.sql")
 
 
 def downgrade() -> None:
-    apply_sql("upgrades/0002_halfvec_index_down.sql", "90_pin_search_path.sql")
+    apply_sql("upgrades/0002_halfvec_index_down.sql", "90_pin_search_path.sql", "95_roles.sql")

@@ -173,3 +173,66 @@ BEGIN
         v_link.storage_table)
     USING max_distance, per_item;
 END $$;
+
+CREATE OR REPLACE FUNCTION imgembed.claim_batch(p_batch_size integer, p_lease_seconds double precision)
+RETURNS TABLE (claim_id uuid, model_name text, job_ids bigint[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_claim uuid := gen_random_uuid();
+    v_model_id integer;
+BEGIN
+    SELECT j.model_id INTO v_model_id
+      FROM imgembed.job j
+     WHERE j.status = 'pending' AND j.not_before <= now()
+     ORDER BY j.id
+     LIMIT 1
+     FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    WITH picked AS (
+        SELECT j.id FROM imgembed.job j
+         WHERE j.status = 'pending' AND j.not_before <= now() AND j.model_id = v_model_id
+         ORDER BY j.id
+         LIMIT p_batch_size
+         FOR UPDATE SKIP LOCKED
+    ), claimed AS (
+        UPDATE imgembed.job j
+           SET status = 'in_flight', claim_id = v_claim, attempts = j.attempts + 1,
+               lease_until = now() + make_interval(secs => p_lease_seconds), updated_at = now()
+          FROM picked WHERE j.id = picked.id
+        RETURNING j.id
+    )
+    SELECT v_claim, m.name, array_agg(c.id ORDER BY c.id)
+      FROM claimed c CROSS JOIN imgembed.model m
+     WHERE m.id = v_model_id
+     GROUP BY m.name;
+END $$;
+
+CREATE OR REPLACE FUNCTION imgembed.start_claim(p_claim uuid, p_lease_seconds double precision)
+RETURNS SETOF bigint
+LANGUAGE sql AS $$
+    UPDATE imgembed.job
+       SET lease_until = now() + make_interval(secs => p_lease_seconds), updated_at = now()
+     WHERE claim_id = p_claim AND status = 'in_flight'
+    RETURNING id
+$$;
+
+CREATE OR REPLACE FUNCTION imgembed.release_claim(p_claim uuid)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_released integer;
+BEGIN
+    DELETE FROM imgembed.job j
+     WHERE j.claim_id = p_claim AND j.status = 'in_flight'
+       AND imgembed._superseded(j.watch_id, j.model_id, j.key);
+    UPDATE imgembed.job
+       SET status = 'pending', claim_id = NULL, lease_until = NULL, attempts = greatest(attempts - 1, 0),
+           updated_at = now()
+     WHERE claim_id = p_claim AND status = 'in_flight';
+    GET DIAGNOSTICS v_released = ROW_COUNT;
+    RETURN v_released;
+END $$;
+

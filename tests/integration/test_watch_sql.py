@@ -129,3 +129,21 @@ def test_ready_image_table_is_watched(db: psycopg.Connection) -> None:
     assert len(jobs(db)) == 2
     with pytest.raises(psycopg.errors.CheckViolation):
         db.execute("INSERT INTO imgembed.image (uri, content) VALUES ('/tmp/a.jpg', '\\x00')")
+
+
+def test_a_claim_that_expires_before_a_worker_starts_it_costs_no_attempt(products: psycopg.Connection) -> None:
+    """Claims can wait in the broker past their lease (a slow or restarting worker): only a
+    worker starting a claim counts an attempt, so waiting never makes a job fail."""
+    db = products
+    db.execute("SELECT imgembed.watch('products', 'photo')")
+    db.execute("SELECT imgembed.expand_intake()")
+    for _ in range(7):  # more rounds than IMGEMBED_MAX_ATTEMPTS
+        claim_id = db.execute("SELECT claim_id FROM imgembed.claim_batch(100, 0.001)").fetchone()[0]
+        db.execute("SELECT pg_sleep(0.01)")
+        assert db.execute("SELECT imgembed.recover_expired(5)").fetchone()[0] > 0
+    assert db.execute("SELECT count(*) FROM imgembed.job WHERE status = 'failed'").fetchone()[0] == 0
+    assert db.execute("SELECT max(attempts) FROM imgembed.job").fetchone()[0] == 0
+    assert "before a worker started" in db.execute("SELECT max(last_error) FROM imgembed.job").fetchone()[0]
+    claim_id = db.execute("SELECT claim_id FROM imgembed.claim_batch(100, 60)").fetchone()[0]
+    started = db.execute("SELECT * FROM imgembed.start_claim(%s, 60)", (claim_id,)).fetchall()
+    assert started and db.execute("SELECT min(attempts), max(attempts) FROM imgembed.job").fetchone() == (1, 1)
