@@ -205,8 +205,9 @@ def run_claim(runtime: WorkerRuntime, claim_id: UUID, model_name: str) -> BatchO
             failures += [db.JobFailure(item.job_id, str(error), True) for item in pictures]
         else:
             started = time.perf_counter()
-            tensor_preprocess = TensorPreprocess.from_open_clip(image_model.preprocess)
-            if settings.jpeg_decode == "device" and tensor_preprocess is not None:
+            tensor_preprocess = (TensorPreprocess.from_open_clip(image_model.preprocess)
+                                 if settings.jpeg_decode == "device" else None)
+            if tensor_preprocess is not None:
                 prepared = _prepare_on_device(runtime, pictures, image_model, tensor_preprocess)
             else:
                 prepared = list(runtime.decoders().map(lambda item: _prepare(item, image_model, settings), pictures))
