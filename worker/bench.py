@@ -21,11 +21,11 @@ import numpy as np
 import psycopg
 import torch
 
-from worker.batcher import tune_max_batch
 from worker.db import connect
 from worker.embedding import load_model
 from worker.model_spec import parse_model_spec
 from worker.models import register_model
+from worker.pipeline import forward_batch_size
 from worker.settings import Settings
 from worker.stack import Stack, local_stack
 
@@ -82,18 +82,6 @@ def machine_description() -> list[str]:
         f"- python {platform.python_version()}, torch {torch.__version__}, open_clip {open_clip.__version__}, "
         f"pgvector-python {getattr(pgvector, '__version__', '?')}",
     ]
-
-
-def forward_batch(model_name: str, device: str, claim_size: int) -> int:
-    """Images per forward pass as a worker would choose them (IMGEMBED_FORWARD_BATCH=auto)."""
-    if not device.startswith("cuda"):
-        return claim_size
-    model = load_model(parse_model_spec(model_name), device, tower="image")
-    size = model.input_size
-    chosen = tune_max_batch(lambda count: model.embed_pixels(torch.zeros(count, 3, size, size)), ceiling=1024)
-    del model
-    torch.cuda.empty_cache()
-    return chosen
 
 
 class RawModel:
@@ -350,9 +338,9 @@ def run_bench(settings: Settings, *, size: BenchSize, model: str, out: Path, dev
     raw_model: RawModel | None = None
     batch = raw_images = 0
     if 1 in figures:
-        batch = forward_batch(model, device, settings.batch_size)
-        raw_images = max(size.raw_images, 8 * batch if on_gpu else 0)
         raw_model = RawModel(model, device)
+        batch = forward_batch_size(raw_model.model, "image", settings)  # as a worker
+        raw_images = max(size.raw_images, 8 * batch if on_gpu else 0)
         raw = median_of(size.repeats, lambda: raw_model.images_per_s(raw_images, batch))  # type: ignore[union-attr]
         results.add("raw_images_per_s", raw, f"- (1) raw model throughput, encode_image on preprocessed tensors, "
                     f"{batch} images per pass: {raw:.1f} images/s")

@@ -89,7 +89,7 @@ class WorkerRuntime:
             if (name, tower) not in self.batchers:
                 forward: Callable[[list[Any]], np.ndarray] = model.embed_images if tower == "image" else model.embed_texts
                 with self.forward_lock:  # measuring needs the device to itself
-                    max_batch = self.settings.forward_batch or _default_forward_batch(model, tower, self.settings)
+                    max_batch = forward_batch_size(model, tower, self.settings)
                 self.batchers[(name, tower)] = ForwardBatcher(forward, max_batch, f"{tower}-{name}", self.forward_lock)
             return self.batchers[(name, tower)]
 
@@ -98,9 +98,12 @@ class WorkerRuntime:
             self.batches += 1
 
 
-def _default_forward_batch(model: LoadedModel, tower: Tower, settings: Settings) -> int:
-    """IMGEMBED_FORWARD_BATCH=auto: on CUDA, the best image batch measured up to 1,024; else the
-    claim size (IMGEMBED_BATCH_SIZE), since larger passes gain nothing on a CPU."""
+def forward_batch_size(model: LoadedModel, tower: Tower, settings: Settings) -> int:
+    """Most inputs in one forward pass: IMGEMBED_FORWARD_BATCH, or for `auto` on CUDA the best
+    image batch measured up to 1,024, else the claim size (IMGEMBED_BATCH_SIZE), since larger
+    passes gain nothing on a CPU."""
+    if settings.forward_batch:
+        return settings.forward_batch
     if model.device.type != "cuda" or tower != "image":
         return settings.batch_size
     size = model.input_size
