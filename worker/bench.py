@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from worker.db import connect
 from worker.embedding import load_model
 from worker.model_spec import parse_model_spec
 from worker.models import register_model
-from worker.pipeline import forward_batch_size
+from worker.pipeline import preprocess_bytes, forward_batch_size
 from worker.settings import Settings
 from worker.stack import Stack, local_stack
 
@@ -42,11 +43,12 @@ class BenchSize:
     search_dim: int = 512
     search_queries: int = 100
     raw_images: int = 256
+    raw_seconds: float = 8.0  # each raw measurement runs at least this long (a fast model needs many passes)
     repeats: int = 3
 
 
 SMOKE = BenchSize(e2e_rows=24, e2e_rows_gpu=24, latency_inserts=3, trigger_rows=500, search_vectors=2000, search_dim=64,
-                  search_queries=5, raw_images=16, repeats=1)
+                  search_queries=5, raw_images=16, raw_seconds=0.2, repeats=1)
 
 
 @dataclass
@@ -74,35 +76,56 @@ def machine_description() -> list[str]:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    from importlib.metadata import version
+
     import open_clip
-    import pgvector
 
     return [
         f"- machine: {cpu}, {os.cpu_count()} cores, GPU: {gpu}",
         f"- python {platform.python_version()}, torch {torch.__version__}, open_clip {open_clip.__version__}, "
-        f"pgvector-python {getattr(pgvector, '__version__', '?')}",
+        f"pgvector-python {version('pgvector')}",
     ]
 
 
 class RawModel:
-    """(1): the model alone in the bench process, timed on already-preprocessed tensors. Kept
-    loaded, so (2) can measure it again just before each run: on a shared machine the CPU's speed
-    drifts over minutes, and a ratio of two figures taken minutes apart would measure the drift."""
+    """(1): the model alone in the bench process, timed on already-preprocessed tensors at the
+    batch size a worker would pick. Kept loaded, so (2) can measure it again around each run: on a
+    shared machine the CPU's speed drifts over minutes, and a ratio of two figures taken minutes
+    apart would measure the drift."""
 
-    def __init__(self, model_name: str, device: str) -> None:
-        self.model = load_model(parse_model_spec(model_name), device, tower="image")
+    def __init__(self, model_name: str, settings: Settings, size: BenchSize) -> None:
+        self.model = load_model(parse_model_spec(model_name), settings.device, tower="image")
+        self.batch = forward_batch_size(self.model, "image", settings)
+        self.images = max(size.raw_images, 8 * self.batch if self.model.device.type == "cuda" else 0)
+        self.seconds = size.raw_seconds
 
-    def images_per_s(self, images: int, batch_size: int) -> float:
+    def throughput(self) -> float:
+        """(1) once: images/s at the worker's batch size."""
+        return self.images_per_s(self.images, self.batch, self.seconds)
+
+    def images_per_s(self, images: int, batch_size: int, seconds: float = 0.0) -> float:
+        """At least ``images`` images, and passes for at least ``seconds``."""
         pixels = torch.randn(batch_size, 3, self.model.input_size, self.model.input_size)
         self.model.embed_pixels(pixels)  # warm-up
         started = time.perf_counter()
         done = 0
-        while done < images:
-            self.model.embed_pixels(pixels)
+        while done < images or time.perf_counter() - started < seconds:
+            self.model.embed_pixels(pixels)  # returns the vectors on the CPU: the device has finished
             done += batch_size
-        if self.model.device.type == "cuda":
-            torch.cuda.synchronize()
         return done / (time.perf_counter() - started)
+
+    def decode_images_per_s(self, photos: list[bytes], settings: Settings) -> float:
+        """JPEG bytes to model-ready tensors alone, as the worker does it (Pillow in
+        IMGEMBED_DECODE_THREADS threads): the other limit of (2), besides the model."""
+        with ThreadPoolExecutor(settings.decode_threads) as decoders:
+            list(decoders.map(lambda data: preprocess_bytes(data, self.model, settings), photos[:32]))  # warm-up
+            started = time.perf_counter()
+            prepared = list(decoders.map(lambda data: preprocess_bytes(data, self.model, settings), photos))
+            seconds = time.perf_counter() - started
+        failed = [result for result in prepared if not isinstance(result, torch.Tensor)]
+        if failed:
+            raise RuntimeError(f"{len(failed)} bench photos did not decode: {failed[0]}")
+        return len(photos) / seconds
 
 
 def rss_mb(pid: int, field_name: str = "VmRSS") -> float:
@@ -172,8 +195,9 @@ def wait_embedded(connection: psycopg.Connection, table: str, rows: int, timeout
 
 
 def end_to_end(connection: psycopg.Connection, rows: int, as_bytes: bool, round_number: int, photo_dir: Path,
-               poll_seconds: float = 0.1) -> float:
-    """(2) rows inserted (real JPEGs) until the last vector is committed, images/s. The inserter
+               poll_seconds: float = 0.1) -> tuple[float, float]:
+    """(2) rows inserted (real JPEGs) until the last vector is committed: images/s, and the seconds
+    the insert itself took (one COPY: no row is visible to the pipeline before it commits). The inserter
     does what an application loading images should (README, Images): a binary COPY, and image
     bytes stored without PostgreSQL's compression attempt (JPEGs do not compress). On 2 cores,
     the text COPY into a default bytea column took 3.5 s of the run's CPU instead of 1 s."""
@@ -190,8 +214,59 @@ def end_to_end(connection: psycopg.Connection, rows: int, as_bytes: bool, round_
         copy.set_types(["bigint", column])
         for i in range(rows):
             copy.write_row((i, payload[i % len(payload)]))
+    inserted = time.perf_counter()
     wait_embedded(connection, f"public.{table}", rows, poll_seconds=poll_seconds)
-    return rows / (time.perf_counter() - started)
+    return rows / (time.perf_counter() - started), inserted - started
+
+
+def end_to_end_figures(connection: psycopg.Connection, results: Results, size: BenchSize, settings: Settings,
+                       raw_model: RawModel | None, photos: Path, rows: int) -> None:
+    """(2) for bytea and file paths. With (1), each run is set against the model alone and against
+    the pipeline's bound, both measured just before and just after it (the machine's speed drifts):
+    on a CPU the model and the JPEG decoding share the same cores, so an image costs at least
+    1/raw + 1/decode seconds; on a GPU the slower of the two sets the pace."""
+    on_gpu = settings.device.startswith("cuda")
+    photo_bytes = [photo.read_bytes() for photo in sorted(photos.glob("*.JPEG"))]
+    sample = [photo_bytes[i % len(photo_bytes)] for i in range(min(rows, 1000))]
+
+    def limits() -> tuple[float, float]:
+        """(model alone, decoding alone) in images/s, now."""
+        if raw_model is None:
+            return float("nan"), float("nan")
+        return raw_model.throughput(), raw_model.decode_images_per_s(sample, settings)
+
+    def bound(raw: float, decode: float) -> float:
+        return min(raw, decode) if on_gpu else 1 / (1 / raw + 1 / decode)
+
+    decodes: list[float] = []
+    for as_bytes in (True, False):
+        kind = "bytea" if as_bytes else "file paths"
+        rates, ratios, bound_ratios, insert_seconds = [], [], [], []
+        for attempt in range(size.repeats):
+            before = limits()
+            rate, inserted = end_to_end(connection, rows, as_bytes, attempt, photos, 0.01 if on_gpu else 0.1)
+            after = limits()
+            raw, decode = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+            decodes.append(decode)
+            rates.append(rate)
+            insert_seconds.append(inserted)
+            ratios.append(rate / raw)
+            bound_ratios.append(rate / bound(raw, decode))
+        rate, ratio, bound_ratio = statistics.median(rates), statistics.median(ratios), statistics.median(bound_ratios)
+        insert = statistics.median(insert_seconds)
+        results.add(f"e2e_{kind}", {"images_per_s": rate, "ratio_to_raw": ratio, "ratio_to_bound": bound_ratio,
+                                    "insert_s": insert},
+                    f"- (2) end to end, {rows} rows of real JPEGs as {kind}, insert to last vector committed: "
+                    f"{rate:.1f} images/s in {rows / rate:.2f} s, of which the COPY {insert:.2f} s"
+                    + (f" = {ratio:.0%} of (1) and {bound_ratio:.0%} of the bound (medians of {size.repeats} runs, "
+                       f"each against (1) and decoding measured just before and after it)" if raw_model else ""))
+    if raw_model is not None:
+        decode = statistics.median(decodes)
+        results.add("decode_images_per_s", decode,
+                    f"- (2) JPEG bytes to model-ready tensors alone, as the worker does it (Pillow, "
+                    f"{settings.decode_threads} decode threads): {decode:.1f} images/s (median over the runs); "
+                    + ("on a GPU the slower of it and (1) bounds (2)" if on_gpu else
+                       "on a CPU the model and decoding share the cores, so (2) is bounded by 1/(1/raw + 1/decode)"))
 
 
 def insert_latency(connection: psycopg.Connection, inserts: int, photo_dir: Path) -> tuple[float, float]:
@@ -231,76 +306,6 @@ def trigger_overhead(connection: psycopg.Connection, rows: int, repeats: int) ->
     return unwatched, watched
 
 
-def search_figures(connection: psycopg.Connection, size: BenchSize, results: Results) -> None:
-    """(5) similar() at N stored vectors: latency and recall@10 for several ef_search values."""
-    dim, count = size.search_dim, size.search_vectors
-    model_name = "bench-search"
-    connection.execute("SELECT imgembed.register_model(%s, 'bench', NULL, %s)", (model_name, dim))
-    connection.execute("CREATE TABLE bench_search (id bigint PRIMARY KEY, path text, category text)")
-    connection.execute("INSERT INTO bench_search SELECT g, NULL, CASE WHEN g %% 100 = 0 THEN 'rare' ELSE 'common' END "
-                       "FROM generate_series(0, %s - 1) g", (count,))
-    connection.execute("SELECT imgembed.watch('bench_search', 'path', model => %s)", (model_name,))
-    storage = connection.execute("SELECT imgembed.storage_table('bench_search')").fetchone()[0]  # type: ignore[index]
-    rng = np.random.default_rng(0)
-    centres = rng.normal(size=(50, dim))
-    half = count // 2
-    vectors = np.vstack([rng.normal(size=(count - half, dim)),
-                         centres[rng.integers(0, 50, half)] + 0.5 * rng.normal(size=(half, dim))]).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    connection.execute(f"DROP INDEX imgembed.{storage}_hnsw")
-    load_started = time.perf_counter()
-    with connection.cursor() as cursor, cursor.copy(
-        f"COPY imgembed.{storage} (id, embedding, job_id) FROM STDIN WITH (FORMAT BINARY)"
-    ) as copy:
-        copy.set_types(["bigint", "vector", "bigint"])
-        for i in range(count):
-            copy.write_row((i, vectors[i], 0))
-    connection.execute("SET maintenance_work_mem = '1GB'")
-    build_started = time.perf_counter()
-    connection.execute("SELECT imgembed.rebuild_index('bench_search')")
-    build_seconds = time.perf_counter() - build_started
-    connection.execute(f"ANALYZE imgembed.{storage}")
-    results.add("search_load", {"vectors": count, "dim": dim, "copy_s": build_started - load_started, "hnsw_build_s": build_seconds},
-                f"- loaded {count} x {dim}-dim vectors in {build_started - load_started:.1f} s; "
-                f"HNSW build (halfvec, m=16, ef_construction=64) {build_seconds:.1f} s")
-    # Half the queries from the random half, half from the clustered half: recall differs a lot.
-    queries = (rng.choice(count - half, size.search_queries // 2, replace=False).tolist()
-               + (count - half + rng.choice(half, size.search_queries - size.search_queries // 2, replace=False)).tolist())
-    clustered = [key >= count - half for key in queries]
-
-    def run(ef: int | None, exact: bool, filter_json: str | None) -> tuple[list[list[int]], list[float]]:
-        hits, timings = [], []
-        for key in queries:
-            started = time.perf_counter()
-            rows = connection.execute(
-                "SELECT id FROM imgembed.similar('bench_search', %s::bigint, 10, ef_search => %s, exact => %s, filter => %s)",
-                (key, ef, exact, filter_json)).fetchall()
-            timings.append((time.perf_counter() - started) * 1000)
-            hits.append([row[0] for row in rows])
-        return hits, timings
-
-    for label, filter_json in (("all rows", None), ("filter matching 1%", json.dumps({"category": "rare"}))):
-        truth, exact_ms = run(None, True, filter_json)
-        results.add(f"search_exact_{label}", {"p50_ms": np.percentile(exact_ms, 50)},
-                    f"- similar(), {label}, exact scan: p50 {np.percentile(exact_ms, 50):.1f} ms, "
-                    f"p95 {np.percentile(exact_ms, 95):.1f} ms")
-        for ef in (40, 100, 200, 400):
-            run(ef, False, filter_json)  # warm-up: the index pages these queries touch come into memory
-            approx, timings = run(ef, False, filter_json)
-            recalls = [len(set(a) & set(t)) / max(1, len(t)) for a, t in zip(approx, truth)]
-            recall = float(np.mean(recalls))
-            recall_clustered = float(np.mean([r for r, c in zip(recalls, clustered) if c]))
-            recall_random = float(np.mean([r for r, c in zip(recalls, clustered) if not c]))
-            full = np.mean([len(a) == 10 for a in approx])
-            results.add(f"search_{label}_ef{ef}",
-                        {"p50_ms": float(np.percentile(timings, 50)), "p95_ms": float(np.percentile(timings, 95)),
-                         "recall_at_10": recall, "recall_clustered": recall_clustered, "recall_random": recall_random,
-                         "full_k": float(full)},
-                        f"- similar(), {label}, ef_search={ef}, warm: p50 {np.percentile(timings, 50):.1f} ms, "
-                        f"p95 {np.percentile(timings, 95):.1f} ms, recall@10 {recall:.3f} (clustered-set queries "
-                        f"{recall_clustered:.3f}, random-sphere queries {recall_random:.3f}), full k in {full:.0%} of queries")
-
-
 FIGURES = (1, 2, 3, 4, 5, 6)
 
 
@@ -336,14 +341,11 @@ def run_bench(settings: Settings, *, size: BenchSize, model: str, out: Path, dev
                       f"device {device}, median of {size.repeats} runs", "", "## Figures", ""]
     raw = single_ms = float("nan")
     raw_model: RawModel | None = None
-    batch = raw_images = 0
     if 1 in figures:
-        raw_model = RawModel(model, device)
-        batch = forward_batch_size(raw_model.model, "image", settings)  # as a worker
-        raw_images = max(size.raw_images, 8 * batch if on_gpu else 0)
-        raw = median_of(size.repeats, lambda: raw_model.images_per_s(raw_images, batch))  # type: ignore[union-attr]
+        raw_model = RawModel(model, settings, size)
+        raw = median_of(size.repeats, raw_model.throughput)
         results.add("raw_images_per_s", raw, f"- (1) raw model throughput, encode_image on preprocessed tensors, "
-                    f"{batch} images per pass: {raw:.1f} images/s")
+                    f"{raw_model.batch} images per pass: {raw:.1f} images/s")
         single_ms = 1000 / median_of(size.repeats, lambda: raw_model.images_per_s(4, 1))  # type: ignore[union-attr]
         results.add("single_image_forward_ms", single_ms, f"- one image alone through encode_image: {single_ms:.0f} ms")
     if not set(figures) & {2, 3, 4, 5, 6}:
@@ -358,19 +360,7 @@ def run_bench(settings: Settings, *, size: BenchSize, model: str, out: Path, dev
         sampler.start()
         gpu = GpuSampler() if on_gpu else None
         if 2 in figures:
-            for as_bytes in (True, False):
-                kind = "bytea" if as_bytes else "file paths"
-                rates, ratios = [], []
-                for attempt in range(size.repeats):
-                    raw_before = raw_model.images_per_s(raw_images, batch) if raw_model else float("nan")
-                    rates.append(end_to_end(connection, e2e_rows, as_bytes, attempt, photos, 0.01 if on_gpu else 0.1))
-                    ratios.append(rates[-1] / raw_before)
-                rate, ratio = statistics.median(rates), statistics.median(ratios)
-                results.add(f"e2e_{kind}", {"images_per_s": rate, "ratio_to_raw": ratio},
-                            f"- (2) end to end, {e2e_rows} rows of real JPEGs as {kind}, insert to last vector "
-                            f"committed: {rate:.1f} images/s"
-                            + (f" = {ratio:.0%} of (1) measured just before each run (median of {size.repeats} "
-                               f"ratios; {rate / raw:.0%} of the (1) above)" if raw_model else ""))
+            end_to_end_figures(connection, results, size, settings, raw_model, photos, e2e_rows)
         if gpu is not None:
             gpu.stop.set()
             results.add("gpu", gpu.summary(), f"- (7) during (2): GPU memory used at most {gpu.peak_memory_mb:.0f} MB, "
@@ -389,6 +379,8 @@ def run_bench(settings: Settings, *, size: BenchSize, model: str, out: Path, dev
                         f"- (4) {size.trigger_rows} rows in one INSERT: unwatched {unwatched:,.0f} rows/s, watched "
                         f"{watched:,.0f} rows/s ({watched / unwatched:.0%}), one NOTIFY per statement")
         if 5 in figures:
+            from worker.bench_search import search_figures
+
             search_figures(connection, size, results)
         if 6 in figures and set(figures) & {2, 3}:
             results.add("rss_mb", {"worker": worker_rss, "dispatcher": dispatcher_rss, "worker_since_start": worker_hwm},

@@ -105,7 +105,7 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
         low, high = image.getextrema()  # type: ignore[misc]
         scale = 255.0 / max(1, high - low)
         image = image.point(lambda value: (value - low) * scale).convert("L")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def decode_image(data: bytes, settings: Settings, target_size: int | None = None) -> Image.Image:
@@ -135,7 +135,7 @@ def decode_image(data: bytes, settings: Settings, target_size: int | None = None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as error:
         raise ImageError(f"corrupt or unsupported image: {type(error).__name__}: {error}") from None
     try:
-        image = ImageOps.exif_transpose(image) or image
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright image
     except Exception:  # noqa: BLE001 - broken EXIF must not lose a decodable image
         pass
     try:

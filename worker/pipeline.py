@@ -115,10 +115,10 @@ def _prepare(image: db.ClaimedImage, model: LoadedModel, settings: Settings) -> 
         data = read_source(ImageSource(content=image.content, uri=image.uri), settings)
     except ImageError as error:
         return error
-    return _preprocess_bytes(data, model, settings)
+    return preprocess_bytes(data, model, settings)
 
 
-def _preprocess_bytes(data: bytes, model: LoadedModel, settings: Settings) -> torch.Tensor | ImageError:
+def preprocess_bytes(data: bytes, model: LoadedModel, settings: Settings) -> torch.Tensor | ImageError:
     try:
         return model.preprocess(decode_image(data, settings, target_size=model.input_size))
     except ImageError as error:
@@ -160,7 +160,7 @@ def _prepare_on_device(
 
     def on_cpu(index: int) -> torch.Tensor | ImageError:
         data = read_results[index][0]
-        return data if isinstance(data, ImageError) else _preprocess_bytes(data, model, settings)
+        return data if isinstance(data, ImageError) else preprocess_bytes(data, model, settings)
 
     rest = [index for index, result in enumerate(prepared) if result is None]
     for index, result in zip(rest, runtime.decoders().map(on_cpu, rest)):

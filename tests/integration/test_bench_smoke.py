@@ -19,7 +19,8 @@ def test_bench_smoke(tmp_path: Path, redis_url: str) -> None:
                              "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
-    for figure in ("(1) raw model throughput", "(2) end to end", "as file paths", "(3) one INSERT", "(4) 500 rows",
+    for figure in ("(1) raw model throughput", "(2) end to end", "as file paths", "of the bound", "tensors alone",
+                   "(3) one INSERT", "(4) 500 rows",
                    "ef_search=100", "filter matching 1%", "(6) peak RSS", "```json"):
         assert figure in text, figure
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from worker.fetch_http import _CheckedRedirects
 from worker.images import ImageError, ImageSource, decode_image, read_source
@@ -113,3 +113,19 @@ def test_pixel_cap_refuses_bombs_below_pillows_own_limit() -> None:
     with pytest.raises(ImageError, match="decompression bomb"):
         decode_image(png((100, 100)), settings)  # over twice the cap: Pillow refuses it itself
     assert decode_image(png((20, 20)), settings).size == (20, 20)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_decoded_images_are_upright_rgb(orientation: int) -> None:
+    """EXIF orientation is applied (in place, without copying an upright image)."""
+    pixels = Image.linear_gradient("L").resize((48, 32)).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    pixels.save(buffer, format="JPEG", exif=exif, quality=95)
+    data = buffer.getvalue()
+    decoded = decode_image(data, load_settings())
+    expected = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    assert decoded.mode == "RGB"
+    assert decoded.size == expected.size == ((32, 48) if orientation >= 5 else (48, 32))
+    assert decoded.tobytes() == expected.convert("RGB").tobytes()
