@@ -56,6 +56,7 @@ class WorkerRuntime:
     settings: Settings
     models: dict[tuple[str, Tower], LoadedModel] = field(default_factory=dict)
     batchers: dict[tuple[str, Tower], ForwardBatcher[Any]] = field(default_factory=dict)
+    tensor_transforms: dict[str, TensorPreprocess | None] = field(default_factory=dict)
     batches: int = 0
     forward_lock: threading.Lock = field(default_factory=threading.Lock)
     _load_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -92,6 +93,15 @@ class WorkerRuntime:
                     max_batch = forward_batch_size(model, tower, self.settings)
                 self.batchers[(name, tower)] = ForwardBatcher(forward, max_batch, f"{tower}-{name}", self.forward_lock)
             return self.batchers[(name, tower)]
+
+    def tensor_preprocess(self, name: str) -> TensorPreprocess | None:
+        """The image model's transform as tensor operations (IMGEMBED_JPEG_DECODE=device), read once;
+        None when the transform is not the plain resize, crop, normalise."""
+        model = self.model(name, "image")
+        with self._load_lock:
+            if name not in self.tensor_transforms:
+                self.tensor_transforms[name] = TensorPreprocess.from_open_clip(model.preprocess)
+            return self.tensor_transforms[name]
 
     def count_batch(self) -> None:
         with self._load_lock:
@@ -208,8 +218,7 @@ def run_claim(runtime: WorkerRuntime, claim_id: UUID, model_name: str) -> BatchO
             failures += [db.JobFailure(item.job_id, str(error), True) for item in pictures]
         else:
             started = time.perf_counter()
-            tensor_preprocess = (TensorPreprocess.from_open_clip(image_model.preprocess)
-                                 if settings.jpeg_decode == "device" else None)
+            tensor_preprocess = runtime.tensor_preprocess(model_name) if settings.jpeg_decode == "device" else None
             if tensor_preprocess is not None:
                 prepared = _prepare_on_device(runtime, pictures, image_model, tensor_preprocess)
             else:
