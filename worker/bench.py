@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from worker.db import connect
 from worker.embedding import load_model
 from worker.model_spec import parse_model_spec
 from worker.models import register_model
-from worker.pipeline import preprocess_bytes, forward_batch_size
+from worker.pipeline import forward_batch_size, preprocess_bytes
 from worker.settings import Settings
 from worker.stack import Stack, local_stack
 
@@ -76,8 +77,6 @@ def machine_description() -> list[str]:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    from importlib.metadata import version
-
     import open_clip
 
     return [
@@ -257,9 +256,10 @@ def end_to_end_figures(connection: psycopg.Connection, results: Results, size: B
         results.add(f"e2e_{kind}", {"images_per_s": rate, "ratio_to_raw": ratio, "ratio_to_bound": bound_ratio,
                                     "insert_s": insert},
                     f"- (2) end to end, {rows} rows of real JPEGs as {kind}, insert to last vector committed: "
-                    f"{rate:.1f} images/s in {rows / rate:.2f} s, of which the COPY {insert:.2f} s"
+                    f"{rate:.1f} images/s"
                     + (f" = {ratio:.0%} of (1) and {bound_ratio:.0%} of the bound (medians of {size.repeats} runs, "
-                       f"each against (1) and decoding measured just before and after it)" if raw_model else ""))
+                       f"each against (1) and decoding measured just before and after it)" if raw_model else "")
+                    + f"; a run takes {rows / rate:.2f} s, the COPY {insert:.2f} s of it")
     if raw_model is not None:
         decode = statistics.median(decodes)
         results.add("decode_images_per_s", decode,
