@@ -178,20 +178,36 @@ def _prepare_on_device(
     return prepared  # type: ignore[return-value]
 
 
-def _embed_chunk(
-    embed: Callable[[], np.ndarray],
+def _embed(
+    batcher: ForwardBatcher[Any],
+    inputs: list[Any],
     job_ids: list[int],
     done: list[tuple[int, np.ndarray | None]],
     failures: list[db.JobFailure],
-) -> None:
+) -> float:
+    """Embed through the model's batcher; a failed pass (e.g. out of memory) fails these jobs for a
+    retry. Returns the milliseconds spent, the wait for the pass included."""
+    started = time.perf_counter()
     try:
-        vectors = embed()
+        vectors = batcher.embed(inputs)
     except Exception as error:  # noqa: BLE001 - e.g. out of memory: retry later
         failures.extend(
             db.JobFailure(job_id, f"embedding failed: {type(error).__name__}: {error}", True) for job_id in job_ids
         )
-        return
-    done.extend(zip(job_ids, vectors))
+    else:
+        done.extend(zip(job_ids, vectors))
+    return (time.perf_counter() - started) * 1000
+
+
+def _prepare_pictures(
+    runtime: WorkerRuntime, model_name: str, model: LoadedModel, pictures: list[db.ClaimedImage]
+) -> list[torch.Tensor | ImageError]:
+    """Each picture as a model-ready tensor, or the reason it cannot be one."""
+    settings = runtime.settings
+    tensor_preprocess = runtime.tensor_preprocess(model_name) if settings.jpeg_decode == "device" else None
+    if tensor_preprocess is not None:
+        return _prepare_on_device(runtime, pictures, model, tensor_preprocess)
+    return list(runtime.decoders().map(lambda item: _prepare(item, model, settings), pictures))
 
 
 def run_claim(runtime: WorkerRuntime, claim_id: UUID, model_name: str) -> BatchOutcome:
@@ -218,34 +234,22 @@ def run_claim(runtime: WorkerRuntime, claim_id: UUID, model_name: str) -> BatchO
             failures += [db.JobFailure(item.job_id, str(error), True) for item in pictures]
         else:
             started = time.perf_counter()
-            tensor_preprocess = runtime.tensor_preprocess(model_name) if settings.jpeg_decode == "device" else None
-            if tensor_preprocess is not None:
-                prepared = _prepare_on_device(runtime, pictures, image_model, tensor_preprocess)
-            else:
-                prepared = list(runtime.decoders().map(lambda item: _prepare(item, image_model, settings), pictures))
+            prepared = _prepare_pictures(runtime, model_name, image_model, pictures)
             decode_ms = (time.perf_counter() - started) * 1000
-            good: list[tuple[int, torch.Tensor]] = []
-            for item, result in zip(pictures, prepared):
-                if isinstance(result, ImageError):
-                    failures.append(db.JobFailure(item.job_id, str(result), result.retryable))
-                else:
-                    good.append((item.job_id, result))
-            embed_started = time.perf_counter()
+            good = [(item.job_id, result) for item, result in zip(pictures, prepared) if isinstance(result, torch.Tensor)]
+            failures += [db.JobFailure(item.job_id, str(result), result.retryable)
+                         for item, result in zip(pictures, prepared) if isinstance(result, ImageError)]
             if good:
-                image_batcher = runtime.batcher(model_name, "image")
-                _embed_chunk(lambda: image_batcher.embed([pixels for _, pixels in good]),
-                             [job_id for job_id, _ in good], done, failures)
-            embed_ms += (time.perf_counter() - embed_started) * 1000
+                embed_ms += _embed(runtime.batcher(model_name, "image"), [pixels for _, pixels in good],
+                                   [job_id for job_id, _ in good], done, failures)
     if texts:
         try:
             text_batcher = runtime.batcher(model_name, "text")
         except ModelLoadError as error:
             failures += [db.JobFailure(item.job_id, str(error), True) for item in texts]
         else:
-            embed_started = time.perf_counter()
-            _embed_chunk(lambda: text_batcher.embed([item.text or "" for item in texts]),
-                         [item.job_id for item in texts], done, failures)
-            embed_ms += (time.perf_counter() - embed_started) * 1000
+            embed_ms += _embed(text_batcher, [item.text or "" for item in texts], [item.job_id for item in texts],
+                               done, failures)
 
     write_started = time.perf_counter()
     written = db.finish_batch(
