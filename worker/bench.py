@@ -241,11 +241,12 @@ def end_to_end_figures(connection: psycopg.Connection, results: Results, size: B
         return min(raw, decode) if on_gpu else 1 / (1 / raw + 1 / decode)
 
     decodes: list[float] = []
+    after = limits()  # each run's "after" is also the next run's "before": they would be back to back
     for as_bytes in (True, False):
         kind = "bytea" if as_bytes else "file paths"
         rates, ratios, bound_ratios, insert_seconds = [], [], [], []
         for attempt in range(size.repeats):
-            before = limits()
+            before = after
             rate, inserted = end_to_end(connection, rows, as_bytes, attempt, photos, 0.01 if on_gpu else 0.1)
             after = limits()
             raw, decode = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
