@@ -113,6 +113,20 @@ def test_file_sources_are_checked(tmp_path: Path) -> None:
         read_source(ImageSource(content=b"12345"), settings)
 
 
+def test_files_are_read_whole_up_to_the_cap(tmp_path: Path) -> None:
+    photo = sorted((ODD_IMAGES.parent / "photos").glob("*.JPEG"))[0]
+    no_roots = load_settings({})
+    assert read_source(ImageSource(uri=str(photo)), no_roots) == photo.read_bytes()
+    assert read_source(ImageSource(uri=photo.as_uri()), no_roots) == photo.read_bytes()
+    with pytest.raises(ImageError, match=re.escape(f"file not found: {tmp_path / 'missing.jpg'}")):
+        read_source(ImageSource(uri=str(tmp_path / "missing.jpg")), no_roots)
+    with pytest.raises(ImageError, match="is a directory|not a regular file"):
+        read_source(ImageSource(uri=str(tmp_path)), no_roots)
+    (tmp_path / "five.png").write_bytes(b"12345")
+    with pytest.raises(ImageError, match="5 bytes, over the cap of 4"):
+        read_source(ImageSource(uri=str(tmp_path / "five.png")), load_settings({"IMGEMBED_MAX_IMAGE_BYTES": "4"}))
+
+
 def test_format_table() -> None:
     text = format_table(["a", "bb"], [[1, None], ["long", timedelta(seconds=2)]])
     assert text.splitlines()[0] == "a     bb"
