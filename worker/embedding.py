@@ -16,6 +16,7 @@ from PIL import Image
 
 from worker.memory import return_freed_memory
 from worker.model_spec import BUNDLED_CONFIG_DIR, RANDOM_INIT_SEED, ModelSpec
+from worker.pixels import CutTransform, ModelInput
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ class LoadedModel:
     device: torch.device
     dim: int
     input_size: int
+    cut: CutTransform | None = None  # the transform cut where the picture becomes a tensor
+    _pinned: dict[tuple[torch.dtype, tuple[int, ...]], torch.Tensor] = field(
+        default_factory=dict, repr=False, compare=False)  # CUDA staging buffers
 
     def _autocast(self) -> Any:
         if self.device.type != "cuda":
@@ -65,24 +69,56 @@ class LoadedModel:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
 
-    _pinned: torch.Tensor | None = field(default=None, repr=False, compare=False)  # CUDA staging buffer
+    def prepare(self, image: Image.Image) -> ModelInput:
+        """A decoded picture as the model takes it: a uint8 array when the transform is cut (the
+        batch is normalised on the device), else the transform's float tensor."""
+        array = self.cut.to_array(image) if self.cut is not None else None
+        return array if array is not None else self.preprocess(image)
 
-    def stack_pixels(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Preprocessed images as one (N, 3, H, W) batch. For CUDA it is built in page-locked
-        memory, so the copy to the GPU runs asynchronously (non_blocking) at full speed."""
+    def _pinned_buffer(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """Page-locked memory for a batch bound for the GPU: its copy then runs asynchronously
+        (non_blocking) at full speed. Reused: the previous batch's copy has finished, since
+        embed_pixels waited for its results."""
+        key = (dtype, shape[1:])
+        buffer = self._pinned.get(key)
+        if buffer is None or buffer.shape[0] < shape[0]:
+            buffer = self._pinned[key] = torch.empty(shape, dtype=dtype, pin_memory=True)
+        return buffer[: shape[0]]
+
+    def _stack_arrays(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        shape = (len(arrays), *arrays[0].shape)
         if self.device.type != "cuda":
-            return torch.stack(list(images))
-        if any(image.device != torch.device("cpu") for image in images):  # decoded on the device
-            return torch.stack([image.to(self.device, non_blocking=True) for image in images])
-        shape = (len(images), *images[0].shape)
-        if self._pinned is None or self._pinned.shape[0] < shape[0] or self._pinned.shape[1:] != shape[1:]:
-            self._pinned = torch.empty(shape, dtype=images[0].dtype, pin_memory=True)
-        # The previous batch's copy has finished: embed_pixels waited for its results.
-        return torch.stack(list(images), out=self._pinned[: shape[0]])
+            return torch.from_numpy(np.stack(arrays))
+        buffer = self._pinned_buffer(torch.uint8, shape)
+        np.stack(arrays, out=buffer.numpy())
+        return buffer
+
+    def _stack_tensors(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return torch.stack(list(tensors))
+        if any(tensor.device.type != "cpu" for tensor in tensors):  # decoded on the device
+            return torch.stack([tensor.to(self.device, non_blocking=True) for tensor in tensors])
+        return torch.stack(list(tensors), out=self._pinned_buffer(tensors[0].dtype, (len(tensors), *tensors[0].shape)))
+
+    def stack_pixels(self, images: Sequence[ModelInput]) -> torch.Tensor:
+        """Prepared pictures as one float (N, 3, H, W) batch (on the GPU already when CUDA is the
+        device, else in pinned memory). The uint8 arrays among them are normalised together there."""
+        arrays = [index for index, image in enumerate(images) if isinstance(image, np.ndarray)]
+        if not arrays:
+            return self._stack_tensors(images)  # type: ignore[arg-type]
+        if self.cut is None:
+            raise TypeError(f"model {self.spec.name} was given uint8 pictures, but its transform is not cut")
+        raw = self._stack_arrays([images[index] for index in arrays])  # type: ignore[misc]
+        normalised = self.cut.normalise(raw.to(self.device, non_blocking=True))
+        if len(arrays) == len(images):
+            return normalised
+        # Mixed (device-decoded JPEGs beside Pillow's fallbacks): each picture back in its place.
+        by_position = dict(zip(arrays, normalised))
+        return self._stack_tensors([by_position.get(index, image) for index, image in enumerate(images)])  # type: ignore[misc]
 
     @torch.inference_mode()
-    def embed_images(self, images: Sequence[torch.Tensor]) -> np.ndarray:
-        """Preprocessed (3, H, W) images -> (N, dim) float32 unit vectors."""
+    def embed_images(self, images: Sequence[ModelInput]) -> np.ndarray:
+        """Prepared pictures (see ``prepare``) -> (N, dim) float32 unit vectors."""
         return self.embed_pixels(self.stack_pixels(images))
 
     @torch.inference_mode()
@@ -147,4 +183,4 @@ def load_model(spec: ModelSpec, device_setting: str = "auto", tower: Tower = "bo
     model.eval().to(device)
     log.info("loaded model %s (%s tower%s) on %s (dim %s, input %spx)", spec.name, tower,
              "s" if tower == "both" else "", device, dim, input_size)
-    return LoadedModel(spec, model, preprocess, tokenizer, device, dim, input_size)
+    return LoadedModel(spec, model, preprocess, tokenizer, device, dim, input_size, CutTransform.from_open_clip(preprocess))

@@ -22,6 +22,7 @@ from worker.device_decode import TensorPreprocess, apply_orientation, decode_jpe
 from worker.embedding import LoadedModel, ModelLoadError, Tower, load_model
 from worker.images import ImageError, ImageSource, decode_image, read_source
 from worker.model_spec import parse_model_spec
+from worker.pixels import ModelInput
 from worker.settings import Settings, require_database_url
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def forward_batch_size(model: LoadedModel, tower: Tower, settings: Settings) -> 
     return tune_max_batch(lambda count: model.embed_pixels(torch.zeros(count, 3, size, size)), ceiling=1024)
 
 
-def _prepare(image: db.ClaimedImage, model: LoadedModel, settings: Settings) -> torch.Tensor | ImageError:
+def _prepare(image: db.ClaimedImage, model: LoadedModel, settings: Settings) -> ModelInput | ImageError:
     try:
         data = read_source(ImageSource(content=image.content, uri=image.uri), settings)
     except ImageError as error:
@@ -128,9 +129,10 @@ def _prepare(image: db.ClaimedImage, model: LoadedModel, settings: Settings) -> 
     return preprocess_bytes(data, model, settings)
 
 
-def preprocess_bytes(data: bytes, model: LoadedModel, settings: Settings) -> torch.Tensor | ImageError:
+def preprocess_bytes(data: bytes, model: LoadedModel, settings: Settings) -> ModelInput | ImageError:
+    """Image bytes as the model takes them (see LoadedModel.prepare), or why they cannot be."""
     try:
-        return model.preprocess(decode_image(data, settings, target_size=model.input_size))
+        return model.prepare(decode_image(data, settings, target_size=model.input_size))
     except ImageError as error:
         return error
     except Exception as error:  # noqa: BLE001 - anything else still fails this image alone
@@ -142,7 +144,7 @@ DEVICE_DECODE_CHUNK = 32  # full-size decoded photos on the device at once (a 12
 
 def _prepare_on_device(
     runtime: WorkerRuntime, pictures: list[db.ClaimedImage], model: LoadedModel, tensor_preprocess: TensorPreprocess
-) -> list[torch.Tensor | ImageError]:
+) -> list[ModelInput | ImageError]:
     """IMGEMBED_JPEG_DECODE=device: read in the decode threads, decode plain JPEGs on the model's
     device and preprocess them there; everything else goes through Pillow as usual."""
     settings = runtime.settings
@@ -155,7 +157,7 @@ def _prepare_on_device(
         return data, jpeg_orientation(data, settings)
 
     read_results = list(runtime.decoders().map(read, pictures))
-    prepared: list[torch.Tensor | ImageError | None] = [None] * len(pictures)
+    prepared: list[ModelInput | ImageError | None] = [None] * len(pictures)
     eligible = [index for index, (_, orientation) in enumerate(read_results) if orientation is not None]
     for first in range(0, len(eligible), DEVICE_DECODE_CHUNK):
         chunk = eligible[first:first + DEVICE_DECODE_CHUNK]
@@ -168,7 +170,7 @@ def _prepare_on_device(
             except RuntimeError as error:  # e.g. out of device memory: Pillow takes this one
                 log.warning("device preprocessing failed (%s); using Pillow for this image", error)
 
-    def on_cpu(index: int) -> torch.Tensor | ImageError:
+    def on_cpu(index: int) -> ModelInput | ImageError:
         data = read_results[index][0]
         return data if isinstance(data, ImageError) else preprocess_bytes(data, model, settings)
 
@@ -201,8 +203,8 @@ def _embed(
 
 def _prepare_pictures(
     runtime: WorkerRuntime, model_name: str, model: LoadedModel, pictures: list[db.ClaimedImage]
-) -> list[torch.Tensor | ImageError]:
-    """Each picture as a model-ready tensor, or the reason it cannot be one."""
+) -> list[ModelInput | ImageError]:
+    """Each picture as the model takes it, or the reason it cannot be taken."""
     settings = runtime.settings
     tensor_preprocess = runtime.tensor_preprocess(model_name) if settings.jpeg_decode == "device" else None
     if tensor_preprocess is not None:
@@ -236,7 +238,7 @@ def run_claim(runtime: WorkerRuntime, claim_id: UUID, model_name: str) -> BatchO
             started = time.perf_counter()
             prepared = _prepare_pictures(runtime, model_name, image_model, pictures)
             decode_ms = (time.perf_counter() - started) * 1000
-            good = [(item.job_id, result) for item, result in zip(pictures, prepared) if isinstance(result, torch.Tensor)]
+            good = [(item.job_id, result) for item, result in zip(pictures, prepared) if not isinstance(result, ImageError)]
             failures += [db.JobFailure(item.job_id, str(result), result.retryable)
                          for item, result in zip(pictures, prepared) if isinstance(result, ImageError)]
             if good:

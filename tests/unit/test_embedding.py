@@ -3,6 +3,7 @@ OpenCLIP's own loader. No services."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -75,3 +76,38 @@ def test_csv_pairs(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="caption"):
         (tmp_path / "bad.csv").write_text("path,words\na.png,x\n")
         pairs_from_csv(tmp_path / "bad.csv")
+
+
+def test_cut_transform_gives_open_clips_pixels_to_the_bit(tiny) -> None:
+    """Decode threads hand over uint8 arrays; the batch is normalised per pass. The pixels and the
+    vectors must be exactly those of OpenCLIP's own transform, for arrays, tensors and a mix."""
+    assert tiny.cut is not None
+    photos = sorted((Path(__file__).resolve().parents[3] / "shared" / "testdata" / "photos").glob("*.JPEG"))[:6]
+    pictures = [Image.open(path).convert("RGB") for path in photos] + [Image.new("RGB", (80, 60), "red")]
+    reference = torch.stack([tiny.preprocess(picture) for picture in pictures])
+    prepared = [tiny.prepare(picture) for picture in pictures]
+    assert all(isinstance(item, np.ndarray) and item.dtype == np.uint8 for item in prepared)
+    assert torch.equal(tiny.stack_pixels(prepared), reference)
+    mixed = [item if index % 2 else tiny.preprocess(picture)
+             for index, (item, picture) in enumerate(zip(prepared, pictures))]
+    assert torch.equal(tiny.stack_pixels(mixed), reference)
+    np.testing.assert_array_equal(tiny.embed_images(prepared), tiny.embed_pixels(reference))
+
+
+def test_a_transform_of_another_shape_runs_whole(tiny) -> None:
+    from torchvision import transforms
+
+    from worker.pixels import CutTransform
+
+    assert CutTransform.from_open_clip(transforms.Compose([transforms.ToTensor()])) is None
+    assert CutTransform.from_open_clip(lambda image: image) is None
+    to_grey = transforms.Compose([transforms.Grayscale(1), transforms.ToTensor(),
+                                  transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
+    cut = CutTransform.from_open_clip(to_grey)
+    assert cut is not None and cut.to_array(Image.new("RGB", (8, 8), "blue")) is None  # not RGB: runs whole
+    uncut = dataclasses.replace(tiny, cut=None)
+    picture = Image.new("RGB", (70, 90), "green")
+    assert isinstance(uncut.prepare(picture), torch.Tensor)
+    assert torch.equal(uncut.stack_pixels([uncut.prepare(picture)]), tiny.stack_pixels([tiny.prepare(picture)]))
+    with pytest.raises(TypeError, match="not cut"):
+        uncut.stack_pixels([tiny.prepare(picture)])
