@@ -70,10 +70,12 @@ class LoadedModel:
         return torch.autocast("cuda", dtype=dtype)
 
     def prepare(self, image: Image.Image) -> ModelInput:
-        """A decoded picture as the model takes it: a uint8 array when the transform is cut (the
-        batch is normalised on the device), else the transform's float tensor."""
+        """A decoded picture as the model takes it (see worker.pixels): for a GPU a uint8 array
+        when the transform is cut (its batch is normalised on the device), else a float tensor."""
         array = self.cut.to_array(image) if self.cut is not None else None
-        return array if array is not None else self.preprocess(image)
+        if array is None:
+            return self.preprocess(image)
+        return array if self.device.type == "cuda" else self.cut.normalise_one(array)  # type: ignore[union-attr]
 
     def _pinned_buffer(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """Page-locked memory for a batch bound for the GPU: its copy then runs asynchronously
@@ -101,8 +103,9 @@ class LoadedModel:
         return torch.stack(list(tensors), out=self._pinned_buffer(tensors[0].dtype, (len(tensors), *tensors[0].shape)))
 
     def stack_pixels(self, images: Sequence[ModelInput]) -> torch.Tensor:
-        """Prepared pictures as one float (N, 3, H, W) batch (on the GPU already when CUDA is the
-        device, else in pinned memory). The uint8 arrays among them are normalised together there."""
+        """Prepared pictures as one float (N, 3, H, W) batch, on the model's device (or, for CUDA,
+        in pinned memory, ready for an asynchronous copy). The uint8 arrays among them cross to the
+        device as bytes and are normalised there together."""
         arrays = [index for index, image in enumerate(images) if isinstance(image, np.ndarray)]
         if not arrays:
             return self._stack_tensors(images)  # type: ignore[arg-type]

@@ -1,11 +1,14 @@
 """OpenCLIP's image transform, cut where the picture becomes a tensor.
 
 The Pillow steps (resize, centre crop, mode) run per image in the decode threads and give a uint8
-RGB array. Scaling to 0-1 and normalising run once per forward pass, on the whole batch, on the
-model's device. The arithmetic is the transform's own (float32: divide by 255, subtract the mean,
-divide by the std), so the pixels are the same to the bit. What changes: an image costs one array
-copy in its decode thread instead of a dozen small tensor operations that hold the GIL, a claim
-waits in memory as bytes (a quarter of the floats), and a batch crosses to a GPU as bytes.
+RGB array. Scaling to 0-1 and normalising follow with the transform's own float32 arithmetic
+(divide by 255, subtract the mean, divide by the std), so the pixels are the same to the bit:
+
+- for a GPU, once per forward pass, on the whole batch, on the device: the batch crosses to the
+  GPU as bytes, a quarter of the floats;
+- for a CPU, in the decode thread, with numpy: one single-threaded pass that releases the GIL.
+  The transform's dozen small tensor operations per image each started torch's thread pool from
+  every decode thread at once; and a per-pass normalisation would sit on the model's own path.
 
 A transform of any other shape is not cut: its images go through it whole, as before."""
 
@@ -56,6 +59,14 @@ class CutTransform:
         if not isinstance(image, Image.Image) or image.mode != "RGB":
             return None
         return np.asarray(image)
+
+    def normalise_one(self, array: np.ndarray) -> torch.Tensor:
+        """uint8 (H, W, 3) -> float32 (3, H, W), as ToTensor then Normalize, in numpy."""
+        pixels = np.empty((3, *array.shape[:2]), dtype=np.float32)
+        np.divide(array.transpose(2, 0, 1), np.float32(255), out=pixels, dtype=np.float32)
+        pixels -= np.array(self.mean, dtype=np.float32).reshape(3, 1, 1)
+        pixels /= np.array(self.std, dtype=np.float32).reshape(3, 1, 1)
+        return torch.from_numpy(pixels)
 
     def normalise(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3) on any device -> float32 (N, 3, H, W), as ToTensor then Normalize."""

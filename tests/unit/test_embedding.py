@@ -79,19 +79,25 @@ def test_csv_pairs(tmp_path: Path) -> None:
 
 
 def test_cut_transform_gives_open_clips_pixels_to_the_bit(tiny) -> None:
-    """Decode threads hand over uint8 arrays; the batch is normalised per pass. The pixels and the
-    vectors must be exactly those of OpenCLIP's own transform, for arrays, tensors and a mix."""
+    """A CPU worker's decode threads normalise each picture in numpy; for a GPU they hand over
+    uint8 arrays and each pass normalises its batch on the device (the same code runs here on the
+    CPU). Pixels and vectors must be exactly those of OpenCLIP's own transform, mixes included."""
     assert tiny.cut is not None
     photos = sorted((Path(__file__).resolve().parents[3] / "shared" / "testdata" / "photos").glob("*.JPEG"))[:6]
     pictures = [Image.open(path).convert("RGB") for path in photos] + [Image.new("RGB", (80, 60), "red")]
     reference = torch.stack([tiny.preprocess(picture) for picture in pictures])
-    prepared = [tiny.prepare(picture) for picture in pictures]
-    assert all(isinstance(item, np.ndarray) and item.dtype == np.uint8 for item in prepared)
-    assert torch.equal(tiny.stack_pixels(prepared), reference)
+
+    on_cpu = [tiny.prepare(picture) for picture in pictures]
+    assert all(isinstance(item, torch.Tensor) for item in on_cpu)
+    assert torch.equal(torch.stack(on_cpu), reference)  # type: ignore[arg-type]
+
+    as_bytes = [tiny.cut.to_array(picture) for picture in pictures]
+    assert all(isinstance(item, np.ndarray) and item.dtype == np.uint8 for item in as_bytes)
+    assert torch.equal(tiny.stack_pixels(as_bytes), reference)  # type: ignore[arg-type]
     mixed = [item if index % 2 else tiny.preprocess(picture)
-             for index, (item, picture) in enumerate(zip(prepared, pictures))]
-    assert torch.equal(tiny.stack_pixels(mixed), reference)
-    np.testing.assert_array_equal(tiny.embed_images(prepared), tiny.embed_pixels(reference))
+             for index, (item, picture) in enumerate(zip(as_bytes, pictures))]
+    assert torch.equal(tiny.stack_pixels(mixed), reference)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(tiny.embed_images(as_bytes), tiny.embed_pixels(reference))  # type: ignore[arg-type]
 
 
 def test_a_transform_of_another_shape_runs_whole(tiny) -> None:
@@ -110,4 +116,4 @@ def test_a_transform_of_another_shape_runs_whole(tiny) -> None:
     assert isinstance(uncut.prepare(picture), torch.Tensor)
     assert torch.equal(uncut.stack_pixels([uncut.prepare(picture)]), tiny.stack_pixels([tiny.prepare(picture)]))
     with pytest.raises(TypeError, match="not cut"):
-        uncut.stack_pixels([tiny.prepare(picture)])
+        uncut.stack_pixels([tiny.cut.to_array(picture)])
