@@ -21,11 +21,14 @@ from worker.batcher import ForwardBatcher, tune_max_batch
 from worker.device_decode import TensorPreprocess, apply_orientation, decode_jpegs, jpeg_orientation
 from worker.embedding import LoadedModel, ModelLoadError, Tower, load_model
 from worker.images import ImageError, ImageSource, decode_image, read_source
+from worker.memory import return_freed_memory
 from worker.model_spec import parse_model_spec
 from worker.pixels import ModelInput
 from worker.settings import Settings, require_database_url
 
 log = logging.getLogger(__name__)
+
+TRIM_EVERY_SECONDS = 1.0  # how often a worker hands freed heap memory back to the OS, at most
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class WorkerRuntime:
     _load_lock: threading.Lock = field(default_factory=threading.Lock)
     _local: threading.local = field(default_factory=threading.local)
     _decoders: ThreadPoolExecutor | None = None
+    _last_trim: float = 0.0
 
     def connection(self) -> psycopg.Connection:
         connection: psycopg.Connection | None = getattr(self._local, "connection", None)
@@ -107,6 +111,18 @@ class WorkerRuntime:
     def count_batch(self) -> None:
         with self._load_lock:
             self.batches += 1
+
+    def return_freed_memory(self) -> None:
+        """Hand the heap's free pages back to the OS, at most every TRIM_EVERY_SECONDS. Freed
+        decoded pictures and activations otherwise stay in glibc's arenas, scattered, and the
+        next pass's activations land beside them: in a 15-minute ViT-B-32 benchmark the worker
+        grew from 1.44 to 1.65 GB. A trim takes about 7 ms (it holds the allocator meanwhile)."""
+        now = time.monotonic()
+        with self._load_lock:
+            if now - self._last_trim < TRIM_EVERY_SECONDS:
+                return
+            self._last_trim = now
+        return_freed_memory()
 
 
 def forward_batch_size(model: LoadedModel, tower: Tower, settings: Settings) -> int:
@@ -259,6 +275,7 @@ def run_claim(runtime: WorkerRuntime, claim_id: UUID, model_name: str) -> BatchO
     )
     write_ms = (time.perf_counter() - write_started) * 1000
     runtime.count_batch()
+    runtime.return_freed_memory()
     outcome = BatchOutcome(
         str(claim_id), model_name, len(owned), written, len(failures), gone, decode_ms, embed_ms, write_ms
     )

@@ -163,3 +163,17 @@ def test_numpy_vector_dumper_matches_pgvector_binary_format() -> None:
     values = np.array([0.5, -1.25, 3.0e-7, 42.0], dtype=np.float32)
     assert NumpyVectorBinaryDumper(np.ndarray).dump(values) == Vector(values).to_binary()
     assert NumpyVectorBinaryDumper(np.ndarray).dump(values.astype(np.float64)) == Vector(values).to_binary()
+
+
+def test_freed_memory_goes_back_at_most_once_a_second() -> None:
+    from worker.pipeline import TRIM_EVERY_SECONDS, WorkerRuntime
+
+    runtime = WorkerRuntime(load_settings({}))
+    runtime.return_freed_memory()
+    first = runtime._last_trim
+    assert first > 0
+    runtime.return_freed_memory()  # too soon: skipped
+    assert runtime._last_trim == first
+    runtime._last_trim -= TRIM_EVERY_SECONDS
+    runtime.return_freed_memory()
+    assert runtime._last_trim > first - TRIM_EVERY_SECONDS
