@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from worker.pixels import CutTransform
 from worker.settings import Settings
 
 EXIF_ORIENTATION = 0x0112
@@ -36,18 +37,17 @@ class TensorPreprocess:
         """Read the transform's settings; None unless it is the plain resize, crop, normalise."""
         from torchvision import transforms
 
-        steps = getattr(preprocess, "transforms", None)
-        if not steps:
+        cut = CutTransform.from_open_clip(preprocess)  # the normalisation, read where Pillow's path reads it
+        if cut is None:
             return None
-        resize = next((step for step in steps if isinstance(step, transforms.Resize)), None)
-        crop = next((step for step in steps if isinstance(step, transforms.CenterCrop)), None)
-        normalize = next((step for step in steps if isinstance(step, transforms.Normalize)), None)
-        if resize is None or crop is None or normalize is None:
+        resize = next((step for step in cut.pillow_steps if isinstance(step, transforms.Resize)), None)
+        crop = next((step for step in cut.pillow_steps if isinstance(step, transforms.CenterCrop)), None)
+        if resize is None or crop is None:
             return None
         size = resize.size if isinstance(resize.size, int) else (resize.size[0] if len(resize.size) == 1 else None)
         if size is None or resize.interpolation != transforms.InterpolationMode.BICUBIC or tuple(crop.size) != (size, size):
             return None
-        return cls(size, tuple(float(x) for x in normalize.mean), tuple(float(x) for x in normalize.std))
+        return cls(size, cut.mean, cut.std)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         from torchvision.transforms.v2 import functional

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from worker.device_decode import TensorPreprocess
 from worker.memory import return_freed_memory
 from worker.model_spec import BUNDLED_CONFIG_DIR, RANDOM_INIT_SEED, ModelSpec
 from worker.pixels import CutTransform, ModelInput
@@ -60,6 +61,7 @@ class LoadedModel:
     dim: int
     input_size: int
     cut: CutTransform | None = None  # the transform cut where the picture becomes a tensor
+    tensor_preprocess: TensorPreprocess | None = None  # the transform on tensors (IMGEMBED_JPEG_DECODE=device)
     _pinned: dict[tuple[torch.dtype, tuple[int, ...]], torch.Tensor] = field(
         default_factory=dict, repr=False, compare=False)  # CUDA staging buffers
 
@@ -186,4 +188,5 @@ def load_model(spec: ModelSpec, device_setting: str = "auto", tower: Tower = "bo
     model.eval().to(device)
     log.info("loaded model %s (%s tower%s) on %s (dim %s, input %spx)", spec.name, tower,
              "s" if tower == "both" else "", device, dim, input_size)
-    return LoadedModel(spec, model, preprocess, tokenizer, device, dim, input_size, CutTransform.from_open_clip(preprocess))
+    return LoadedModel(spec, model, preprocess, tokenizer, device, dim, input_size,
+                       CutTransform.from_open_clip(preprocess), TensorPreprocess.from_open_clip(preprocess))

@@ -60,7 +60,6 @@ class WorkerRuntime:
     settings: Settings
     models: dict[tuple[str, Tower], LoadedModel] = field(default_factory=dict)
     batchers: dict[tuple[str, Tower], ForwardBatcher[Any]] = field(default_factory=dict)
-    tensor_transforms: dict[str, TensorPreprocess | None] = field(default_factory=dict)
     batches: int = 0
     forward_lock: threading.Lock = field(default_factory=threading.Lock)
     _load_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -98,15 +97,6 @@ class WorkerRuntime:
                     max_batch = forward_batch_size(model, tower, self.settings)
                 self.batchers[(name, tower)] = ForwardBatcher(forward, max_batch, f"{tower}-{name}", self.forward_lock)
             return self.batchers[(name, tower)]
-
-    def tensor_preprocess(self, name: str) -> TensorPreprocess | None:
-        """The image model's transform as tensor operations (IMGEMBED_JPEG_DECODE=device), read once;
-        None when the transform is not the plain resize, crop, normalise."""
-        model = self.model(name, "image")
-        with self._load_lock:
-            if name not in self.tensor_transforms:
-                self.tensor_transforms[name] = TensorPreprocess.from_open_clip(model.preprocess)
-            return self.tensor_transforms[name]
 
     def count_batch(self) -> None:
         with self._load_lock:
@@ -218,13 +208,12 @@ def _embed(
 
 
 def _prepare_pictures(
-    runtime: WorkerRuntime, model_name: str, model: LoadedModel, pictures: list[db.ClaimedImage]
+    runtime: WorkerRuntime, model: LoadedModel, pictures: list[db.ClaimedImage]
 ) -> list[ModelInput | ImageError]:
     """Each picture as the model takes it, or the reason it cannot be taken."""
     settings = runtime.settings
-    tensor_preprocess = runtime.tensor_preprocess(model_name) if settings.jpeg_decode == "device" else None
-    if tensor_preprocess is not None:
-        return _prepare_on_device(runtime, pictures, model, tensor_preprocess)
+    if settings.jpeg_decode == "device" and model.tensor_preprocess is not None:
+        return _prepare_on_device(runtime, pictures, model, model.tensor_preprocess)
     return list(runtime.decoders().map(lambda item: _prepare(item, model, settings), pictures))
 
 
@@ -252,7 +241,7 @@ def run_claim(runtime: WorkerRuntime, claim_id: UUID, model_name: str) -> BatchO
             failures += [db.JobFailure(item.job_id, str(error), True) for item in pictures]
         else:
             started = time.perf_counter()
-            prepared = _prepare_pictures(runtime, model_name, image_model, pictures)
+            prepared = _prepare_pictures(runtime, image_model, pictures)
             decode_ms = (time.perf_counter() - started) * 1000
             good = [(item.job_id, result) for item, result in zip(pictures, prepared) if not isinstance(result, ImageError)]
             failures += [db.JobFailure(item.job_id, str(result), result.retryable)
