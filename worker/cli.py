@@ -82,8 +82,10 @@ def cmd_dispatch(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from worker.memory import limit_malloc_arenas
+    from worker.openmp import use_wait_policy
 
     limit_malloc_arenas(settings.malloc_arenas)  # before any thread starts
+    use_wait_policy(settings.openmp_wait_policy)  # before torch is imported
     from worker.celery_app import create_celery_app, register_worker_tasks
 
     require_database_url(settings)

@@ -27,6 +27,7 @@ class Settings:
     batch_size: int = 32
     forward_batch: int | None = None  # None: the claim size on CPU, measured on CUDA (see batcher)
     malloc_arenas: int = 2
+    openmp_wait_policy: str = "PASSIVE"  # OMP_WAIT_POLICY of worker processes (see worker.openmp)
     jpeg_decode: str = "pillow"  # or "device": nvJPEG on the model's GPU (see worker.device_decode)
     decode_threads: int = 4
     worker_threads: int = 2
@@ -114,6 +115,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     jpeg_decode = env.get("IMGEMBED_JPEG_DECODE", "").strip().lower() or "pillow"
     if jpeg_decode not in {"pillow", "device"}:
         raise SettingsError(f"IMGEMBED_JPEG_DECODE={jpeg_decode!r}: use pillow or device")
+    openmp_wait_policy = env.get("OMP_WAIT_POLICY", "").strip().upper() or "PASSIVE"
+    if openmp_wait_policy not in {"ACTIVE", "PASSIVE"}:
+        raise SettingsError(f"OMP_WAIT_POLICY={openmp_wait_policy!r}: use ACTIVE or PASSIVE")
     data_dir_raw = env.get("IMGEMBED_DATA_DIR")
     return Settings(
         database_url=env.get("DATABASE_URL") or None,
@@ -123,6 +127,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         batch_size=_int(env, "IMGEMBED_BATCH_SIZE", 32),
         forward_batch=_optional_int(env, "IMGEMBED_FORWARD_BATCH"),
         malloc_arenas=_int(env, "IMGEMBED_MALLOC_ARENAS", 2, minimum=0),
+        openmp_wait_policy=openmp_wait_policy,
         jpeg_decode=jpeg_decode,
         decode_threads=_int(env, "IMGEMBED_DECODE_THREADS", min(8, (os.cpu_count() or 2) * 2)),
         worker_threads=_int(env, "IMGEMBED_WORKER_THREADS", 2),

@@ -30,6 +30,18 @@ def test_settings_defaults_and_overrides(tmp_path: Path) -> None:
     assert custom.device == "cuda:1"
 
 
+def test_openmp_threads_wait_passively_in_workers_unless_told_otherwise() -> None:
+    import subprocess
+    import sys
+
+    assert load_settings({}).openmp_wait_policy == "PASSIVE"
+    assert load_settings({"OMP_WAIT_POLICY": "active"}).openmp_wait_policy == "ACTIVE"
+    # The OpenMP runtime reads the variable once, when torch loads it: the worker command sets it
+    # before anything imports torch, and importing the command line must not import it.
+    script = "import sys, worker.cli; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [
@@ -38,6 +50,7 @@ def test_settings_defaults_and_overrides(tmp_path: Path) -> None:
         ({"IMGEMBED_ALLOW_HTTP": "maybe"}, "not a boolean"),
         ({"IMGEMBED_DEVICE": "tpu"}, "auto, cpu, cuda"),
         ({"IMGEMBED_LEASE_SECONDS": "-1"}, "must be positive"),
+        ({"OMP_WAIT_POLICY": "sometimes"}, "ACTIVE or PASSIVE"),
     ],
 )
 def test_bad_settings_are_named(env: dict[str, str], message: str) -> None:
