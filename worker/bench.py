@@ -132,8 +132,8 @@ class RawModel:
 
 
 def rss_mb(pid: int, field_name: str = "VmRSS") -> float:
-    """A process's resident memory (VmRSS), or another line of /proc/PID/status in kB: its
-    high-water mark since it started (VmHWM), its own memory only (RssAnon)..."""
+    """A memory line of /proc/PID/status, in MB: resident memory (VmRSS) by default, or its
+    high-water mark since the process started (VmHWM), or only the process's own part (RssAnon)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(f"{field_name}:"):
             return int(line.split()[1]) / 1024
@@ -171,7 +171,7 @@ class RssSampler(threading.Thread):
     """The highest VmRSS of some processes while a measurement runs (sampled every 0.2 s), and
     the highest part of it that is the process's own memory (RssAnon). The rest is pages of
     shared libraries mapped from disk (RssFile), shared with other processes and dropped first
-    under memory pressure: with the CUDA build of torch, about 550 MB of a CPU worker."""
+    under memory pressure: with the CUDA build of torch, 400-560 MB of a CPU worker."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         super().__init__(daemon=True)

@@ -5,8 +5,8 @@ while before it sleeps. In a CPU worker the model's threads share the cores with
 threads: when one of them is descheduled, the other spins at the barrier and takes CPU time the
 decode threads need. PASSIVE makes waiting threads sleep at once. In 10 interleaved runs of 500
 ViT-B-32 rows on 2 cores, a worker with PASSIVE used 3% less CPU per image and ran 3% faster on
-average (inside the runs' noise, never slower in the median); for a GPU worker it changes
-little, as its threads mostly wait for the device."""
+average, inside the runs' noise; for a GPU worker it changes little, as its threads mostly wait
+for the device."""
 
 from __future__ import annotations
 
