@@ -31,6 +31,7 @@ def test_settings_defaults_and_overrides(tmp_path: Path) -> None:
 
 
 def test_openmp_threads_wait_passively_in_workers_unless_told_otherwise() -> None:
+    import os
     import subprocess
     import sys
 
@@ -40,6 +41,17 @@ def test_openmp_threads_wait_passively_in_workers_unless_told_otherwise() -> Non
     # before anything imports torch, and importing the command line must not import it.
     script = "import sys, worker.cli; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    if (os.cpu_count() or 1) < 2:
+        return
+    # Set that way, it reaches PyTorch's threads: after a parallel operation, an ACTIVE thread
+    # spins through the main thread's half-second sleep; a PASSIVE one sleeps too.
+    script = ("import sys, time; from worker.openmp import use_wait_policy; use_wait_policy(sys.argv[1]); "
+              "import torch; torch.set_num_threads(2); a = torch.randn(512, 512); [a @ a for _ in range(20)]; "
+              "started = time.process_time(); time.sleep(0.5); print(time.process_time() - started)")
+    cpu_seconds = {policy: float(subprocess.run([sys.executable, "-c", script, policy], capture_output=True, text=True,
+                                                check=True).stdout)
+                   for policy in ("ACTIVE", "PASSIVE")}
+    assert cpu_seconds["PASSIVE"] < 0.05 < cpu_seconds["ACTIVE"], cpu_seconds
 
 
 @pytest.mark.parametrize(
