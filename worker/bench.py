@@ -131,13 +131,12 @@ class RawModel:
         return len(photos) / seconds
 
 
-def rss_mb(pid: int, field_name: str = "VmRSS") -> float:
-    """A memory line of /proc/PID/status, in MB: resident memory (VmRSS) by default, or its
-    high-water mark since the process started (VmHWM), or only the process's own part (RssAnon)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field_name}:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def memory_mb(pid: int, *field_names: str) -> tuple[float, ...]:
+    """Memory lines of /proc/PID/status, in MB, read at once: resident memory (VmRSS), its
+    high-water mark since the process started (VmHWM), the process's own part (RssAnon)..."""
+    values = {line.split(":", 1)[0]: int(line.split()[1]) / 1024
+              for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.split(":", 1)[0] in field_names}
+    return tuple(values.get(name, float("nan")) for name in field_names)
 
 
 class GpuSampler(threading.Thread):
@@ -183,8 +182,9 @@ class RssSampler(threading.Thread):
     def run(self) -> None:
         while not self.stop.wait(0.2):
             for name, pid in self.pids.items():
-                self.peaks[name] = max(self.peaks[name], rss_mb(pid))
-                self.anonymous_peaks[name] = max(self.anonymous_peaks[name], rss_mb(pid, "RssAnon"))
+                resident, anonymous = memory_mb(pid, "VmRSS", "RssAnon")
+                self.peaks[name] = max(self.peaks[name], resident)
+                self.anonymous_peaks[name] = max(self.anonymous_peaks[name], anonymous)
 
 
 def wait_embedded(connection: psycopg.Connection, table: str, rows: int, timeout: float = 3600,
@@ -268,9 +268,10 @@ def end_to_end_figures(connection: psycopg.Connection, results: Results, size: B
             decodes.append(decode)
             rates.append(rate)
             insert_seconds.append(inserted)
+            limit = bound(raw, decode)
             ratios.append(rate / raw)
-            bound_ratios.append(rate / bound(raw, decode))
-            after_copy_ratios.append(rows / (rows / rate - inserted) / bound(raw, decode))
+            bound_ratios.append(rate / limit)
+            after_copy_ratios.append(rows / (rows / rate - inserted) / limit)
         rate, ratio, bound_ratio = statistics.median(rates), statistics.median(ratios), statistics.median(bound_ratios)
         insert, after_copy_ratio = statistics.median(insert_seconds), statistics.median(after_copy_ratios)
         results.add(f"e2e_{kind}", {"images_per_s": rate, "ratio_to_raw": ratio, "ratio_to_bound": bound_ratio,
@@ -406,7 +407,7 @@ def run_bench(settings: Settings, *, size: BenchSize, model: str, out: Path, dev
         sampler.stop.set()
         worker_rss, dispatcher_rss = sampler.peaks["worker"], sampler.peaks["dispatch"]
         worker_anonymous = sampler.anonymous_peaks["worker"]
-        worker_hwm = rss_mb(stack.children["worker"].pid, "VmHWM")
+        (worker_hwm,) = memory_mb(stack.children["worker"].pid, "VmHWM")
         if 4 in figures:
             unwatched, watched = trigger_overhead(connection, size.trigger_rows, size.repeats)
             results.add("trigger_rows_per_s", {"unwatched": unwatched, "watched": watched},

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import TESTDATA
 from worker.embedding import ModelLoadError, load_model
 from worker.model_spec import parse_model_spec
 
@@ -83,7 +84,7 @@ def test_cut_transform_gives_open_clips_pixels_to_the_bit(tiny) -> None:
     uint8 arrays and each pass normalises its batch on the device (the same code runs here on the
     CPU). Pixels and vectors must be exactly those of OpenCLIP's own transform, mixes included."""
     assert tiny.cut is not None
-    photos = sorted((Path(__file__).resolve().parents[3] / "shared" / "testdata" / "photos").glob("*.JPEG"))[:6]
+    photos = sorted((TESTDATA / "photos").glob("*.JPEG"))[:6]
     pictures = [Image.open(path).convert("RGB") for path in photos] + [Image.new("RGB", (80, 60), "red")]
     reference = torch.stack([tiny.preprocess(picture) for picture in pictures])
 
