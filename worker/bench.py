@@ -370,7 +370,8 @@ def run_bench(settings: Settings, *, size: BenchSize, model: str, out: Path, dev
                       f"{git_revision()} with `imgembed bench{' --smoke' if size == SMOKE else ''} --model {model}"
                       f"{' --device ' + device if on_gpu else ''}{chosen}`.", ""]
     results.lines += machine_description()
-    results.lines += [f"- model: {model} (random weights are fine for speed), {settings.batch_size} jobs per claim, "
+    weights = "random weights, fine for speed" if parse_model_spec(model).random_weights else "trained weights"
+    results.lines += [f"- model: {model} ({weights}), {settings.batch_size} jobs per claim, "
                       f"{settings.worker_threads} task threads, {settings.decode_threads} decode threads, "
                       f"device {device}, median of {size.repeats} runs", "", "## Figures", ""]
     raw = single_ms = float("nan")
@@ -422,8 +423,8 @@ def run_bench(settings: Settings, *, size: BenchSize, model: str, out: Path, dev
                                    "worker_anonymous": worker_anonymous},
                         f"- (6) peak RSS during (2)-(3): worker {worker_rss:.0f} MB, dispatcher {dispatcher_rss:.0f} MB "
                         f"(worker's high-water mark since start, model loading included: {worker_hwm:.0f} MB; "
-                        f"the worker's own memory at most {worker_anonymous:.0f} MB, the rest shared-library pages "
-                        "mapped from disk)")
+                        f"the worker's own memory at most {worker_anonymous:.0f} MB, the rest pages mapped from files: "
+                        "shared libraries, and a memory-mapped checkpoint's weights)")
     return write_results(results, out)
 
 

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from worker.device_decode import TensorPreprocess
+from worker.image_tower import TEXT_ONLY_PARTS, build_image_tower
 from worker.memory import return_freed_memory
 from worker.model_spec import BUNDLED_CONFIG_DIR, RANDOM_INIT_SEED, ModelSpec
 from worker.pixels import CutTransform, ModelInput
@@ -26,7 +27,6 @@ _bundled_configs_added = False
 
 
 Tower = Literal["image", "text", "both"]
-TEXT_TOWER_PARTS = ("transformer", "token_embedding", "ln_final", "text_projection", "positional_embedding")
 
 
 class ModelLoadError(RuntimeError):
@@ -145,18 +145,37 @@ class LoadedModel:
 
 
 def _keep_tower(model: Any, tower: Tower) -> None:
-    """Free the tower a worker does not need: image jobs never touch the text tower, and text jobs
-    never touch the image tower (a third of ViT-B-32's weights, more for larger text towers)."""
+    """Free the tower a worker does not need: text jobs never touch the image tower, and image jobs
+    never touch the text tower (a third of ViT-B-32's weights, more for larger text towers)."""
     if tower == "image":
-        for part in TEXT_TOWER_PARTS:
+        for part in TEXT_ONLY_PARTS:
             if getattr(model, part, None) is not None:
                 setattr(model, part, None)
     elif tower == "text":
         model.visual = None
 
 
+def _build_model(spec: ModelSpec, pretrained: str | None, tower: Tower) -> tuple[Any, Any]:
+    """The model and its evaluation transform. An image tower is built alone where it can be (see
+    worker.image_tower); otherwise OpenCLIP builds the whole model, seeded on a forked RNG (the same
+    random weights in every process, global state untouched), and load_model drops what the tower
+    asked for does not use."""
+    import open_clip
+
+    if tower == "image":
+        built = build_image_tower(spec.architecture, pretrained, RANDOM_INIT_SEED)
+        if built is not None:
+            return built
+        log.info("model %s: OpenCLIP's full loader builds both towers; the text tower is dropped after", spec.name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model, _, preprocess = open_clip.create_model_and_transforms(spec.architecture, pretrained=pretrained,
+                                                                     device="cpu")
+    return model, preprocess
+
+
 def load_model(spec: ModelSpec, device_setting: str = "auto", tower: Tower = "both") -> LoadedModel:
-    """Build the model through OpenCLIP's own loader (tag download, local checkpoint, or seeded
+    """Build the model from OpenCLIP's configuration (tag download, local checkpoint, or seeded
     random weights), keep the tower(s) asked for, and put it in eval mode on the chosen device."""
     import open_clip
 
@@ -169,12 +188,7 @@ def load_model(spec: ModelSpec, device_setting: str = "auto", tower: Tower = "bo
         raise ModelLoadError(f"model {spec.name}: unknown OpenCLIP architecture {spec.architecture!r}")
     pretrained = str(checkpoint) if checkpoint is not None else spec.pretrained
     try:
-        # Seeded on a forked RNG: the same random weights in every process, global state untouched.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                spec.architecture, pretrained=pretrained, device="cpu"
-            )
+        model, preprocess = _build_model(spec, pretrained, tower)
     except Exception as error:  # noqa: BLE001 - OpenCLIP raises many kinds; all mean "cannot load"
         raise ModelLoadError(f"model {spec.name} could not be loaded: {type(error).__name__}: {error}") from error
     tokenizer = open_clip.get_tokenizer(spec.architecture)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import random
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -197,13 +198,20 @@ def train(
 
 
 def save_checkpoint(model: LoadedModel, path: Path, *, half: bool = True) -> Path:
-    """A checkpoint OpenCLIP loads with ``create_model_and_transforms(arch, pretrained=path)``."""
+    """A checkpoint OpenCLIP loads with ``create_model_and_transforms(arch, pretrained=path)``.
+    Written beside ``path`` and renamed over it: workers that memory-mapped an earlier file of
+    that name keep reading the earlier file, never a half-written one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         name: (value.half() if half and value.is_floating_point() else value).detach().cpu().contiguous()
         for name, value in model.model.state_dict().items()
     }
-    torch.save({"state_dict": state}, path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        torch.save({"state_dict": state}, partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 
