@@ -77,10 +77,7 @@ def read_file(path: Path, settings: Settings) -> bytes:
             cap = settings.max_image_bytes
             if info.st_size > cap:
                 raise ImageError(f"{path} is {info.st_size} bytes, over the cap of {cap} (IMGEMBED_MAX_IMAGE_BYTES)")
-            data = handle.read(info.st_size + 1)
-            if len(data) > info.st_size:  # it grew since: read on, up to the cap
-                data += handle.read(cap + 1 - len(data)) or b""
-            return data[:cap]
+            return read_to_end(handle, info.st_size, cap, path)
     except FileNotFoundError:
         raise ImageError(f"file not found: {path}") from None
     except PermissionError:
@@ -89,6 +86,22 @@ def read_file(path: Path, settings: Settings) -> bytes:
         raise ImageError(f"{path} is a directory, not an image file") from None
     except OSError as error:
         raise ImageError(f"cannot read {path}: {error.strerror or error}", retryable=True) from None
+
+
+def read_to_end(handle: io.RawIOBase, expected_bytes: int, cap: int, path: Path) -> bytes:
+    """A file's bytes up to its end. One read(2) may return fewer bytes than asked (network and
+    FUSE file systems, signals), so reads go on until one returns nothing. A file that grew past
+    ``cap`` since it was measured is refused, never cut short."""
+    chunks: list[bytes] = []
+    total = 0
+    ask = expected_bytes + 1  # the whole file in one read when it did not change, then its end
+    while chunk := handle.read(min(ask, cap + 1 - total)):
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > cap:
+            raise ImageError(f"{path} grew past the cap of {cap} bytes while it was read (IMGEMBED_MAX_IMAGE_BYTES)")
+        ask = 1 << 20
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _inside_allowed_roots(path: Path, roots: Sequence[Path]) -> Path:

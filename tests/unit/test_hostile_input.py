@@ -15,7 +15,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from worker.fetch_http import _CheckedRedirects
-from worker.images import ImageError, ImageSource, decode_image, read_source
+from worker.images import ImageError, ImageSource, decode_image, read_source, read_to_end
 from worker.settings import load_settings
 
 
@@ -129,3 +129,26 @@ def test_decoded_images_are_upright_rgb(orientation: int) -> None:
     assert decoded.mode == "RGB"
     assert decoded.size == expected.size == ((32, 48) if orientation >= 5 else (48, 32))
     assert decoded.tobytes() == expected.convert("RGB").tobytes()
+
+
+class _Trickle(io.RawIOBase):
+    """A file system whose read(2) returns at most 7 bytes (as network and FUSE ones may)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.position = data, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.data[self.position:self.position + min(size, 7)]
+        self.position += len(chunk)
+        return chunk
+
+
+def test_short_reads_are_read_on_and_a_file_grown_past_the_cap_is_refused() -> None:
+    data = png((30, 30))
+    assert read_to_end(_Trickle(data), len(data), 10_000, Path("/images/a.png")) == data
+    assert read_to_end(_Trickle(b""), 0, 100, Path("/images/empty.png")) == b""
+    with pytest.raises(ImageError, match="grew past the cap"):  # measured at 10 bytes, then longer than the cap
+        read_to_end(_Trickle(data), 10, len(data) - 1, Path("/images/a.png"))
