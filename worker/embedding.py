@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from worker.device_decode import TensorPreprocess
-from worker.image_tower import TEXT_ONLY_PARTS, build_image_tower
 from worker.memory import return_freed_memory
 from worker.model_spec import BUNDLED_CONFIG_DIR, RANDOM_INIT_SEED, ModelSpec
 from worker.pixels import CutTransform, ModelInput
+from worker.towers import TEXT_ONLY_PARTS, build_image_tower, build_text_tower
 
 log = logging.getLogger(__name__)
 
@@ -156,22 +156,45 @@ def _keep_tower(model: Any, tower: Tower) -> None:
 
 
 def _build_model(spec: ModelSpec, pretrained: str | None, tower: Tower) -> tuple[Any, Any]:
-    """The model and its evaluation transform. An image tower is built alone where it can be (see
-    worker.image_tower); otherwise OpenCLIP builds the whole model, seeded on a forked RNG (the same
-    random weights in every process, global state untouched), and load_model drops what the tower
-    asked for does not use."""
+    """The model and its evaluation transform. The tower asked for is built alone where it can be
+    (see worker.towers); otherwise OpenCLIP builds the whole model, seeded on a forked RNG (the
+    same random weights in every process, global state untouched), and load_model drops what the
+    tower asked for does not use."""
     import open_clip
 
+    built = None
     if tower == "image":
         built = build_image_tower(spec.architecture, pretrained, RANDOM_INIT_SEED)
-        if built is not None:
-            return built
-        log.info("model %s: OpenCLIP's full loader builds both towers; the text tower is dropped after", spec.name)
+    elif tower == "text":
+        built = build_text_tower(spec.architecture, pretrained)
+    if built is not None:
+        return built
+    if tower != "both":
+        log.info("model %s: OpenCLIP's full loader builds both towers; the %s tower alone is kept", spec.name, tower)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         model, _, preprocess = open_clip.create_model_and_transforms(spec.architecture, pretrained=pretrained,
                                                                      device="cpu")
     return model, preprocess
+
+
+def _probe(model: Any, tokenizer: Any, architecture: str) -> tuple[int, int]:
+    """The model's embedding dimension and image input size (from its configuration when the model
+    holds no image tower)."""
+    import open_clip
+
+    visual = model.visual
+    if visual is not None:
+        image_size = visual.image_size
+    else:
+        image_size = open_clip.get_model_config(architecture)["vision_cfg"]["image_size"]
+    input_size = int(image_size[0] if isinstance(image_size, (tuple, list)) else image_size)
+    with torch.inference_mode():
+        if visual is not None:
+            features = model.encode_image(torch.zeros(1, 3, input_size, input_size))
+        else:
+            features = model.encode_text(tokenizer(["a"]))
+    return int(features.shape[-1]), input_size
 
 
 def load_model(spec: ModelSpec, device_setting: str = "auto", tower: Tower = "both") -> LoadedModel:
@@ -192,10 +215,7 @@ def load_model(spec: ModelSpec, device_setting: str = "auto", tower: Tower = "bo
     except Exception as error:  # noqa: BLE001 - OpenCLIP raises many kinds; all mean "cannot load"
         raise ModelLoadError(f"model {spec.name} could not be loaded: {type(error).__name__}: {error}") from error
     tokenizer = open_clip.get_tokenizer(spec.architecture)
-    image_size = model.visual.image_size
-    input_size = int(image_size[0] if isinstance(image_size, (tuple, list)) else image_size)
-    with torch.inference_mode():
-        dim = int(model.encode_image(torch.zeros(1, 3, input_size, input_size)).shape[-1])
+    dim, input_size = _probe(model, tokenizer, spec.architecture)
     _keep_tower(model, tower)
     gc.collect()
     return_freed_memory()

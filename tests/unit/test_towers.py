@@ -1,6 +1,7 @@
-"""Workers that embed pictures build only the image tower (worker.image_tower). Its weights, its
-transform and its vectors must be exactly those of OpenCLIP's full loader, for seeded random
-weights and for every checkpoint layout; what it cannot read goes to OpenCLIP's loader. No services."""
+"""Workers build only the tower a job needs (worker.towers): the image tower for pictures, the text
+tower for text queries. Weights, transform and vectors must be exactly those of OpenCLIP's full
+loader, for seeded random weights and for every checkpoint layout; what it cannot read goes to
+OpenCLIP's loader. No services."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import torch
 from PIL import Image
 
 from worker.embedding import LoadedModel, ModelLoadError, load_model
-from worker.image_tower import read_image_weights
+from worker.towers import build_image_tower, build_text_tower, read_weights
 from worker.model_spec import parse_model_spec
 
 PICTURES = [Image.new("RGB", (80, 60), colour) for colour in ("red", "navy", "olive")]
+TEXTS = ["a red square", "a navy circle", "an olive triangle"]
 
 
 def _vectors(model: LoadedModel) -> np.ndarray:
@@ -31,6 +33,16 @@ def _same_image_weights(alone: LoadedModel, whole: LoadedModel) -> None:
     np.testing.assert_array_equal(_vectors(alone), _vectors(whole))
 
 
+def _same_text_weights(alone: LoadedModel, whole: LoadedModel) -> None:
+    alone_state, whole_state = alone.model.state_dict(), whole.model.state_dict()
+    text_names = sorted(name for name in whole_state if not name.startswith("visual.") and name != "logit_scale")
+    assert sorted(alone_state) == text_names  # nothing of the image tower was made
+    for name in text_names:
+        assert torch.equal(alone_state[name], whole_state[name]), name
+    assert alone.dim == whole.dim
+    np.testing.assert_array_equal(alone.embed_texts(TEXTS), whole.embed_texts(TEXTS))
+
+
 @pytest.mark.parametrize("name", ["imgembed-tiny", "ViT-B-32"])
 def test_image_tower_alone_draws_the_full_models_random_weights(name: str) -> None:
     alone = load_model(parse_model_spec(name), "cpu", tower="image")
@@ -44,10 +56,10 @@ def test_image_tower_alone_draws_the_full_models_random_weights(name: str) -> No
 
 @pytest.fixture(scope="module")
 def trained_state() -> dict[str, torch.Tensor]:
-    """imgembed-tiny's state with image weights no seed gives."""
+    """imgembed-tiny's state with weights no seed gives, in both towers."""
     state = load_model(parse_model_spec("imgembed-tiny"), "cpu").model.state_dict()
     generator = torch.Generator().manual_seed(7)
-    return {name: torch.randn(value.shape, generator=generator) * 0.05 if name.startswith("visual.") else value
+    return {name: torch.randn(value.shape, generator=generator) * 0.05 if value.is_floating_point() else value
             for name, value in state.items()}
 
 
@@ -68,7 +80,7 @@ def _save(state: dict[str, torch.Tensor], path: Path, layout: str) -> None:
 
 
 @pytest.mark.parametrize("layout", ["zip", "legacy", "wrapped", "half", "safetensors"])
-def test_checkpoints_load_into_the_image_tower_alone(trained_state, tmp_path: Path, layout: str) -> None:
+def test_checkpoints_load_into_each_tower_alone(trained_state, tmp_path: Path, layout: str) -> None:
     checkpoint = tmp_path / ("tiny.safetensors" if layout == "safetensors" else "tiny.pt")
     _save(trained_state, checkpoint, layout)
     spec = parse_model_spec(f"imgembed-tiny:{checkpoint}")
@@ -76,19 +88,26 @@ def test_checkpoints_load_into_the_image_tower_alone(trained_state, tmp_path: Pa
     whole = load_model(spec, "cpu", tower="both")
     assert all(parameter.dtype == torch.float32 for parameter in alone.model.parameters())
     _same_image_weights(alone, whole)
+    text_alone = load_model(spec, "cpu", tower="text")
+    assert text_alone.model.visual is None
+    # Each tower was built alone, not by OpenCLIP's full loader with the other dropped after.
+    assert build_image_tower("imgembed-tiny", str(checkpoint), 0) is not None
+    assert build_text_tower("imgembed-tiny", str(checkpoint)) is not None
+    _same_text_weights(text_alone, whole)
     if layout == "half":
         return
     torch.testing.assert_close(alone.model.state_dict()["visual.proj"], trained_state["visual.proj"], rtol=0, atol=0)
+    torch.testing.assert_close(text_alone.model.state_dict()["text_projection"], trained_state["text_projection"],
+                               rtol=0, atol=0)
 
 
 def test_zip_checkpoints_are_memory_mapped(trained_state, tmp_path: Path) -> None:
     """The weights stay pages of the checkpoint file: no copy is made, and workers share them."""
     checkpoint = tmp_path / "tiny.pt"
     torch.save(trained_state, checkpoint)
-    weights = read_image_weights(checkpoint)
-    assert weights is not None
-    assert sorted(weights) == sorted(name.removeprefix("visual.") for name in trained_state if name.startswith("visual."))
-    assert _mapped_file(weights["proj"].data_ptr()) == str(checkpoint)
+    weights = read_weights(checkpoint, lambda name: name.startswith("visual."))
+    assert sorted(weights) == sorted(name for name in trained_state if name.startswith("visual."))
+    assert _mapped_file(weights["visual.proj"].data_ptr()) == str(checkpoint)
 
 
 def _mapped_file(address: int) -> str | None:
@@ -105,7 +124,7 @@ def test_checkpoints_without_image_keys_go_to_open_clips_loader(trained_state, t
     """A layout only OpenCLIP's converters could read is handed to OpenCLIP, which says what is wrong."""
     checkpoint = tmp_path / "renamed.pt"
     torch.save({f"vision_model.{name}": value for name, value in trained_state.items()}, checkpoint)
-    assert read_image_weights(checkpoint) is None
+    assert read_weights(checkpoint, lambda name: name.startswith("visual.")) == {}
     with pytest.raises(ModelLoadError, match="could not be loaded"):
         load_model(parse_model_spec(f"imgembed-tiny:{checkpoint}"), "cpu", tower="image")
     wrong_shape = tmp_path / "wrong-shape.pt"
