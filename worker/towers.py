@@ -35,6 +35,7 @@ CLIP_TEXT_PARTS = ("transformer", "token_embedding", "positional_embedding", "ln
 TEXT_ONLY_PARTS = (*CLIP_TEXT_PARTS, "text", *SCORE_PARTS)
 
 Preprocess = Callable[[Image.Image], torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 class _DropOpenClipRandomInitWarning(logging.Filter):
@@ -120,10 +121,14 @@ def _drop(frame: Any, parts: tuple[str, ...]) -> None:
             setattr(frame, part, None)
 
 
-def _no_meta_left(frame: Any, architecture: str) -> None:
+def _all_real(frame: Any, architecture: str) -> bool:
+    """Whether every tensor the model kept was made. A tower with buffers that are not saved in
+    checkpoints (some timm towers compute their position indices) is left to OpenCLIP's loader."""
     still_meta = [name for name, tensor in [*frame.named_parameters(), *frame.named_buffers()] if tensor.is_meta]
     if still_meta:
-        raise RuntimeError(f"{architecture}: no weights were made for {', '.join(still_meta[:5])}")
+        log.info("%s: %s not in the checkpoint; OpenCLIP's loader builds this model", architecture,
+                 ", ".join(still_meta[:5]))
+    return not still_meta
 
 
 def build_image_tower(architecture: str, pretrained: str | None, seed: int) -> tuple[Any, Preprocess] | None:
@@ -154,8 +159,7 @@ def build_image_tower(architecture: str, pretrained: str | None, seed: int) -> t
                                      strict=True, assign=True)
         _in_float32(frame.visual)
     _drop(frame, TEXT_ONLY_PARTS)
-    _no_meta_left(frame, architecture)
-    return frame, preprocess
+    return (frame, preprocess) if _all_real(frame, architecture) else None
 
 
 def build_text_tower(architecture: str, pretrained: str | None) -> tuple[Any, Preprocess] | None:
@@ -188,5 +192,4 @@ def build_text_tower(architecture: str, pretrained: str | None) -> tuple[Any, Pr
         return None  # an older layout or another context length: OpenCLIP's loader converts those
     frame.load_state_dict(weights, strict=True, assign=True)
     _in_float32(frame)
-    _no_meta_left(frame, architecture)
-    return frame, preprocess
+    return (frame, preprocess) if _all_real(frame, architecture) else None

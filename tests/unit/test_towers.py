@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from worker.embedding import LoadedModel, ModelLoadError, load_model
-from worker.towers import build_image_tower, build_text_tower, read_weights
+from worker.towers import _all_real, build_image_tower, build_text_tower, read_weights
 from worker.model_spec import parse_model_spec
 
 PICTURES = [Image.new("RGB", (80, 60), colour) for colour in ("red", "navy", "olive")]
@@ -150,3 +150,12 @@ def test_saving_a_checkpoint_again_leaves_workers_that_mapped_it_alone(trained_s
     reloaded = load_model(parse_model_spec(f"imgembed-tiny:{checkpoint}"), "cpu", tower="image")
     assert not np.allclose(_vectors(reloaded), before)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["ft.pt", "retrained.pt"]
+
+
+def test_a_tower_with_buffers_no_checkpoint_holds_is_left_to_open_clips_loader() -> None:
+    """Some timm towers compute index buffers at construction and never save them: on the meta
+    frame they would stay empty, so such a model goes to OpenCLIP's loader instead."""
+    tower = torch.nn.Linear(2, 2)
+    assert _all_real(tower, "made")
+    tower.register_buffer("position_index", torch.empty(4, dtype=torch.long, device="meta"), persistent=False)
+    assert not _all_real(tower, "timm-like")
