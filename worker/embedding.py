@@ -18,7 +18,7 @@ from worker.device_decode import TensorPreprocess
 from worker.memory import return_freed_memory
 from worker.model_spec import BUNDLED_CONFIG_DIR, RANDOM_INIT_SEED, ModelSpec
 from worker.pixels import CutTransform, ModelInput
-from worker.towers import TEXT_ONLY_PARTS, build_image_tower, build_text_tower
+from worker.towers import TEXT_ONLY_PARTS, build_image_tower, build_text_tower, drop_parts
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +148,9 @@ def _keep_tower(model: Any, tower: Tower) -> None:
     """Free the tower a worker does not need: text jobs never touch the image tower, and image jobs
     never touch the text tower (a third of ViT-B-32's weights, more for larger text towers)."""
     if tower == "image":
-        for part in TEXT_ONLY_PARTS:
-            if getattr(model, part, None) is not None:
-                setattr(model, part, None)
+        drop_parts(model, TEXT_ONLY_PARTS)
     elif tower == "text":
-        model.visual = None
+        drop_parts(model, ("visual",))
 
 
 def _build_model(spec: ModelSpec, pretrained: str | None, tower: Tower) -> tuple[Any, Any]:

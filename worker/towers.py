@@ -91,14 +91,15 @@ def read_weights(checkpoint: Path, wanted: Callable[[str], bool]) -> dict[str, t
         from safetensors import safe_open
 
         with safe_open(str(checkpoint), framework="pt", device="cpu") as archive:
-            return {_strip("module.", name): archive.get_tensor(name)
-                    for name in archive.keys() if wanted(_strip("module.", name))}
+            stored = {_strip("module.", name): name for name in archive.keys()}
+            return {name: archive.get_tensor(stored_name) for name, stored_name in stored.items() if wanted(name)}
     loaded = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(checkpoint))
     if isinstance(loaded, dict) and "state_dict" in loaded:
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict):
         return {}
-    return {_strip("module.", name): tensor for name, tensor in loaded.items() if wanted(_strip("module.", name))}
+    state = {_strip("module.", name): tensor for name, tensor in loaded.items()}
+    return {name: tensor for name, tensor in state.items() if wanted(name)}
 
 
 def _is_image_weight(name: str) -> bool:
@@ -115,7 +116,8 @@ def _in_float32(module: torch.nn.Module) -> None:
         module.to(torch.float32)
 
 
-def _drop(frame: Any, parts: tuple[str, ...]) -> None:
+def drop_parts(frame: Any, parts: tuple[str, ...]) -> None:
+    """Set each of the model's ``parts`` it has to None: its memory goes with it."""
     for part in parts:
         if getattr(frame, part, None) is not None:
             setattr(frame, part, None)
@@ -158,7 +160,7 @@ def build_image_tower(architecture: str, pretrained: str | None, seed: int) -> t
         frame.visual.load_state_dict({_strip(IMAGE_PREFIX, name): tensor for name, tensor in weights.items()},
                                      strict=True, assign=True)
         _in_float32(frame.visual)
-    _drop(frame, TEXT_ONLY_PARTS)
+    drop_parts(frame, TEXT_ONLY_PARTS)
     return (frame, preprocess) if _all_real(frame, architecture) else None
 
 
@@ -186,7 +188,7 @@ def build_text_tower(architecture: str, pretrained: str | None) -> tuple[Any, Pr
     else:
         for part in CLIP_TEXT_PARTS:
             setattr(frame, part, getattr(tower, part))
-    _drop(frame, ("visual", *SCORE_PARTS))
+    drop_parts(frame, ("visual", *SCORE_PARTS))
     expected = frame.state_dict()
     if set(weights) != set(expected) or any(weights[name].shape != expected[name].shape for name in expected):
         return None  # an older layout or another context length: OpenCLIP's loader converts those
