@@ -21,6 +21,12 @@ def register_model(connection: psycopg.Connection, name: str, *, make_default: b
     return int(row[0])  # type: ignore[index]
 
 
+def registered_sha256(connection: psycopg.Connection, name: str) -> str | None:
+    """The checksum of the checkpoint file ``name`` was registered with, if it has one."""
+    row = connection.execute("SELECT sha256 FROM imgembed.model WHERE name = %s", (name,)).fetchone()
+    return row[0] if row else None
+
+
 def default_model(connection: psycopg.Connection) -> str | None:
     row = connection.execute("SELECT name FROM imgembed.model WHERE is_default").fetchone()
     return row[0] if row else None

@@ -22,7 +22,8 @@ from worker.device_decode import TensorPreprocess, apply_orientation, decode_jpe
 from worker.embedding import LoadedModel, ModelLoadError, Tower, load_model
 from worker.images import ImageError, ImageSource, decode_image, read_source
 from worker.memory import return_freed_memory
-from worker.model_spec import parse_model_spec
+from worker.model_spec import ModelSpec, file_sha256, parse_model_spec
+from worker.models import registered_sha256
 from worker.pixels import ModelInput
 from worker.settings import Settings, require_database_url
 
@@ -63,6 +64,7 @@ class WorkerRuntime:
     batches: int = 0
     forward_lock: threading.Lock = field(default_factory=threading.Lock)
     _load_lock: threading.Lock = field(default_factory=threading.Lock)
+    _checked_checkpoints: set[str] = field(default_factory=set)
     _local: threading.local = field(default_factory=threading.local)
     _decoders: ThreadPoolExecutor | None = None
     _last_trim: float = 0.0
@@ -84,8 +86,25 @@ class WorkerRuntime:
         """The model, loaded once per process with only the tower jobs need (image or text)."""
         with self._load_lock:
             if (name, tower) not in self.models:
-                self.models[(name, tower)] = load_model(parse_model_spec(name), self.settings.device, tower=tower)
+                spec = parse_model_spec(name)
+                self._check_registered_checkpoint(spec)
+                self.models[(name, tower)] = load_model(spec, self.settings.device, tower=tower)
             return self.models[(name, tower)]
+
+    def _check_registered_checkpoint(self, spec: ModelSpec) -> None:
+        """A model's checkpoint must still be the file it was registered with: a column must never
+        hold the vectors of two sets of weights under one model name."""
+        checkpoint = spec.checkpoint_path
+        if checkpoint is None or spec.name in self._checked_checkpoints or not checkpoint.is_file():
+            return  # a missing file: load_model says so
+        registered = registered_sha256(self.connection(), spec.name)
+        found = file_sha256(checkpoint)
+        if registered is not None and found != registered:
+            raise ModelLoadError(
+                f"model {spec.name}: checkpoint {checkpoint} is not the file it was registered with (sha256 "
+                f"{registered[:12]}..., now {found[:12]}...); put the registered file back, or register the new "
+                "one under a new path and switch to it (imgembed models add / use)")
+        self._checked_checkpoints.add(spec.name)
 
     def batcher(self, name: str, tower: Literal["image", "text"]) -> ForwardBatcher[Any]:
         """The thread that runs this model's forward passes (the model is loaded first)."""

@@ -157,3 +157,33 @@ def test_cli_models_add_wait_list_and_finetune_register(db: psycopg.Connection, 
     assert "recall@1" in tuned.stdout and checkpoint.exists()
     name, sha256 = db.execute("SELECT name, sha256 FROM imgembed.model WHERE pretrained = %s", (str(checkpoint),)).fetchone()
     assert name == f"imgembed-tiny:{checkpoint}" and len(sha256) == 64
+
+
+def test_a_checkpoint_changed_since_registration_fails_its_jobs_with_the_reason(
+    db: psycopg.Connection, services: Services, tmp_path: Path
+) -> None:
+    """Vectors of two sets of weights must never share a model name: a worker refuses a checkpoint
+    file that is not the one registered, and the jobs say why (they wait for the file to come back)."""
+    import torch
+
+    from worker.embedding import load_model
+    from worker.model_spec import parse_model_spec
+
+    state = load_model(parse_model_spec("imgembed-tiny"), "cpu").model.state_dict()
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(state, checkpoint)
+    name = f"imgembed-tiny:{checkpoint}"
+    register_model(db, name)
+    retrained = tmp_path / "retrained.pt"
+    torch.save({key: value + 0.01 if value.is_floating_point() else value for key, value in state.items()}, retrained)
+    retrained.replace(checkpoint)
+
+    db.execute("CREATE TABLE shots (id bigint PRIMARY KEY, image bytea)")
+    db.execute("SELECT imgembed.watch('shots', 'image', model => %s)", (name,))
+    db.execute("INSERT INTO shots VALUES (1, %s)", (random_shapes(1, seed=3)[0].png_bytes(),))
+    services.start("dispatch")
+    services.start("worker")
+    error = wait_for(lambda: db.execute("SELECT last_error FROM imgembed.job WHERE last_error IS NOT NULL").fetchone(),
+                     60, "the job's error")
+    assert "is not the file it was registered with" in error[0] and str(checkpoint) in error[0]  # type: ignore[index]
+    assert db.execute("SELECT embedded FROM imgembed.status WHERE model = %s", (name,)).fetchone()[0] == 0
