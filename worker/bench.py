@@ -134,8 +134,11 @@ class RawModel:
 def memory_mb(pid: int, *field_names: str) -> tuple[float, ...]:
     """Memory lines of /proc/PID/status, in MB, read at once: resident memory (VmRSS), its
     high-water mark since the process started (VmHWM), the process's own part (RssAnon)..."""
-    values = {line.split(":", 1)[0]: int(line.split()[1]) / 1024
-              for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.split(":", 1)[0] in field_names}
+    values: dict[str, float] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, amount = line.partition(":")
+        if name in field_names:
+            values[name] = int(amount.split()[0]) / 1024  # "123456 kB"
     return tuple(values.get(name, float("nan")) for name in field_names)
 
 
@@ -168,9 +171,9 @@ class GpuSampler(threading.Thread):
 
 class RssSampler(threading.Thread):
     """The highest VmRSS of some processes while a measurement runs (sampled every 0.2 s), and
-    the highest part of it that is the process's own memory (RssAnon). The rest is pages of
-    shared libraries mapped from disk (RssFile), shared with other processes and dropped first
-    under memory pressure: with the CUDA build of torch, 400-560 MB of a CPU worker."""
+    the highest part of it that is the process's own memory (RssAnon). The rest is pages mapped
+    from files (RssFile), shared with other processes and dropped first under memory pressure:
+    the CUDA build's libraries (330-560 MB of a CPU worker) and a memory-mapped checkpoint."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         super().__init__(daemon=True)

@@ -98,12 +98,13 @@ class WorkerRuntime:
         if checkpoint is None or spec.name in self._checked_checkpoints or not checkpoint.is_file():
             return  # a missing file: load_model says so
         registered = registered_sha256(self.connection(), spec.name)
-        found = file_sha256(checkpoint)
-        if registered is not None and found != registered:
-            raise ModelLoadError(
-                f"model {spec.name}: checkpoint {checkpoint} is not the file it was registered with (sha256 "
-                f"{registered[:12]}..., now {found[:12]}...); put the registered file back, or register the new "
-                "one under a new path and switch to it (imgembed models add / use)")
+        if registered is not None:  # hashing reads the whole file: only with a checksum to match
+            found = file_sha256(checkpoint)
+            if found != registered:
+                raise ModelLoadError(
+                    f"model {spec.name}: checkpoint {checkpoint} is not the file it was registered with (sha256 "
+                    f"{registered[:12]}..., now {found[:12]}...); put the registered file back, or register the "
+                    "new one under a new path and switch to it (imgembed models add / use)")
         self._checked_checkpoints.add(spec.name)
 
     def batcher(self, name: str, tower: Literal["image", "text"]) -> ForwardBatcher[Any]:
