@@ -4,7 +4,6 @@ index imgembed builds by default and for one built for recall."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -22,6 +21,7 @@ if TYPE_CHECKING:
 INDEX_BUILDS: tuple[tuple[int, int], ...] = ((16, 64), (48, 256))
 EF_SEARCH_VALUES = (40, 100, 200, 400)
 ALL_ROWS, FILTERED = "all rows", "filter matching 1%"
+RARE_FILTER = '{"category": "rare"}'  # jsonb filter matching 1% of the rows
 
 Searcher = Callable[[int | None, bool, str | None], tuple[list[list[int]], list[float]]]
 
@@ -41,8 +41,8 @@ def search_figures(connection: psycopg.Connection, size: BenchSize, results: Res
                + (count - half + rng.choice(half, size.search_queries - size.search_queries // 2, replace=False)).tolist())
     clustered = [key >= count - half for key in queries]
     search = _searcher(connection, queries)
-    truths = {}
-    for label, filter_json in ((ALL_ROWS, None), (FILTERED, json.dumps({"category": "rare"}))):
+    truths: dict[str, list[list[int]]] = {}
+    for label, filter_json in ((ALL_ROWS, None), (FILTERED, RARE_FILTER)):
         truths[label], exact_ms = search(None, True, filter_json)
         results.add(f"search_exact_{label}", {"p50_ms": np.percentile(exact_ms, 50)},
                     f"- similar(), {label}, exact scan: p50 {np.percentile(exact_ms, 50):.1f} ms, "
@@ -72,15 +72,14 @@ def _filtered_figures(connection: psycopg.Connection, results: Results, search: 
                       clustered: list[bool], build: str) -> None:
     """The 1% filter as similar() answers it (its 1,000 rows are at most imgembed.exact_scan_rows, so
     it scans them exactly), then forced through the index (pgvector's iterative scan)."""
-    rare = json.dumps({"category": "rare"})
     _measure(results, search, f"search_{FILTERED}", f"{FILTERED}, as it answers by default (an exact scan of "
-             "the matching rows: they are at most imgembed.exact_scan_rows)", None, rare, truth, clustered)
+             "the matching rows: they are at most imgembed.exact_scan_rows)", None, RARE_FILTER, truth, clustered)
     connection.execute("SET imgembed.exact_scan_rows = 0")
     try:
         for ef in EF_SEARCH_VALUES[:2]:
             _measure(results, search, f"search_{FILTERED}_index_ef{ef}",
                      f"{FILTERED}, through the index (imgembed.exact_scan_rows = 0), {build}, ef_search={ef}",
-                     ef, rare, truth, clustered)
+                     ef, RARE_FILTER, truth, clustered)
     finally:
         connection.execute("RESET imgembed.exact_scan_rows")
 
