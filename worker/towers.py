@@ -102,6 +102,13 @@ def read_weights(checkpoint: Path, wanted: Callable[[str], bool]) -> dict[str, t
     return {name: tensor for name, tensor in state.items() if wanted(name)}
 
 
+def _checkpoint_weights(architecture: str, pretrained: str, wanted: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+    """The tensors ``wanted`` accepts from the file behind ``pretrained``; empty where only
+    OpenCLIP's loader reads that file (big_vision ``.npz``) or it holds no such names."""
+    checkpoint = _checkpoint_file(architecture, pretrained)
+    return read_weights(checkpoint, wanted) if checkpoint is not None else {}
+
+
 def _is_image_weight(name: str) -> bool:
     return name.startswith(IMAGE_PREFIX)
 
@@ -152,8 +159,7 @@ def build_image_tower(architecture: str, pretrained: str | None, seed: int) -> t
         tower.preprocess_cfg = frame.visual.preprocess_cfg
         frame.visual = tower
     else:
-        checkpoint = _checkpoint_file(architecture, pretrained)
-        weights = read_weights(checkpoint, _is_image_weight) if checkpoint is not None else {}
+        weights = _checkpoint_weights(architecture, pretrained, _is_image_weight)
         if not weights:
             return None
         resize_pos_embed(weights, frame)  # a checkpoint trained at another image size
@@ -175,8 +181,7 @@ def build_text_tower(architecture: str, pretrained: str | None) -> tuple[Any, Pr
     if (pretrained is None or config is None or "multimodal_cfg" in config
             or "hf_model_name" in config.get("text_cfg", {})):
         return None
-    checkpoint = _checkpoint_file(architecture, pretrained)
-    weights = read_weights(checkpoint, _is_text_weight) if checkpoint is not None else {}
+    weights = _checkpoint_weights(architecture, pretrained, _is_text_weight)
     if not weights:
         return None
     frame, preprocess = _frame(architecture, pretrained)
