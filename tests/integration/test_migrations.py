@@ -30,7 +30,7 @@ def test_upgrade_downgrade_upgrade_keeps_user_tables(fresh_database: Callable[[s
         connection.execute("INSERT INTO public.alembic_version VALUES ('app_rev_1')")
 
     migrate.upgrade(url)
-    assert migrate.current_revision(url) == "0002"
+    assert migrate.current_revision(url) == "0003"
     migrate.upgrade(url)  # a second run is a no-op
     with connect(url) as connection:
         register_model(connection, "imgembed-tiny")
@@ -48,7 +48,7 @@ def test_upgrade_downgrade_upgrade_keeps_user_tables(fresh_database: Callable[[s
         connection.execute("INSERT INTO shop VALUES (26, 'x', 'still writable')")
 
     migrate.upgrade(url)
-    assert migrate.current_revision(url) == "0002"
+    assert migrate.current_revision(url) == "0003"
     with connect(url) as connection:
         register_model(connection, "imgembed-tiny")
         connection.execute("SELECT imgembed.watch('shop', 'photo')")
@@ -113,7 +113,7 @@ def test_revision_0002_converts_existing_vector_tables(fresh_database: Callable[
         before = nearest()
 
         migrate.upgrade(url)
-        assert migrate.current_revision(url) == "0002"
+        assert migrate.current_revision(url) == "0003"
         assert toasted() == 0
         assert "halfvec(512)" in index_definition() and "halfvec_cosine_ops" in index_definition()
         after = nearest()

@@ -78,6 +78,22 @@ def test_hnsw_recall_at_10(library: tuple[psycopg.Connection, np.ndarray]) -> No
     assert hits / (10 * len(queries)) >= 0.95
 
 
+def test_rebuild_index_with_other_settings(library: tuple[psycopg.Connection, np.ndarray]) -> None:
+    """rebuild_index() replaces the index with one of the given m and ef_construction; it reads the
+    table in physical order whatever the session's synchronize_seqscans, and leaves that alone."""
+    db, vectors = library
+    index = storage_of(db, "public.items") + "_hnsw"
+    db.execute("SET synchronize_seqscans = on")
+    db.execute("SELECT imgembed.rebuild_index('items', m => 24, ef_construction => 100)")
+    definition = db.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s", (index,)).fetchone()[0]
+    assert "m='24'" in definition and "ef_construction='100'" in definition
+    assert db.execute("SHOW synchronize_seqscans").fetchone()[0] == "on"
+    build_settings = db.execute("SELECT proconfig FROM pg_proc WHERE oid = 'imgembed._create_index'::regproc").fetchone()[0]
+    assert "synchronize_seqscans=off" in build_settings
+    found = [row[0] for row in db.execute("SELECT id FROM imgembed.similar('items', 1500::bigint, 10)")]
+    assert len(set(found) & set(brute_force(vectors, vectors[1500], 11)[1:])) >= 9
+
+
 def test_selective_filter_still_returns_k_correct_rows(library: tuple[psycopg.Connection, np.ndarray]) -> None:
     db, vectors = library
     rare = np.array([i for i in range(ROWS) if i % 100 == 7])  # 20 rows, 1%
