@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 # that the README's tuning section describes for evenly spread data: about 8 times the build time
 # and 1.5 times the size, for several times the recall of random-sphere queries. An HNSW build
 # inserts the rows in the table's physical order, and that order changes the recall of evenly
-# spread vectors a lot (README, Tuning): the rows are written in random order, as a table whose
+# spread vectors a lot (README: Index builds): the rows are written in random order, as a table whose
 # rows arrive in no particular order holds them, not the evenly spread half first.
 INDEX_BUILDS: tuple[tuple[int, int], ...] = ((16, 64), (48, 256))
 EF_SEARCH_VALUES = (40, 100, 200, 400)

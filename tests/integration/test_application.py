@@ -18,7 +18,7 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from tests.conftest import REPO, TEST_MODEL
+from tests.conftest import HEAD_REVISION, REPO, TEST_MODEL
 from worker import migrate, sqla
 from worker.db import connect
 from worker.models import register_model
@@ -128,12 +128,12 @@ def test_two_histories_in_one_database(fresh_database: Callable[[str | None], st
     with connect(url) as connection:
         register_model(connection, TEST_MODEL)
         connection.execute("INSERT INTO products VALUES (1, 'x', 'shoes'), (2, 'y', NULL)")
-    assert versions(url) == ("app1", "0003")
+    assert versions(url) == ("app1", HEAD_REVISION)
 
     command.upgrade(app, "head")
-    assert versions(url) == ("app3", "0003")
+    assert versions(url) == ("app3", HEAD_REVISION)
     assert ScriptDirectory.from_config(app).get_heads() == ["app3"]
-    assert ScriptDirectory.from_config(migrate.alembic_config(url)).get_heads() == ["0003"]
+    assert ScriptDirectory.from_config(migrate.alembic_config(url)).get_heads() == [HEAD_REVISION]
     with connect(url) as connection:
         models = connection.execute("SELECT model FROM imgembed.status WHERE table_name = 'public.products' ORDER BY 1").fetchall()
         assert models == [("imgembed-micro",), ("imgembed-tiny",)]
@@ -142,7 +142,7 @@ def test_two_histories_in_one_database(fresh_database: Callable[[str | None], st
                                   "WHERE w.table_name = 'public.products'").fetchone()[0] == 4
 
     command.downgrade(app, "app1")  # the generated revision's downgrade undoes its operations
-    assert versions(url) == ("app1", "0003")
+    assert versions(url) == ("app1", HEAD_REVISION)
     with connect(url) as connection:
         assert connection.execute("SELECT count(*) FROM imgembed.watch WHERE table_name = 'public.products'").fetchone()[0] == 0
         assert connection.execute("SELECT count(*) FROM products").fetchone()[0] == 2
@@ -177,7 +177,7 @@ def test_offline_sql_builds_the_same_schema(
         return "\n".join(line for line in dump.splitlines() if not line.startswith(("--", "\\restrict", "\\unrestrict")))
 
     assert schema(offline) == schema(online)
-    assert versions(offline)[1] == versions(online)[1] == "0003"
+    assert versions(offline)[1] == versions(online)[1] == HEAD_REVISION
 
 
 def assert_same_hits(got: list[tuple[object, float]], expected: list[tuple[object, float]]) -> None:

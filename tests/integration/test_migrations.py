@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from tests.conftest import HEAD_REVISION
 from worker import migrate
 from worker.db import connect
 from worker.models import register_model
@@ -30,7 +31,7 @@ def test_upgrade_downgrade_upgrade_keeps_user_tables(fresh_database: Callable[[s
         connection.execute("INSERT INTO public.alembic_version VALUES ('app_rev_1')")
 
     migrate.upgrade(url)
-    assert migrate.current_revision(url) == "0003"
+    assert migrate.current_revision(url) == HEAD_REVISION
     migrate.upgrade(url)  # a second run is a no-op
     with connect(url) as connection:
         register_model(connection, "imgembed-tiny")
@@ -48,7 +49,7 @@ def test_upgrade_downgrade_upgrade_keeps_user_tables(fresh_database: Callable[[s
         connection.execute("INSERT INTO shop VALUES (26, 'x', 'still writable')")
 
     migrate.upgrade(url)
-    assert migrate.current_revision(url) == "0003"
+    assert migrate.current_revision(url) == HEAD_REVISION
     with connect(url) as connection:
         register_model(connection, "imgembed-tiny")
         connection.execute("SELECT imgembed.watch('shop', 'photo')")
@@ -113,7 +114,7 @@ def test_revision_0002_converts_existing_vector_tables(fresh_database: Callable[
         before = nearest()
 
         migrate.upgrade(url)
-        assert migrate.current_revision(url) == "0003"
+        assert migrate.current_revision(url) == HEAD_REVISION
         assert toasted() == 0
         assert "halfvec(512)" in index_definition() and "halfvec_cosine_ops" in index_definition()
         after = nearest()
@@ -124,3 +125,21 @@ def test_revision_0002_converts_existing_vector_tables(fresh_database: Callable[
             f"EXPLAIN SELECT id FROM imgembed.{storage} ORDER BY embedding::halfvec(512) <=> %s::vector::halfvec(512) LIMIT 5",
             (vectors[0],)))
         assert storage + "_hnsw" in plan
+
+
+def test_revision_0003_orders_index_builds(fresh_database: Callable[[str | None], str]) -> None:
+    """0003 makes index builds read the table from its first page; its downgrade undoes only that."""
+    url = fresh_database(None)
+
+    def build_settings() -> list[str]:
+        with connect(url) as connection:
+            return connection.execute(
+                "SELECT proconfig FROM pg_proc WHERE oid = 'imgembed._create_index'::regproc").fetchone()[0]
+
+    migrate.upgrade(url)
+    assert "synchronize_seqscans=off" in build_settings()
+    migrate.downgrade(url, "0002")
+    assert not any(setting.startswith("synchronize_seqscans") for setting in build_settings())
+    assert any(setting.startswith("search_path") for setting in build_settings())
+    migrate.upgrade(url)
+    assert "synchronize_seqscans=off" in build_settings()
