@@ -16,11 +16,11 @@ if TYPE_CHECKING:
 
 # (m, ef_construction) of each HNSW build measured. The first is pgvector's default, which
 # imgembed.watch() uses: cheap to keep up while vectors arrive. The second is the build for recall
-# that the README's tuning section describes for evenly spread data: about 12 times the build time
-# and 1.5 times the size, for several times the recall of random-sphere queries. An HNSW build
-# inserts the rows in the table's physical order, and that order changes the recall of evenly
-# spread vectors a lot (README: Index builds): the rows are written in random order, as a table whose
-# rows arrive in no particular order holds them, not the evenly spread half first.
+# that the README recommends for evenly spread vectors: about 12 times the build time and 1.5
+# times the size, for several times the recall of random-sphere queries.
+# A build inserts rows in the table's physical order, and for evenly spread vectors that order
+# changes recall a lot (README: Index builds). _load_vectors therefore writes the rows in random
+# order, as they would arrive in a real table, rather than the evenly spread half first.
 INDEX_BUILDS: tuple[tuple[int, int], ...] = ((16, 64), (48, 512))
 EF_SEARCH_VALUES = (40, 100, 200, 400)
 ALL_ROWS, FILTERED = "all rows", "filter matching 1%"
