@@ -89,6 +89,15 @@ def machine_description() -> list[str]:
     ]
 
 
+def database_description(connection: psycopg.Connection) -> dict[str, str]:
+    """The server's versions, and its buffer cache: search latency depends on whether the index fits."""
+    row = connection.execute("SELECT current_setting('server_version'), "
+                             "(SELECT extversion FROM pg_extension WHERE extname = 'vector'), "
+                             "current_setting('shared_buffers')").fetchone()
+    assert row is not None
+    return dict(zip(("postgres", "pgvector", "shared_buffers"), row))
+
+
 class RawModel:
     """(1): the model alone in the bench process, timed on already-preprocessed tensors at the
     batch size a worker would pick. Kept loaded, so (2) can measure it again around each run: on a
@@ -391,6 +400,9 @@ def run_bench(settings: Settings, *, size: BenchSize, model: str, out: Path, dev
 
     stack_settings = settings.with_overrides(model=model, data_dir=bench_dir)
     with local_stack(stack_settings, durable=False) as stack, connect(stack.settings.database_url or "") as connection:
+        database = database_description(connection)
+        results.add("database", database, f"- database: PostgreSQL {database['postgres']}, pgvector "
+                    f"{database['pgvector']}, shared_buffers {database['shared_buffers']}")
         register_model(connection, model, make_default=True)
         connection.execute("SELECT imgembed.use_model('imgembed.image', %s, force => true)", (model,))
         wait_ready(stack, photos)

@@ -44,6 +44,8 @@ class Settings:
     http_allow_private: bool = False
     http_timeout_seconds: float = 15.0
     data_dir: Path = field(default_factory=lambda: _default_data_dir())
+    # shared_buffers of the embedded PostgreSQL that `up`, `demo` and `bench` start
+    pg_shared_buffers_mb: int = 128
     log_level: str = "INFO"
 
     def with_overrides(self, **changes: object) -> "Settings":
@@ -67,6 +69,16 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
     if value < minimum:
         raise SettingsError(f"{name}={value} must be at least {minimum}")
     return value
+
+
+def _default_shared_buffers_mb() -> int:
+    """A quarter of the machine's memory (PostgreSQL's advice), at most 1 GB: room for the HNSW
+    index and vectors of about 250,000 images at 512 dimensions."""
+    try:
+        memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    except (ValueError, OSError):
+        return 128  # PostgreSQL's own default
+    return max(128, min(1024, memory_mb // 4))
 
 
 def _optional_int(env: Mapping[str, str], name: str) -> int | None:
@@ -144,6 +156,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         http_allow_private=_bool(env, "IMGEMBED_HTTP_ALLOW_PRIVATE", False),
         http_timeout_seconds=_float(env, "IMGEMBED_HTTP_TIMEOUT_SECONDS", 15.0),
         data_dir=Path(data_dir_raw).expanduser() if data_dir_raw else _default_data_dir(),
+        pg_shared_buffers_mb=(_optional_int(env, "IMGEMBED_PG_SHARED_BUFFERS_MB")
+                              or _default_shared_buffers_mb()),
         log_level=env.get("IMGEMBED_LOG_LEVEL", "INFO").upper(),
     )
 

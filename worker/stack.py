@@ -90,7 +90,8 @@ def local_stack(settings: Settings, *, durable: bool = True) -> Iterator[Stack]:
     """Start what is missing, migrate, run a dispatcher and a worker; undo it all on exit."""
     with ExitStack() as cleanup:
         if not settings.database_url:
-            postgres = EmbeddedPostgres(settings.data_dir / "postgres", durable=durable)
+            postgres = EmbeddedPostgres(settings.data_dir / "postgres", durable=durable,
+                                        shared_buffers_mb=settings.pg_shared_buffers_mb)
             server_url = postgres.start()
             cleanup.callback(postgres.stop)
             ensure_database(server_url, EMBEDDED_DATABASE)

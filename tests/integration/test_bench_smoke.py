@@ -13,14 +13,15 @@ from tests.conftest import REPO
 def test_bench_smoke(tmp_path: Path, redis_url: str) -> None:
     out = tmp_path / "RESULTS.md"
     env = {**os.environ, "IMGEMBED_DATA_DIR": str(tmp_path / "data"), "REDIS_URL": redis_url,
-           "IMGEMBED_QUEUE": "bench-smoke", "IMGEMBED_SWEEP_SECONDS": "0.5"}
+           "IMGEMBED_QUEUE": "bench-smoke", "IMGEMBED_SWEEP_SECONDS": "0.5",
+           "IMGEMBED_PG_SHARED_BUFFERS_MB": "160"}  # reaches the embedded server: the results name it
     env.pop("DATABASE_URL", None)
     result = subprocess.run([sys.executable, "-m", "worker.cli", "bench", "--smoke", "--model", "imgembed-tiny",
                              "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
-    for figure in ("(1) raw model throughput", "(2) end to end", "as file paths", "of the bound", "tensors alone",
-                   "(3) one INSERT", "(4) 500 rows",
+    for figure in ("shared_buffers 160MB", "(1) raw model throughput", "(2) end to end", "as file paths",
+                   "of the bound", "tensors alone", "(3) one INSERT", "(4) 500 rows",
                    "ef_search=100", "filter matching 1%", "(6) peak RSS", "own memory at most", "```json"):
         assert figure in text, figure
 

@@ -17,6 +17,7 @@ def test_compose_file_describes_the_stack() -> None:
     services = compose["services"]
     assert {"postgres", "redis", "migrate", "dispatcher", "worker", "worker-gpu"} <= set(services)
     assert services["postgres"]["image"].startswith("pgvector/pgvector")
+    assert "shared_buffers=1GB" in services["postgres"]["command"] and services["postgres"]["shm_size"] == "2gb"
     for name in ("postgres", "redis"):
         assert "healthcheck" in services[name] and services[name]["restart"] == "unless-stopped"
     assert services["migrate"]["command"] == ["migrate"] and services["migrate"]["restart"] == "no"

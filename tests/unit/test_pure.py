@@ -22,12 +22,13 @@ ODD_IMAGES = TESTDATA / "odd-images"
 def test_settings_defaults_and_overrides(tmp_path: Path) -> None:
     defaults = load_settings({})
     assert defaults.model == DEFAULT_MODEL and defaults.database_url is None and not defaults.allow_http
+    assert 128 <= defaults.pg_shared_buffers_mb <= 1024
     custom = load_settings(
         {"IMGEMBED_BATCH_SIZE": "8", "IMGEMBED_ALLOWED_ROOTS": str(tmp_path), "IMGEMBED_ALLOW_HTTP": "yes",
-         "DATABASE_URL": "postgresql://x/y", "IMGEMBED_DEVICE": "cuda:1"}
+         "DATABASE_URL": "postgresql://x/y", "IMGEMBED_DEVICE": "cuda:1", "IMGEMBED_PG_SHARED_BUFFERS_MB": "4096"}
     )
     assert custom.batch_size == 8 and custom.allowed_roots == (tmp_path.resolve(),) and custom.allow_http
-    assert custom.device == "cuda:1"
+    assert custom.device == "cuda:1" and custom.pg_shared_buffers_mb == 4096
 
 
 def test_openmp_threads_wait_passively_in_workers_unless_told_otherwise() -> None:
@@ -63,6 +64,7 @@ def test_openmp_threads_wait_passively_in_workers_unless_told_otherwise() -> Non
         ({"IMGEMBED_DEVICE": "tpu"}, "auto, cpu, cuda"),
         ({"IMGEMBED_LEASE_SECONDS": "-1"}, "must be positive"),
         ({"OMP_WAIT_POLICY": "sometimes"}, "ACTIVE or PASSIVE"),
+        ({"IMGEMBED_PG_SHARED_BUFFERS_MB": "1GB"}, "IMGEMBED_PG_SHARED_BUFFERS_MB='1GB' is not an integer"),
     ],
 )
 def test_bad_settings_are_named(env: dict[str, str], message: str) -> None:
