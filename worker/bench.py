@@ -268,24 +268,22 @@ def end_to_end_figures(connection: psycopg.Connection, results: Results, size: B
         return min(raw, decode) if on_gpu else 1 / (1 / raw + 1 / decode)
 
     decodes: list[float] = []
+    # Per form (bytea, file paths): each run's rate, ratios to the model and to the bound, COPY
+    # seconds, and ratio to the bound from the COPY's commit on.
+    runs: dict[bool, list[tuple[float, float, float, float, float]]] = {True: [], False: []}
     after = limits()  # each run's "after" is also the next run's "before": they would be back to back
-    for as_bytes in (True, False):
-        kind = "bytea" if as_bytes else "file paths"
-        rates, ratios, bound_ratios, insert_seconds, after_copy_ratios = [], [], [], [], []
-        for attempt in range(size.repeats):
+    for attempt in range(size.repeats):
+        for as_bytes in (True, False):  # alternated, so that both forms meet the machine's drift alike
             before = after
             rate, inserted = end_to_end(connection, rows, as_bytes, attempt, photos)
             after = limits()
             raw, decode = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
             decodes.append(decode)
-            rates.append(rate)
-            insert_seconds.append(inserted)
             limit = bound(raw, decode)
-            ratios.append(rate / raw)
-            bound_ratios.append(rate / limit)
-            after_copy_ratios.append(rows / (rows / rate - inserted) / limit)
-        rate, ratio, bound_ratio = statistics.median(rates), statistics.median(ratios), statistics.median(bound_ratios)
-        insert, after_copy_ratio = statistics.median(insert_seconds), statistics.median(after_copy_ratios)
+            runs[as_bytes].append((rate, rate / raw, rate / limit, inserted, rows / (rows / rate - inserted) / limit))
+    for as_bytes in (True, False):
+        kind = "bytea" if as_bytes else "file paths"
+        rate, ratio, bound_ratio, insert, after_copy_ratio = (statistics.median(column) for column in zip(*runs[as_bytes]))
         results.add(f"e2e_{kind}", {"images_per_s": rate, "ratio_to_raw": ratio, "ratio_to_bound": bound_ratio,
                                     "insert_s": insert, "ratio_to_bound_after_copy": after_copy_ratio},
                     f"- (2) end to end, {rows} rows of real JPEGs as {kind}, insert to last vector committed: "
