@@ -15,6 +15,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from worker.settings import POSTGRES_SHARED_BUFFERS_MB
+
 log = logging.getLogger(__name__)
 
 POSTGRES_SYSTEM_USER = "embedded_postgres"  # PostgreSQL refuses to run as root
@@ -59,7 +61,7 @@ class EmbeddedPostgres:
     data_dir: Path
     port: int | None = None
     durable: bool = True
-    shared_buffers_mb: int = 128
+    shared_buffers_mb: int = POSTGRES_SHARED_BUFFERS_MB
     _run_as: str | None = field(default=None, init=False)
 
     @property

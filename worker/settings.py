@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Mapping
 
 DEFAULT_MODEL = "ViT-B-32:laion2b_s34b_b79k"
+POSTGRES_SHARED_BUFFERS_MB = 128  # PostgreSQL's own default shared_buffers
 
 
 class SettingsError(ValueError):
@@ -45,7 +46,7 @@ class Settings:
     http_timeout_seconds: float = 15.0
     data_dir: Path = field(default_factory=lambda: _default_data_dir())
     # shared_buffers of the embedded PostgreSQL that `up`, `demo` and `bench` start
-    pg_shared_buffers_mb: int = 128
+    pg_shared_buffers_mb: int = POSTGRES_SHARED_BUFFERS_MB
     log_level: str = "INFO"
 
     def with_overrides(self, **changes: object) -> "Settings":
@@ -77,8 +78,8 @@ def _default_shared_buffers_mb() -> int:
     try:
         memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
     except (ValueError, OSError):
-        return 128  # PostgreSQL's own default
-    return max(128, min(1024, memory_mb // 4))
+        return POSTGRES_SHARED_BUFFERS_MB
+    return max(POSTGRES_SHARED_BUFFERS_MB, min(1024, memory_mb // 4))
 
 
 def _optional_int(env: Mapping[str, str], name: str) -> int | None:
