@@ -1,15 +1,28 @@
 # imgembed's image: dispatcher, workers and migrations. CPU by default; the GPU worker in
 # docker-compose.yml runs the same image with an NVIDIA device reserved (torch's wheel ships CUDA).
-FROM python:3.11-slim
-ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
-WORKDIR /app
+
+# Stage 1: the wheel, built from the source tree.
+FROM python:3.11-slim AS build
+WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY imgembed ./imgembed
 COPY worker ./worker
 COPY schema ./schema
 COPY migrations ./migrations
 COPY sql ./sql
-RUN pip install -e .
+COPY analysis ./analysis
+COPY training ./training
+COPY bench ./bench
+COPY examples ./examples
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
+# Stage 2: the wheel installed (not the source tree), with what workers and clustering need.
+FROM python:3.11-slim
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+COPY --from=build /wheels /wheels
+RUN pip install "$(ls /wheels/imgembed-*.whl)[worker,analysis]" && rm -rf /wheels
 RUN useradd --create-home imgembed
 USER imgembed
+WORKDIR /home/imgembed
 ENTRYPOINT ["imgembed"]
 CMD ["--help"]

@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The project's test photos, when they are beside the checkout: the benchmark's figures are measured
+# with them. Without them `imgembed bench` generates photo-sized JPEGs.
+PHOTOS := ../shared/testdata/photos
 
-.PHONY: install test demo bench clean
+.PHONY: install test lint demo bench clean
 
 $(STAMP): pyproject.toml constraints-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,14 +17,17 @@ $(STAMP): pyproject.toml constraints-dev.txt
 
 install: $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest tests
 
 demo: $(STAMP)
 	$(BIN)/imgembed demo
 
 bench: $(STAMP)
-	$(BIN)/imgembed bench
+	$(BIN)/imgembed bench $(if $(wildcard $(PHOTOS)/*.JPEG),--photos $(PHOTOS))
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache build dist

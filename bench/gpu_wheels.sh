@@ -2,7 +2,8 @@
 # Prepare, on this machine, what bench/gpu_check.sh needs on a lent GPU machine (which reaches no
 # package registry and has Python 3.12 with PyTorch, torchvision, timm, numpy, Pillow and
 # scikit-learn): wheels of the other dependencies, at the versions in .venv, into .whl/, and the
-# test photos into .gpu-photos/ (../shared does not travel). Both folders are git-ignored.
+# test photos into .gpu-photos/ (../shared does not travel), and imgembed's own wheel. Both folders
+# are git-ignored.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
@@ -20,5 +21,6 @@ for tag in manylinux1 manylinux2014 manylinux_2_17 manylinux_2_24 manylinux_2_27
 done
 rm -rf .whl && python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platforms[@]}" -d .whl "${pins[@]}"
+.venv/bin/python -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir .whl .
 rm -rf .gpu-photos && mkdir .gpu-photos && cp ../shared/testdata/photos/*.JPEG .gpu-photos/
 du -sh .whl .gpu-photos

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.db import as_array, connect
-from worker.images import decode_image
-from worker.mapping import draw_map, project_2d
-from worker.models import register_model
-from worker.settings import load_settings
-from worker.stack import local_stack
-from worker.synthetic import random_shapes
+from imgembed.analysis.drawing import draw_map
+from imgembed.analysis.maps import project_2d
+from imgembed.db import as_array, connect
+from imgembed.local.stack import local_stack
+from imgembed.models.registry import register_model
+from imgembed.settings import load_settings
+from imgembed.training.synthetic import random_shapes
+from imgembed.worker.decode import decode_image
 
 MODEL = "imgembed-shapes"
 DOCS = Path(__file__).resolve().parent

@@ -2,18 +2,36 @@
 
 imgembed keeps its own version table, ``imgembed.alembic_version``, so an application's own
 Alembic history in the same database is never touched. The database URL comes from the Alembic
-config (set by ``worker.migrate``) and migrations hold an advisory lock so concurrent runs wait.
+config (set by ``imgembed.migrate``) and migrations hold an advisory lock so concurrent runs wait.
+An upgrade that ends at the newest revision applies the definitions in ``sql/`` again, in the same
+transaction (see ``imgembed.migrations.sql_files``).
 """
 
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import create_engine, pool, text
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, create_engine, pool, text
 
-from schema import SCHEMA, metadata
+from imgembed.migrations.sql_files import apply_definitions
+from imgembed.schema import SCHEMA, metadata
 
 MIGRATION_LOCK_ID = 0x1E6E_3BED  # pg_advisory_xact_lock key shared by every imgembed migration run
 VERSION_TABLE = "alembic_version"
+
+
+def _newest_revisions() -> set[str]:
+    return set(ScriptDirectory.from_config(context.config).get_heads())
+
+
+def _offline_target_is_newest() -> bool:
+    """Offline, the database is not read: the SQL printed ends at the newest revision when the
+    revision asked for is it ("head", or its id)."""
+    target = context.get_revision_argument()
+    targets = {target} if isinstance(target, str) else set(target or ())
+    newest = _newest_revisions()
+    return bool(targets) and all(name in ("head", "heads") or name in newest for name in targets)
 
 
 def run_offline() -> None:
@@ -28,6 +46,17 @@ def run_offline() -> None:
     with context.begin_transaction():
         context.get_context().impl.static_output(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA};\n")
         context.run_migrations()
+        if _offline_target_is_newest():
+            apply_definitions(context.get_context())
+
+
+def _finish_online(connection: Connection, migration_context: MigrationContext) -> None:
+    """After the revisions ran: definitions again at the newest revision; nothing left at base."""
+    current = set(migration_context.get_current_heads())
+    if current and current == _newest_revisions():
+        apply_definitions(migration_context)
+    elif not current:  # downgraded to base: nothing of imgembed may stay behind
+        connection.exec_driver_sql(f"DROP SCHEMA {SCHEMA} CASCADE")
 
 
 def run_online() -> None:
@@ -44,11 +73,7 @@ def run_online() -> None:
                 transactional_ddl=True,
             )
             context.run_migrations()
-            remaining = connection.exec_driver_sql(
-                f"SELECT count(*) FROM {SCHEMA}.{VERSION_TABLE}"
-            ).scalar_one()
-            if remaining == 0:  # downgraded to base: nothing of imgembed may stay behind
-                connection.exec_driver_sql(f"DROP SCHEMA {SCHEMA} CASCADE")
+            _finish_online(connection, context.get_context())
     engine.dispose()
 
 

@@ -1,29 +1,50 @@
-"""Apply the project's ``sql/*.sql`` files from Alembic versions, online or offline (``--sql``)."""
+"""Running imgembed's SQL files (package data) from Alembic, online or offline (``--sql``).
+
+Two kinds of file:
+
+- a revision's own files, beside it in ``migrations/versions/`` (``0002_halfvec_index.sql`` and
+  ``0002_halfvec_index_down.sql``): frozen once released, so a revision means the same thing
+  forever;
+- the definitions in ``sql/`` (functions, views, roles and grants), idempotent, one concern a
+  file: applied again, in name order, after every upgrade that ends at the newest revision.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from importlib.resources import files
 
 from alembic import op
-
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
-
-
-def read_sql(name: str) -> str:
-    path = SQL_DIR / name
-    if not path.is_file():
-        raise FileNotFoundError(f"migration needs {path}, which is missing from this checkout")
-    return path.read_text(encoding="utf-8")
+from alembic.runtime.migration import MigrationContext
 
 
-def apply_sql(*names: str) -> None:
-    """Run each named file as one script (several statements, dollar-quoted bodies allowed)."""
-    for name in names:
-        script = read_sql(name)
-        if op.get_context().as_sql:
-            op.get_context().impl.static_output(script.rstrip() + "\n")
-        else:
-            # Straight to psycopg without parameters, so '%' and ':' in the script stay untouched.
-            driver_connection = op.get_bind().connection.driver_connection
-            with driver_connection.cursor() as cursor:  # type: ignore[union-attr]
-                cursor.execute(script)
+def read_revision_sql(filename: str) -> str:
+    """A revision's frozen SQL file."""
+    return (files("imgembed.migrations.versions") / filename).read_text(encoding="utf-8")
+
+
+def definition_files() -> list[str]:
+    """The names of the definition files in ``sql/``, in the order they are applied."""
+    return sorted(entry.name for entry in files("imgembed.sql").iterdir() if entry.name.endswith(".sql"))
+
+
+def run_script(context: MigrationContext, script: str) -> None:
+    """Run a script of several statements (dollar-quoted bodies allowed) in the migration's
+    transaction, or print it in offline mode."""
+    if context.as_sql:
+        context.impl.static_output(script.rstrip() + "\n")
+        return
+    # Straight to psycopg without parameters, so '%' and ':' in the script stay untouched.
+    driver_connection = context.connection.connection.driver_connection  # type: ignore[union-attr]
+    with driver_connection.cursor() as cursor:
+        cursor.execute(script)
+
+
+def apply_revision_sql(filename: str) -> None:
+    """Run one of the calling revision's frozen files (called from a revision's upgrade/downgrade)."""
+    run_script(op.get_context(), read_revision_sql(filename))
+
+
+def apply_definitions(context: MigrationContext) -> None:
+    """Apply every definition file of ``sql/`` again."""
+    for name in definition_files():
+        run_script(context, (files("imgembed.sql") / name).read_text(encoding="utf-8"))

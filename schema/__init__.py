@@ -1,5 +1,5 @@
 """SQLAlchemy definitions of the tables imgembed's Alembic migrations manage."""
 
-from schema.tables import SCHEMA, metadata
+from imgembed.schema.tables import SCHEMA, metadata
 
 __all__ = ["SCHEMA", "metadata"]

@@ -17,10 +17,11 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from worker import migrate
-from worker.db import connect
-from worker.models import register_model
-from worker.services import EmbeddedPostgres, PrivateRedis, redis_reachable
+from imgembed import migrate
+from imgembed.db import connect
+from imgembed.local.postgres import EmbeddedPostgres, postgres_bin_dir
+from imgembed.local.redis import PrivateRedis, redis_reachable
+from imgembed.models.registry import register_model
 
 REPO = Path(__file__).resolve().parents[1]
 TESTDATA = REPO.parent / "shared" / "testdata"
@@ -38,6 +39,14 @@ def wait_for(predicate: Callable[[], object], timeout: float, message: str, inte
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for: {message}")
         time.sleep(interval)
+
+
+def schema_dump(url: str, *options: str) -> str:
+    """``pg_dump --schema-only`` of the database, without its comments and the random key that
+    guards each dump script."""
+    dump = subprocess.run([str(postgres_bin_dir() / "pg_dump"), "--schema-only", "--no-owner", *options, url],
+                          check=True, capture_output=True, text=True, timeout=120).stdout
+    return "\n".join(line for line in dump.splitlines() if not line.startswith(("--", "\\restrict", "\\unrestrict")))
 
 
 def storage_of(db: psycopg.Connection, table: str) -> str:
@@ -135,7 +144,7 @@ class Services:
     def start(self, role: str) -> subprocess.Popen[bytes]:
         log_path = self.log_dir / f"{role}-{len(self.processes)}.log"
         process = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", role],
+            [sys.executable, "-m", "imgembed", role],
             env=self.env(),
             cwd=REPO,
             stdout=log_path.open("wb"),

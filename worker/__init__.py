@@ -1,3 +1,2 @@
-"""imgembed: image embeddings for PostgreSQL, computed by Celery workers with OpenCLIP."""
-
-__version__ = "0.1.0"
+"""imgembed's workers: the Celery tasks, reading and decoding images, and the embedding models.
+The only part of imgembed that imports torch (install ``imgembed[worker]``)."""

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from worker.device_decode import TensorPreprocess
-from worker.memory import return_freed_memory
-from worker.model_spec import BUNDLED_CONFIG_DIR, RANDOM_INIT_SEED, ModelSpec
-from worker.pixels import CutTransform, ModelInput
-from worker.towers import TEXT_ONLY_PARTS, build_image_tower, build_text_tower, drop_parts
+from imgembed.models.names import RANDOM_INIT_SEED, ModelSpec, bundled_config_dir
+from imgembed.worker.device_decode import TensorPreprocess
+from imgembed.worker.memory import return_freed_memory
+from imgembed.worker.pixels import CutTransform, ModelInput
+from imgembed.worker.towers import TEXT_ONLY_PARTS, build_image_tower, build_text_tower, drop_parts
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def _add_bundled_configs() -> None:
 
     with _config_lock:
         if not _bundled_configs_added:
-            open_clip.add_model_config(BUNDLED_CONFIG_DIR)
+            open_clip.add_model_config(bundled_config_dir())
             _bundled_configs_added = True
 
 
@@ -72,7 +72,7 @@ class LoadedModel:
         return torch.autocast("cuda", dtype=dtype)
 
     def prepare(self, image: Image.Image) -> ModelInput:
-        """A decoded picture as the model takes it (see worker.pixels): for a GPU a uint8 array
+        """A decoded picture as the model takes it (see imgembed.worker.pixels): for a GPU a uint8 array
         when the transform is cut (its batch is normalised on the device), else a float tensor."""
         array = self.cut.to_array(image) if self.cut is not None else None
         if array is None:
@@ -155,7 +155,7 @@ def _keep_tower(model: Any, tower: Tower) -> None:
 
 def _build_model(spec: ModelSpec, pretrained: str | None, tower: Tower) -> tuple[Any, Any]:
     """The model and its evaluation transform. The tower asked for is built alone where it can be
-    (see worker.towers); otherwise OpenCLIP builds the whole model, seeded on a forked RNG (the
+    (see imgembed.worker.towers); otherwise OpenCLIP builds the whole model, seeded on a forked RNG (the
     same random weights in every process, global state untouched), and load_model drops what the
     tower asked for does not use."""
     import open_clip

@@ -12,10 +12,8 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlparse
 
-from worker.images import ImageError
-from worker.settings import Settings
-
-MAX_REDIRECTS = 5
+from imgembed.settings import Settings
+from imgembed.worker.image_error import ImageError
 
 
 def _check_host(url: str, settings: Settings) -> None:

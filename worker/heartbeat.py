@@ -9,8 +9,8 @@ import threading
 
 import psycopg
 
-from worker.db import connect
-from worker.pipeline import WorkerRuntime
+from imgembed.db import connect
+from imgembed.worker.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from uuid import UUID
 
-from worker.pipeline import WorkerRuntime, run_claim
-from worker.settings import load_settings
+from celery import Celery
+
+from imgembed.celery_app import TASK_CLUSTER, TASK_EMBED_BATCH
+from imgembed.settings import load_settings
+from imgembed.worker.pipeline import run_claim
+from imgembed.worker.runtime import WorkerRuntime
 
 _runtime: WorkerRuntime | None = None
 
@@ -26,6 +30,12 @@ def embed_batch(claim_id: str, model_name: str, job_ids: list[int]) -> dict[str,
 
 def cluster(run_id: int) -> dict[str, object]:
     """Perform one clustering run (claimed by a dispatcher) with scikit-learn."""
-    from worker.clustering import run_clustering
+    from imgembed.analysis.clustering import run_clustering
 
     return run_clustering(runtime().connection(), run_id)
+
+
+def register_worker_tasks(app: Celery) -> None:
+    """Attach the task implementations to the app (only worker processes call this)."""
+    app.task(name=TASK_EMBED_BATCH, acks_late=True, reject_on_worker_lost=True)(embed_batch)
+    app.task(name=TASK_CLUSTER, acks_late=True, reject_on_worker_lost=True)(cluster)

@@ -6,7 +6,7 @@ Revises: 0001
 Create Date: 2026-11-27
 """
 
-from migrations.sql_files import apply_sql
+from imgembed.migrations.sql_files import apply_revision_sql
 
 revision = "0002"
 down_revision = "0001"
@@ -15,9 +15,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    apply_sql("20_watch.sql", "40_queue.sql", "60_search.sql", "upgrades/0002_halfvec_index.sql",
-              "90_pin_search_path.sql", "95_roles.sql")
+    apply_revision_sql("0002_halfvec_index.sql")
 
 
 def downgrade() -> None:
-    apply_sql("upgrades/0002_halfvec_index_down.sql", "90_pin_search_path.sql", "95_roles.sql")
+    apply_revision_sql("0002_halfvec_index_down.sql")

@@ -6,7 +6,7 @@ Revises: 0002
 Create Date: 2026-11-28
 """
 
-from migrations.sql_files import apply_sql
+from imgembed.migrations.sql_files import apply_revision_sql
 
 revision = "0003"
 down_revision = "0002"
@@ -15,8 +15,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    apply_sql("upgrades/0003_ordered_index_build.sql")
+    apply_revision_sql("0003_ordered_index_build.sql")
 
 
 def downgrade() -> None:
-    apply_sql("upgrades/0003_ordered_index_build_down.sql")
+    apply_revision_sql("0003_ordered_index_build_down.sql")

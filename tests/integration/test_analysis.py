@@ -14,11 +14,11 @@ from PIL import Image
 from sklearn.metrics import adjusted_rand_score, roc_auc_score
 from sklearn.neighbors import NearestCentroid, NearestNeighbors
 
+from imgembed.analysis.clustering import fit_clusters
+from imgembed.models.registry import register_model
+from imgembed.training.synthetic import random_shapes
 from tests.conftest import REPO, Services, wait_for
 from tests.integration.test_search_sql import load_vectors, unit
-from worker.clustering import fit_clusters
-from worker.models import register_model
-from worker.synthetic import random_shapes
 
 DIM = 64
 
@@ -58,7 +58,7 @@ def test_cluster_runs_on_a_worker(grouped_table: tuple[psycopg.Connection, np.nd
     db, vectors, truth = grouped_table
     services.start("dispatch")
     services.start("worker")
-    result = subprocess.run([sys.executable, "-m", "worker.cli", "cluster", "parts", "--wait", "--timeout", "180"],
+    result = subprocess.run([sys.executable, "-m", "imgembed", "cluster", "parts", "--wait", "--timeout", "180"],
                             cwd=REPO, env=services.env(), capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     run_id, k, quality = db.execute("SELECT id, k, quality FROM imgembed.cluster_run WHERE status = 'done'").fetchone()
@@ -124,7 +124,7 @@ def test_map_png_html_and_stored_coordinates(
     db, _, truth = grouped_table
     out = tmp_path / "parts.png"
     for method in ("pca", "tsne"):
-        result = subprocess.run([sys.executable, "-m", "worker.cli", "map", "parts", "--method", method, "--out", str(out)],
+        result = subprocess.run([sys.executable, "-m", "imgembed", "map", "parts", "--method", method, "--out", str(out)],
                                 cwd=REPO, env=services.env(), capture_output=True, text=True, timeout=240)
         assert result.returncode == 0, result.stderr[-2000:]
         assert db.execute("SELECT count(*) FROM imgembed.projection WHERE method = %s", (method,)).fetchone()[0] == len(truth)

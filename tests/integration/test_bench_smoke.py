@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.conftest import REPO, TESTDATA
 
 
 def test_bench_smoke(tmp_path: Path, redis_url: str) -> None:
@@ -16,8 +16,9 @@ def test_bench_smoke(tmp_path: Path, redis_url: str) -> None:
            "IMGEMBED_QUEUE": "bench-smoke", "IMGEMBED_SWEEP_SECONDS": "0.5",
            "IMGEMBED_PG_SHARED_BUFFERS_MB": "160"}  # reaches the embedded server: the results name it
     env.pop("DATABASE_URL", None)
-    result = subprocess.run([sys.executable, "-m", "worker.cli", "bench", "--smoke", "--model", "imgembed-tiny",
-                             "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "imgembed", "bench", "--smoke", "--model", "imgembed-tiny",
+                             "--photos", str(TESTDATA / "photos"), "--out", str(out)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
     for figure in ("shared_buffers 160MB", "(1) raw model throughput", "(2) end to end", "as file paths",
@@ -31,11 +32,11 @@ def test_bench_measures_only_the_figures_asked_for(tmp_path: Path, redis_url: st
     env = {**os.environ, "IMGEMBED_DATA_DIR": str(tmp_path / "data"), "REDIS_URL": redis_url,
            "IMGEMBED_QUEUE": "bench-smoke-2", "IMGEMBED_SWEEP_SECONDS": "0.5"}
     env.pop("DATABASE_URL", None)
-    command = [sys.executable, "-m", "worker.cli", "bench", "--smoke", "--model", "imgembed-tiny", "--out", str(out)]
+    command = [sys.executable, "-m", "imgembed", "bench", "--smoke", "--model", "imgembed-tiny", "--out", str(out)]
     refused = subprocess.run([*command, "--figures", "2,9"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "--figures" in refused.stderr
     result = subprocess.run([*command, "--figures", "2,6"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
-    assert "(2) end to end" in text and "(6) peak RSS" in text
+    assert "(2) end to end" in text and "(6) peak RSS" in text and "generated 500x375 JPEGs" in text
     assert "(1) raw" not in text and "(3) one INSERT" not in text and "ef_search" not in text

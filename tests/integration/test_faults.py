@@ -14,14 +14,15 @@ import numpy as np
 import psycopg
 import pytest
 
+from imgembed.db import as_array, connect
+from imgembed.local.postgres import EmbeddedPostgres
+from imgembed.local.redis import PrivateRedis
+from imgembed.models.names import parse_model_spec
+from imgembed.settings import load_settings
+from imgembed.training.synthetic import random_shapes
+from imgembed.worker.decode import decode_image
+from imgembed.worker.embedding import load_model
 from tests.conftest import TEST_MODEL, Services, wait_for
-from worker.db import as_array, connect
-from worker.embedding import load_model
-from worker.model_spec import parse_model_spec
-from worker.services import EmbeddedPostgres, PrivateRedis
-from worker.settings import load_settings
-from worker.images import decode_image
-from worker.synthetic import random_shapes
 
 WRITERS = 4
 ROWS_PER_WRITER = 1250

@@ -1,13 +1,19 @@
-"""Alembic migrations: upgrade, downgrade to base, upgrade again, with user data present."""
+"""Alembic migrations: upgrade, downgrade to base, upgrade again, with user data present; released
+revisions frozen, and a database made by a released revision upgraded to what a fresh install is."""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 from collections.abc import Callable
 
-from tests.conftest import HEAD_REVISION
-from worker import migrate
-from worker.db import connect
-from worker.models import register_model
+import numpy as np
+import psycopg
+
+from imgembed import migrate
+from imgembed.db import connect
+from imgembed.models.registry import register_model
+from tests.conftest import HEAD_REVISION, REPO, schema_dump
 
 
 def imgembed_objects(url: str) -> int:
@@ -143,3 +149,125 @@ def test_revision_0003_orders_index_builds(fresh_database: Callable[[str | None]
     assert any(setting.startswith("search_path") for setting in build_settings())
     migrate.upgrade(url)
     assert "synchronize_seqscans=off" in build_settings()
+
+
+# Released revisions never change (sha256 of each revision's files as released). A new revision is
+# added here when it is released; a changed checksum means a released revision was edited.
+RELEASED_REVISION_FILES = {
+    "0001_pipeline_spine.py": "351b867ef4af9b025ea9cf8959b8ca22b31d926c752982bb5f3d1e48c7473d69",
+    "0001_pipeline_spine.sql": "a8f9abf0684e766ba75b1c0ce245a6b2da5654a60b7ef62ed14e447a6f31613f",
+    "0001_pipeline_spine_down.sql": "2577c68f26b19e19014bfb1a6617a26a2fcf724a7b27b129183d57afec49932c",
+    "0002_halfvec_index.py": "6c1139045c2f800fc83f0a64a17be15db8117fec085715d3a7c208ab0586e798",
+    "0002_halfvec_index.sql": "823d1e8c830f780ba9f7dbf5ac159165a7295c66e01ee25a9d3e65f400231492",
+    "0002_halfvec_index_down.sql": "0bb4569eaaaa7d2cc4a7407aa4b0bdc43579a96cca306e29125d9058fb5df886",
+    "0003_ordered_index_build.py": "2fe487f60e3a8f9687ca2f5fc4c380be9365e30c21a70237f43813bacdd914db",
+    "0003_ordered_index_build.sql": "2a8cef3bb3053684d2d7a36d18026382c25e3aa22225b3bde4b31886d61c0fb3",
+    "0003_ordered_index_build_down.sql": "5a76f58eef9ed6a3cc0736c4ccc182cbbf0c6fdded33847224bf7c84838cbbac",
+}
+RELEASED_0001 = REPO / "tests" / "fixtures" / "imgembed-0001-as-released.sql.gz"
+
+
+def test_released_revisions_never_change() -> None:
+    from importlib.resources import files
+
+    versions = files("imgembed.migrations.versions")
+    found = {name: hashlib.sha256((versions / name).read_bytes()).hexdigest() for name in RELEASED_REVISION_FILES}
+    assert found == RELEASED_REVISION_FILES
+
+
+def _populate(url: str) -> None:
+    """What a user has in a database: a watched table with rows, their vectors, and ready-table rows."""
+    rng = np.random.default_rng(11)
+    vectors = rng.normal(size=(40, 512)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    with connect(url) as connection:
+        connection.execute("SELECT imgembed.register_model('old-512', 'old', NULL, 512)")
+        connection.execute("CREATE TABLE shop (id bigint PRIMARY KEY, photo bytea, kind text)")
+        connection.execute("INSERT INTO shop SELECT g, 'x', 'k' || (g % 3) FROM generate_series(0, 39) g")
+        connection.execute("SELECT imgembed.watch('shop', 'photo', label_column => 'kind', model => 'old-512')")
+        connection.execute("INSERT INTO imgembed.image (uri, label) VALUES ('/nowhere/a.jpg', 'a'), ('/nowhere/b.jpg', 'b')")
+        storage = connection.execute("SELECT imgembed.storage_table('shop')").fetchone()[0]
+        with connection.cursor() as cursor, cursor.copy(
+            f"COPY imgembed.{storage} (id, embedding, job_id) FROM STDIN WITH (FORMAT BINARY)"
+        ) as copy:
+            copy.set_types(["bigint", "vector", "bigint"])
+            for key, vector in enumerate(vectors):
+                copy.write_row((key, vector, 0))
+
+
+def _contents(url: str) -> dict[str, list[tuple[object, ...]]]:
+    with connect(url) as connection:
+        storage = connection.execute("SELECT imgembed.storage_table('shop')").fetchone()[0]
+        return {
+            "vectors": connection.execute(f"SELECT id, embedding::text FROM imgembed.{storage} ORDER BY id").fetchall(),
+            "shop": connection.execute("SELECT * FROM shop ORDER BY id").fetchall(),
+            "images": connection.execute("SELECT id, uri, label FROM imgembed.image ORDER BY id").fetchall(),
+            "jobs": connection.execute("SELECT watch_id, model_id, key, status FROM imgembed.job ORDER BY 1, 2, 3").fetchall(),
+            "watches": connection.execute("SELECT id, tbl::text, key_column, key_type, content_column, uri_column, "
+                                          "text_column, label_column FROM imgembed.watch ORDER BY id").fetchall(),
+        }
+
+
+def test_database_made_by_released_0001_upgrades_to_a_fresh_install(
+    fresh_database: Callable[[str | None], str],
+) -> None:
+    """A database built by revision 0001 exactly as it was released (its SQL recovered from history),
+    holding watched rows and vectors, upgraded to head: its schema is the same as a fresh install's,
+    and no row or vector is lost."""
+    old = fresh_database(None)
+    with psycopg.connect(old, autocommit=True) as connection:
+        connection.execute(gzip.decompress(RELEASED_0001.read_bytes()).decode())
+    assert migrate.current_revision(old) == "0001"
+    _populate(old)
+    before = _contents(old)
+    migrate.upgrade(old)
+    assert migrate.current_revision(old) == HEAD_REVISION
+
+    fresh = fresh_database(None)
+    migrate.upgrade(fresh)
+    _populate(fresh)
+    assert schema_dump(old) == schema_dump(fresh)
+    after = _contents(old)
+    assert after == before
+    assert len(after["vectors"]) == 40 and after == _contents(fresh)
+
+
+def test_every_upgrade_applies_the_definitions_again(database_url: str) -> None:
+    """A database at the newest revision gets the package's functions, views and grants at every
+    `imgembed migrate`, and its data stays: a changed definition needs no new revision."""
+    with connect(database_url) as connection:
+        connection.execute("INSERT INTO imgembed.image (uri) VALUES ('/nowhere/a.jpg')")
+        connection.execute("CREATE OR REPLACE FUNCTION imgembed.in_flight_count() RETURNS bigint "
+                           "LANGUAGE sql AS 'SELECT -1::bigint'")
+        connection.execute("ALTER FUNCTION imgembed.claim_batch(integer, double precision) SECURITY INVOKER")
+        assert connection.execute("SELECT imgembed.in_flight_count()").fetchone()[0] == -1
+    migrate.upgrade(database_url)
+    with connect(database_url) as connection:
+        assert connection.execute("SELECT imgembed.in_flight_count()").fetchone()[0] == 0
+        assert connection.execute("SELECT prosecdef FROM pg_proc WHERE oid = "
+                                  "'imgembed.claim_batch(integer, double precision)'::regprocedure").fetchone()[0]
+        assert connection.execute("SELECT count(*) FROM imgembed.image").fetchone()[0] == 1
+
+
+def test_sqlalchemy_definitions_match_the_migrated_database(database_url: str) -> None:
+    """imgembed.schema describes the tables the migrations make (Alembic's own comparison finds no
+    difference), so it can be trusted by applications and by autogenerate."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import create_engine
+
+    from imgembed.schema import SCHEMA, metadata
+
+    def ours(name: str | None, kind: str, parents: dict[str, str | None]) -> bool:
+        if kind == "schema":
+            return name == SCHEMA
+        if kind == "table" and name is not None and (name.startswith("emb_") or name == "alembic_version"):
+            return False  # vector tables (one per watched table and model, made by watch()), Alembic's own
+        return parents.get("schema_name") == SCHEMA
+
+    engine = create_engine(migrate.sqlalchemy_url(database_url))
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={
+            "include_schemas": True, "include_name": ours, "compare_server_default": True})
+        assert compare_metadata(context, metadata) == []
+    engine.dispose()

@@ -11,10 +11,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from imgembed.db import connect
+from imgembed.models.registry import register_model
+from imgembed.training.synthetic import random_shapes
 from tests.conftest import REPO, Services, wait_for
-from worker.db import connect
-from worker.models import register_model
-from worker.synthetic import random_shapes
 
 SECOND_MODEL = "imgembed-micro"  # 32 dimensions beside the test model's 64
 
@@ -126,7 +126,7 @@ def test_forced_switch_and_forget(db: psycopg.Connection) -> None:
 
 
 def run_cli(services: Services, *arguments: str) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "worker.cli", *arguments], cwd=REPO, env=services.env(),
+    result = subprocess.run([sys.executable, "-m", "imgembed", *arguments], cwd=REPO, env=services.env(),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -166,8 +166,8 @@ def test_a_checkpoint_changed_since_registration_fails_its_jobs_with_the_reason(
     file that is not the one registered, and the jobs say why (they wait for the file to come back)."""
     import torch
 
-    from worker.embedding import load_model
-    from worker.model_spec import parse_model_spec
+    from imgembed.models.names import parse_model_spec
+    from imgembed.worker.embedding import load_model
 
     state = load_model(parse_model_spec("imgembed-tiny"), "cpu").model.state_dict()
     checkpoint = tmp_path / "tiny.pt"

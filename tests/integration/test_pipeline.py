@@ -16,8 +16,8 @@ import psycopg
 import pytest
 from PIL import Image
 
+from imgembed.training.synthetic import random_shapes
 from tests.conftest import TESTDATA, Services, storage_of, wait_for
-from worker.synthetic import random_shapes
 
 ODD_IMAGES = TESTDATA / "odd-images"
 PHOTOS = TESTDATA / "photos"
@@ -198,8 +198,8 @@ def test_worker_killed_mid_batch_loses_nothing(db: psycopg.Connection, services:
 
 def test_transparent_and_rotated_images_are_normalised(tmp_path: Path) -> None:
     """Decoder contract the pipeline relies on (no services): any mode in, RGB out."""
-    from worker.images import decode_image
-    from worker.settings import load_settings
+    from imgembed.settings import load_settings
+    from imgembed.worker.decode import decode_image
 
     buffer = io.BytesIO()
     Image.new("RGBA", (10, 20), (0, 0, 0, 0)).save(buffer, format="PNG")

@@ -7,8 +7,8 @@ import uuid
 import psycopg
 import pytest
 
+from imgembed.training.synthetic import random_shapes
 from tests.conftest import Services, wait_for
-from worker.synthetic import random_shapes
 
 
 def login_as(database_url: str, role: str) -> psycopg.Connection:

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import psycopg
 import pytest
+from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 from tests.conftest import storage_of
-from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 DIM = 64  # the test model's dimension
 ROWS = 2000

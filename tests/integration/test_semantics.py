@@ -7,9 +7,9 @@ import numpy as np
 import psycopg
 import pytest
 
+from imgembed.models.registry import register_model
+from imgembed.training.synthetic import COLOURS, SHAPES, random_shapes
 from tests.conftest import Services, wait_for
-from worker.models import register_model
-from worker.synthetic import COLOURS, SHAPES, random_shapes
 
 MODEL = "imgembed-shapes"
 

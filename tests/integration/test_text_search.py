@@ -10,8 +10,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from imgembed.training.synthetic import random_shapes
 from tests.conftest import REPO, Services, wait_for
-from worker.synthetic import random_shapes
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def test_search_text_waits_for_the_worker_then_serves_from_the_stored_vector(
     random_shapes(1, seed=99)[0].image.save(image_file)
     for arguments in (["a red circle"], ["--like", "3"], ["--image", str(image_file)]):
         result = subprocess.run(
-            [sys.executable, "-m", "worker.cli", "search", "--table", "shapes", "-k", "3", *arguments],
+            [sys.executable, "-m", "imgembed", "search", "--table", "shapes", "-k", "3", *arguments],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
         )
         assert result.returncode == 0, result.stderr

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from worker.batcher import ForwardBatcher, tune_max_batch
-from worker.embedding import load_model
-from worker.memory import limit_malloc_arenas, return_freed_memory
-from worker.model_spec import parse_model_spec
+from imgembed.models.names import parse_model_spec
+from imgembed.worker.batcher import ForwardBatcher, tune_max_batch
+from imgembed.worker.embedding import load_model
+from imgembed.worker.memory import limit_malloc_arenas, return_freed_memory
 
 
 def test_each_request_gets_its_own_vectors_in_order() -> None:

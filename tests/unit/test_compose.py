@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tomllib
 
 import pytest
 import yaml
@@ -28,7 +29,17 @@ def test_compose_file_describes_the_stack() -> None:
     assert gpu["profiles"] == ["gpu"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert {"pgdata", "redisdata", "models"} <= set(compose["volumes"])
-    assert (REPO / "Dockerfile").exists()
+
+
+def test_dockerfile_installs_the_built_wheel() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    stages = [line for line in dockerfile.splitlines() if line.startswith("FROM ")]
+    assert len(stages) == 2 and stages[0].endswith(" AS build")
+    assert "pip wheel" in dockerfile and "COPY --from=build /wheels" in dockerfile
+    assert "-e ." not in dockerfile and "pip install -e" not in dockerfile
+    # Every folder the package is built from (pyproject.toml's package-dir) is copied into the build stage.
+    package_dirs = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    assert {folder for folder in package_dirs if f"COPY {folder} ./{folder}" in dockerfile} == package_dirs
 
 
 def test_docker_compose_config() -> None:

@@ -12,11 +12,13 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from worker import db
-from worker.device_decode import TensorPreprocess, apply_orientation, jpeg_orientation
-from worker.images import ImageError, decode_image
-from worker.pipeline import WorkerRuntime, _prepare, _prepare_on_device
-from worker.settings import SettingsError, load_settings
+from imgembed import queue
+from imgembed.settings import SettingsError, load_settings
+from imgembed.worker.decode import decode_image
+from imgembed.worker.device_decode import TensorPreprocess, apply_orientation, jpeg_orientation
+from imgembed.worker.image_error import ImageError
+from imgembed.worker.pipeline import _prepare, _prepare_on_device
+from imgembed.worker.runtime import WorkerRuntime
 
 TESTDATA = Path(__file__).resolve().parents[3] / "shared" / "testdata"
 
@@ -26,8 +28,8 @@ def runtime() -> WorkerRuntime:
     return WorkerRuntime(load_settings({"IMGEMBED_JPEG_DECODE": "device"}))
 
 
-def claimed(paths: list[Path]) -> list[db.ClaimedImage]:
-    return [db.ClaimedImage(index, str(index), None, str(path), None) for index, path in enumerate(paths)]
+def claimed(paths: list[Path]) -> list[queue.ClaimedImage]:
+    return [queue.ClaimedImage(index, str(index), None, str(path), None) for index, path in enumerate(paths)]
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from imgembed.models.names import parse_model_spec
+from imgembed.worker.embedding import ModelLoadError, load_model
 from tests.conftest import TESTDATA
-from worker.embedding import ModelLoadError, load_model
-from worker.model_spec import parse_model_spec
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +53,8 @@ def test_unloadable_models_say_why(tmp_path: Path) -> None:
 
 
 def test_finetune_smoke_loss_falls_and_checkpoint_loads(tmp_path: Path) -> None:
-    from worker.finetune import finetune, synthetic_pairs
-    from worker.settings import load_settings
+    from imgembed.settings import load_settings
+    from imgembed.training.finetune import finetune, synthetic_pairs
 
     settings = load_settings({"IMGEMBED_DEVICE": "cpu", "IMGEMBED_DECODE_THREADS": "2"})
     result = finetune(synthetic_pairs(96, seed=1), settings, model_name="imgembed-tiny", from_scratch=True,
@@ -68,7 +68,7 @@ def test_finetune_smoke_loss_falls_and_checkpoint_loads(tmp_path: Path) -> None:
 
 
 def test_csv_pairs(tmp_path: Path) -> None:
-    from worker.finetune import pairs_from_csv
+    from imgembed.training.finetune import pairs_from_csv
 
     Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
     (tmp_path / "pairs.csv").write_text("path,caption\na.png,a red square\n")
@@ -104,7 +104,7 @@ def test_cut_transform_gives_open_clips_pixels_to_the_bit(tiny) -> None:
 def test_a_transform_of_another_shape_runs_whole(tiny) -> None:
     from torchvision import transforms
 
-    from worker.pixels import CutTransform
+    from imgembed.worker.pixels import CutTransform
 
     assert CutTransform.from_open_clip(transforms.Compose([transforms.ToTensor()])) is None
     assert CutTransform.from_open_clip(lambda image: image) is None

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageOps
 
-from worker.fetch_http import _CheckedRedirects
-from worker.images import ImageError, ImageSource, decode_image, read_source, read_to_end
-from worker.settings import load_settings
+from imgembed.settings import load_settings
+from imgembed.worker.decode import decode_image
+from imgembed.worker.fetch_http import _CheckedRedirects
+from imgembed.worker.image_error import ImageError
+from imgembed.worker.sources import ImageSource, read_source, read_to_end
 
 
 def png(size: tuple[int, int] = (20, 20)) -> bytes:

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from imgembed.migrate import sqlalchemy_url
+from imgembed.models.names import ModelSpecError, embedding_dimension, parse_model_spec
+from imgembed.report import format_table
+from imgembed.settings import DEFAULT_MODEL, SettingsError, load_settings
+from imgembed.worker.decode import decode_image
+from imgembed.worker.image_error import ImageError
+from imgembed.worker.sources import ImageSource, read_source
 from tests.conftest import TESTDATA
-from worker.images import ImageError, ImageSource, decode_image, read_source
-from worker.migrate import sqlalchemy_url
-from worker.model_spec import ModelSpecError, embedding_dimension, parse_model_spec
-from worker.report import format_table
-from worker.settings import DEFAULT_MODEL, SettingsError, load_settings
 
 ODD_IMAGES = TESTDATA / "odd-images"
 
@@ -40,13 +42,13 @@ def test_openmp_threads_wait_passively_in_workers_unless_told_otherwise() -> Non
     assert load_settings({"OMP_WAIT_POLICY": "active"}).openmp_wait_policy == "ACTIVE"
     # The OpenMP runtime reads the variable once, when torch loads it: the worker command sets it
     # before anything imports torch, and importing the command line must not import it.
-    script = "import sys, worker.cli; print('torch' in sys.modules)"
+    script = "import sys, imgembed.cli; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip() == "False"
     if (os.cpu_count() or 1) < 2:
         return
     # Set that way, it reaches PyTorch's threads: after a parallel operation, an ACTIVE thread
     # spins through the main thread's half-second sleep; a PASSIVE one sleeps too.
-    script = ("import sys, time; from worker.openmp import use_wait_policy; use_wait_policy(sys.argv[1]); "
+    script = ("import sys, time; from imgembed.worker.openmp import use_wait_policy; use_wait_policy(sys.argv[1]); "
               "import torch; torch.set_num_threads(2); a = torch.randn(512, 512); [a @ a for _ in range(20)]; "
               "started = time.process_time(); time.sleep(0.5); print(time.process_time() - started)")
     cpu_seconds = {policy: float(subprocess.run([sys.executable, "-c", script, policy], capture_output=True, text=True,
@@ -163,7 +165,7 @@ def test_format_table() -> None:
 def test_celery_worker_is_started_again_unless_asked_to_stop() -> None:
     from celery import signals
 
-    from worker.cli import run_celery_worker
+    from imgembed.worker.process import run_celery_worker
 
     class FlakyCelery:
         """Stops on its own the first time (as after a broker error), by a signal the second."""
@@ -185,7 +187,7 @@ def test_numpy_vector_dumper_matches_pgvector_binary_format() -> None:
     import numpy as np
     from pgvector import Vector
 
-    from worker.db import NumpyVectorBinaryDumper
+    from imgembed.db import NumpyVectorBinaryDumper
 
     values = np.array([0.5, -1.25, 3.0e-7, 42.0], dtype=np.float32)
     assert NumpyVectorBinaryDumper(np.ndarray).dump(values) == Vector(values).to_binary()
@@ -193,7 +195,7 @@ def test_numpy_vector_dumper_matches_pgvector_binary_format() -> None:
 
 
 def test_freed_memory_goes_back_at_most_once_a_second() -> None:
-    from worker.pipeline import TRIM_EVERY_SECONDS, WorkerRuntime
+    from imgembed.worker.runtime import TRIM_EVERY_SECONDS, WorkerRuntime
 
     runtime = WorkerRuntime(load_settings({}))
     runtime.return_freed_memory()

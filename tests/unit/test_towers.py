@@ -1,4 +1,4 @@
-"""Workers build only the tower a job needs (worker.towers): the image tower for pictures, the text
+"""Workers build only the tower a job needs (imgembed.worker.towers): the image tower for pictures, the text
 tower for text queries. Weights, transform and vectors must be exactly those of OpenCLIP's full
 loader, for seeded random weights and for every checkpoint layout; what it cannot read goes to
 OpenCLIP's loader. No services."""
@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from worker.embedding import LoadedModel, ModelLoadError, load_model
-from worker.towers import _all_real, build_image_tower, build_text_tower, read_weights
-from worker.model_spec import parse_model_spec
+from imgembed.models.names import parse_model_spec
+from imgembed.worker.embedding import LoadedModel, ModelLoadError, load_model
+from imgembed.worker.towers import _all_real, build_image_tower, build_text_tower, read_weights
 
 PICTURES = [Image.new("RGB", (80, 60), colour) for colour in ("red", "navy", "olive")]
 TEXTS = ["a red square", "a navy circle", "an olive triangle"]
@@ -137,7 +137,7 @@ def test_saving_a_checkpoint_again_leaves_workers_that_mapped_it_alone(trained_s
     """A worker's weights are pages of the file it loaded. imgembed writes a checkpoint beside the
     old one and renames it over, so a worker keeps the weights it started with (a file rewritten in
     place would change them under it)."""
-    from worker.finetune import save_checkpoint
+    from imgembed.training.finetune import save_checkpoint
 
     checkpoint = tmp_path / "ft.pt"
     save_checkpoint(load_model(parse_model_spec("imgembed-tiny"), "cpu"), checkpoint, half=False)

@@ -1,0 +1,58 @@
+"""(1): the model alone, on already-preprocessed tensors, and JPEG decoding alone."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from imgembed.bench.results import BenchSize
+from imgembed.models.names import parse_model_spec
+from imgembed.settings import Settings
+from imgembed.worker.embedding import load_model
+from imgembed.worker.image_error import ImageError
+from imgembed.worker.pipeline import preprocess_bytes
+from imgembed.worker.runtime import forward_batch_size
+
+
+class RawModel:
+    """(1): the model alone in the bench process, timed on already-preprocessed tensors at the
+    batch size a worker would pick. Kept loaded, so (2) can measure it again around each run: on a
+    shared machine the CPU's speed drifts over minutes, and a ratio of two figures taken minutes
+    apart would measure the drift."""
+
+    def __init__(self, model_name: str, settings: Settings, size: BenchSize) -> None:
+        self.model = load_model(parse_model_spec(model_name), settings.device, tower="image")
+        self.batch = forward_batch_size(self.model, "image", settings)
+        on_gpu = self.model.device.type == "cuda"
+        self.images = max(size.raw_images, 8 * self.batch if on_gpu else 0)
+        self.seconds = size.raw_seconds_gpu if on_gpu else size.raw_seconds
+
+    def throughput(self) -> float:
+        """(1) once: images/s at the worker's batch size."""
+        return self.images_per_s(self.images, self.batch, self.seconds)
+
+    def images_per_s(self, images: int, batch_size: int, seconds: float = 0.0) -> float:
+        """At least ``images`` images, and passes for at least ``seconds``."""
+        pixels = torch.randn(batch_size, 3, self.model.input_size, self.model.input_size)
+        self.model.embed_pixels(pixels)  # warm-up
+        started = time.perf_counter()
+        done = 0
+        while done < images or time.perf_counter() - started < seconds:
+            self.model.embed_pixels(pixels)  # returns the vectors on the CPU: the device has finished
+            done += batch_size
+        return done / (time.perf_counter() - started)
+
+    def decode_images_per_s(self, photos: list[bytes], settings: Settings) -> float:
+        """JPEG bytes to model-ready tensors alone, as the worker does it (Pillow in
+        IMGEMBED_DECODE_THREADS threads): the other limit of (2), besides the model."""
+        with ThreadPoolExecutor(settings.decode_threads) as decoders:
+            list(decoders.map(lambda data: preprocess_bytes(data, self.model, settings), photos[:32]))  # warm-up
+            started = time.perf_counter()
+            prepared = list(decoders.map(lambda data: preprocess_bytes(data, self.model, settings), photos))
+            seconds = time.perf_counter() - started
+        failed = [result for result in prepared if isinstance(result, ImageError)]
+        if failed:
+            raise RuntimeError(f"{len(failed)} bench photos did not decode: {failed[0]}")
+        return len(photos) / seconds

@@ -1,0 +1,1 @@
+"""The demo (``imgembed demo``): kept out of the runtime path; nothing in imgembed imports it."""

