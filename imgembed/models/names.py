@@ -80,15 +80,27 @@ def _config_path(architecture: str) -> Path | None:
     return None
 
 
+def known_open_clip_dimensions() -> dict[str, int]:
+    """OpenCLIP's architectures and their output dimensions, as shipped with imgembed (read from
+    OpenCLIP's configurations), so that the core knows them without OpenCLIP installed."""
+    table = json.loads((files("imgembed.models") / "open_clip_dims.json").read_text(encoding="utf-8"))
+    return {name: int(dim) for name, dim in table["embed_dim"].items()}
+
+
 def embedding_dimension(spec: ModelSpec) -> int:
-    """The output dimension of the spec's architecture, read from its config (no weights loaded)."""
+    """The output dimension of the spec's architecture, read from its config (no weights loaded):
+    imgembed's own configurations, OpenCLIP's when it is installed, else the table shipped with
+    imgembed."""
     path = _config_path(spec.architecture)
-    if path is None:
-        raise ModelSpecError(
-            f"unknown OpenCLIP architecture {spec.architecture!r} "
-            "(see open_clip.list_models(), or imgembed-tiny)"
-        )
-    return int(json.loads(path.read_text())["embed_dim"])
+    if path is not None:
+        return int(json.loads(path.read_text())["embed_dim"])
+    known = known_open_clip_dimensions()
+    if spec.architecture in known:
+        return known[spec.architecture]
+    raise ModelSpecError(
+        f"unknown OpenCLIP architecture {spec.architecture!r} (see open_clip.list_models(), or use imgembed-tiny; "
+        "an architecture newer than this imgembed is known where OpenCLIP is installed: pip install 'imgembed[worker]')"
+    )
 
 
 def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:

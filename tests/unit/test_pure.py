@@ -206,3 +206,20 @@ def test_freed_memory_goes_back_at_most_once_a_second() -> None:
     runtime._last_trim -= TRIM_EVERY_SECONDS
     runtime.return_freed_memory()
     assert runtime._last_trim > first - TRIM_EVERY_SECONDS
+
+
+def test_open_clip_dimensions_shipped_with_the_core_agree_with_open_clip() -> None:
+    """The core names a model's dimension without OpenCLIP; the table it reads says what OpenCLIP's
+    own configurations say, for (nearly) every architecture OpenCLIP knows."""
+    import json
+
+    import open_clip
+
+    from imgembed.models.names import known_open_clip_dimensions
+
+    configs = Path(open_clip.__file__).parent / "model_configs"
+    truth = {path.stem: json.loads(path.read_text())["embed_dim"] for path in configs.glob("*.json")}
+    shipped = known_open_clip_dimensions()
+    assert {name: shipped[name] for name in shipped.keys() & truth.keys()} == {
+        name: truth[name] for name in shipped.keys() & truth.keys()}
+    assert len(shipped.keys() & truth.keys()) >= 0.95 * len(truth)
