@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import timedelta
 
+import psycopg
+
 
 def _cell(value: object) -> str:
     if value is None:
@@ -25,36 +27,34 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     return "\n".join(line.rstrip() for line in lines)
 
 
-def status_report(connection: object) -> str:
-    """The status and failures views, as text."""
-    status = connection.execute(  # type: ignore[attr-defined]
+# The report's parts after the status table: (title, column headers, query, shown when empty).
+SECTIONS: tuple[tuple[str, list[str], str, bool], ...] = (
+    ("Throughput", ["table", "model", "last minute", "last 5 minutes"],
+     "SELECT table_name, model, embedded_last_minute, embedded_last_5_minutes FROM imgembed.status "
+     "WHERE embedded_last_5_minutes > 0", False),
+    ("Live workers", ["worker", "device", "models", "batches", "last seen"],
+     "SELECT worker, device, array_to_string(models, ', '), batches, now() - last_seen FROM imgembed.workers "
+     "WHERE alive ORDER BY worker", True),
+    ("Failures by reason", ["table", "model", "reason", "failures"],
+     "SELECT table_name, model, reason, failures FROM imgembed.failure_reasons ORDER BY failures DESC LIMIT 20",
+     False),
+    ("Failures (latest 20)", ["table", "key", "model", "attempts", "error"],
+     "SELECT table_name, key, model, attempts, last_error FROM imgembed.failures ORDER BY failed_at DESC LIMIT 20",
+     False),
+)
+
+
+def status_report(connection: psycopg.Connection) -> str:
+    """The status view, then throughput, live workers and failures, as text."""
+    status = connection.execute(
         'SELECT table_name, model, is_default, "rows", embedded, pending, in_flight, failed, oldest_pending_age '
         "FROM imgembed.status"
     ).fetchall()
     text = format_table(
         ["table", "model", "default", "rows", "embedded", "pending", "in flight", "failed", "oldest pending"], status
     )
-    throughput = connection.execute(  # type: ignore[attr-defined]
-        "SELECT table_name, model, embedded_last_minute, embedded_last_5_minutes FROM imgembed.status "
-        "WHERE embedded_last_5_minutes > 0"
-    ).fetchall()
-    if throughput:
-        text += "\n\nThroughput:\n" + format_table(["table", "model", "last minute", "last 5 minutes"], throughput)
-    workers = connection.execute(  # type: ignore[attr-defined]
-        "SELECT worker, device, array_to_string(models, ', '), batches, now() - last_seen FROM imgembed.workers "
-        "WHERE alive ORDER BY worker"
-    ).fetchall()
-    text += "\n\nLive workers:\n" + (
-        format_table(["worker", "device", "models", "batches", "last seen"], workers) if workers else "(none)"
-    )
-    reasons = connection.execute(  # type: ignore[attr-defined]
-        "SELECT table_name, model, reason, failures FROM imgembed.failure_reasons ORDER BY failures DESC LIMIT 20"
-    ).fetchall()
-    if reasons:
-        text += "\n\nFailures by reason:\n" + format_table(["table", "model", "reason", "failures"], reasons)
-    failures = connection.execute(  # type: ignore[attr-defined]
-        "SELECT table_name, key, model, attempts, last_error FROM imgembed.failures ORDER BY failed_at DESC LIMIT 20"
-    ).fetchall()
-    if failures:
-        text += "\n\nFailures (latest 20):\n" + format_table(["table", "key", "model", "attempts", "error"], failures)
+    for title, headers, query, shown_when_empty in SECTIONS:
+        rows = connection.execute(query).fetchall()
+        if rows or shown_when_empty:
+            text += f"\n\n{title}:\n" + (format_table(headers, rows) if rows else "(none)")
     return text

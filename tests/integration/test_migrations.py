@@ -16,6 +16,26 @@ from imgembed.models.registry import register_model
 from tests.conftest import HEAD_REVISION, REPO, schema_dump
 
 
+def watched_shop_with_vectors(connection: psycopg.Connection, rows: int, seed: int) -> tuple[str, np.ndarray]:
+    """A table ``shop`` of ``rows`` rows watched with a 512-dim model registered as 'old-512', and a
+    stored unit vector for each row, as workers would have written them. Returns the vector table's
+    name and the vectors."""
+    vectors = np.random.default_rng(seed).normal(size=(rows, 512)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    connection.execute("SELECT imgembed.register_model('old-512', 'old', NULL, 512)")
+    connection.execute("CREATE TABLE shop (id bigint PRIMARY KEY, photo bytea, kind text)")
+    connection.execute("INSERT INTO shop SELECT g, 'x', 'k' || (g %% 3) FROM generate_series(0, %s) g", (rows - 1,))
+    connection.execute("SELECT imgembed.watch('shop', 'photo', label_column => 'kind', model => 'old-512')")
+    storage = connection.execute("SELECT imgembed.storage_table('shop')").fetchone()[0]
+    with connection.cursor() as cursor, cursor.copy(
+        f"COPY imgembed.{storage} (id, embedding, job_id) FROM STDIN WITH (FORMAT BINARY)"
+    ) as copy:
+        copy.set_types(["bigint", "vector", "bigint"])
+        for key, vector in enumerate(vectors):
+            copy.write_row((key, vector, 0))
+    return storage, vectors
+
+
 def imgembed_objects(url: str) -> int:
     with connect(url) as connection:
         return connection.execute(
@@ -83,26 +103,11 @@ def test_offline_sql_is_printed(database_url: str, capsys: object) -> None:
 def test_revision_0002_converts_existing_vector_tables(fresh_database: Callable[[str | None], str]) -> None:
     """A database at 0001 with TOASTed vectors and a full-precision index: after 0002 the same
     vectors sit in the rows under a half-precision index, and search answers the same."""
-    import numpy as np
-
     url = fresh_database(None)
     migrate.upgrade(url)
     migrate.downgrade(url, "0001")  # revision 0001's functions, index and storage
-    rng = np.random.default_rng(3)
-    vectors = rng.normal(size=(300, 512)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     with connect(url) as connection:
-        connection.execute("SELECT imgembed.register_model('old-512', 'old', NULL, 512)")
-        connection.execute("CREATE TABLE shop (id bigint PRIMARY KEY, photo bytea)")
-        connection.execute("INSERT INTO shop SELECT g, 'x' FROM generate_series(0, 299) g")
-        connection.execute("SELECT imgembed.watch('shop', 'photo', model => 'old-512')")
-        storage = connection.execute("SELECT imgembed.storage_table('shop')").fetchone()[0]
-        with connection.cursor() as cursor, cursor.copy(
-            f"COPY imgembed.{storage} (id, embedding, job_id) FROM STDIN WITH (FORMAT BINARY)"
-        ) as copy:
-            copy.set_types(["bigint", "vector", "bigint"])
-            for key, vector in enumerate(vectors):
-                copy.write_row((key, vector, 0))
+        storage, vectors = watched_shop_with_vectors(connection, 300, seed=3)
 
         def toasted() -> int:
             toast = connection.execute(
@@ -177,22 +182,9 @@ def test_released_revisions_never_change() -> None:
 
 def _populate(url: str) -> None:
     """What a user has in a database: a watched table with rows, their vectors, and ready-table rows."""
-    rng = np.random.default_rng(11)
-    vectors = rng.normal(size=(40, 512)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     with connect(url) as connection:
-        connection.execute("SELECT imgembed.register_model('old-512', 'old', NULL, 512)")
-        connection.execute("CREATE TABLE shop (id bigint PRIMARY KEY, photo bytea, kind text)")
-        connection.execute("INSERT INTO shop SELECT g, 'x', 'k' || (g % 3) FROM generate_series(0, 39) g")
-        connection.execute("SELECT imgembed.watch('shop', 'photo', label_column => 'kind', model => 'old-512')")
+        watched_shop_with_vectors(connection, 40, seed=11)
         connection.execute("INSERT INTO imgembed.image (uri, label) VALUES ('/nowhere/a.jpg', 'a'), ('/nowhere/b.jpg', 'b')")
-        storage = connection.execute("SELECT imgembed.storage_table('shop')").fetchone()[0]
-        with connection.cursor() as cursor, cursor.copy(
-            f"COPY imgembed.{storage} (id, embedding, job_id) FROM STDIN WITH (FORMAT BINARY)"
-        ) as copy:
-            copy.set_types(["bigint", "vector", "bigint"])
-            for key, vector in enumerate(vectors):
-                copy.write_row((key, vector, 0))
 
 
 def _contents(url: str) -> dict[str, list[tuple[object, ...]]]:
