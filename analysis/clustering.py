@@ -59,7 +59,9 @@ def fit_clusters(vectors: np.ndarray, k: int | None, method: str, seed: int = 0)
         labels = HDBSCAN(min_cluster_size=min_size, metric="cosine", copy=True).fit_predict(vectors)
         params["min_cluster_size"] = min_size
     elif k is not None:
-        labels = _kmeans(vectors, min(k, len(vectors) - 1), method, seed)
+        if not 2 <= k < len(vectors):
+            raise ValueError(f"k={k} clusters need k >= 2 and more embedded rows than k; the table has {len(vectors)}")
+        labels = _kmeans(vectors, k, method, seed)
     else:
         scores = {}
         for candidate in range(2, min(K_SEARCH_MAX, len(vectors) - 1) + 1):

@@ -9,6 +9,7 @@ import time: call :func:`load_settings` where a process starts.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import textwrap
 from collections.abc import Callable, Mapping
@@ -92,6 +93,13 @@ def _device(name: str, raw: str) -> str:
     return device
 
 
+def _networks(name: str, raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    try:
+        return tuple(ipaddress.ip_network(part.strip()) for part in raw.split(",") if part.strip())
+    except ValueError as error:
+        raise SettingsError(f"{name}={raw!r}: {error} (give networks such as 10.1.2.0/24,192.168.7.5/32)") from None
+
+
 def _path(_name: str, raw: str) -> Path:
     return Path(raw).expanduser()
 
@@ -129,7 +137,8 @@ def _as_text(value: object) -> str:
     if isinstance(value, bool):
         return "1" if value else "0"
     if isinstance(value, tuple):
-        return os.pathsep.join(str(part) for part in value)
+        separator = "," if value and not isinstance(value[0], Path) else os.pathsep
+        return separator.join(str(part) for part in value)
     return str(value)
 
 
@@ -194,6 +203,10 @@ class Settings:
     allow_http: bool = _setting("IMGEMBED_ALLOW_HTTP", False, _boolean, "fetch http(s) image locations")
     http_allow_private: bool = _setting(
         "IMGEMBED_HTTP_ALLOW_PRIVATE", False, _boolean, "let http(s) reach private and loopback addresses")
+    http_allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _setting(
+        "IMGEMBED_HTTP_ALLOW_NETWORKS", (), _networks,
+        "networks (CIDR, separated by ',') http(s) may reach besides public addresses: an internal image store",
+        default_help="none")
     http_timeout_seconds: float = _setting(
         "IMGEMBED_HTTP_TIMEOUT_SECONDS", 15.0, _positive_number, "timeout of one http(s) fetch")
     # local services and logs

@@ -105,21 +105,28 @@ class ForwardBatcher(Generic[Item]):
         return np.concatenate([self._forward_splitting(items[:half]), self._forward_splitting(items[half:])])
 
 
-def tune_max_batch(run_batch: Callable[[int], None], ceiling: int, start: int = 16, min_gain: float = 0.05) -> int:
+def tune_max_batch(run_batch: Callable[[int], None], ceiling: int, start: int = 16, min_gain: float = 0.05,
+                   clock: Callable[[], float] = time.perf_counter,
+                   measured: dict[int, float | None] | None = None) -> int:
     """The batch size to use: doubled from ``start`` while each doubling still runs (no
-    out-of-memory error) and raises throughput by at least ``min_gain``, up to ``ceiling``."""
+    out-of-memory error) and raises throughput by at least ``min_gain``, up to ``ceiling``.
+    ``measured``, when given, receives each size tried and its inputs per second (None: it did
+    not fit)."""
     def rate(size: int) -> float | None:
         """Inputs per second at this size; None when it does not fit in device memory."""
         try:
             run_batch(size)  # warm-up: kernels picked, memory pools grown
-            started = time.perf_counter()
+            started = clock()
             run_batch(size)
-            return size / max(time.perf_counter() - started, 1e-9)
+            result: float | None = size / max(clock() - started, 1e-9)
         except Exception as error:
             if not _out_of_memory(error):
                 raise
             torch.cuda.empty_cache()
-            return None
+            result = None
+        if measured is not None:
+            measured[size] = result
+        return result
 
     best_size = min(start, ceiling)
     best_rate = rate(best_size)

@@ -71,9 +71,14 @@ def decode_image(data: bytes, settings: Settings, target_size: int | None = None
 
 
 def _sniff(data: bytes) -> str:
+    """What the bytes look like, in words: never the bytes themselves (an error is readable by
+    more roles than the file it came from)."""
     head = data[:64].lstrip().lower()
     if head.startswith((b"<!doctype html", b"<html")):
         return "looks like an HTML page"
     if head.startswith(b"<?xml") or head.startswith(b"<svg"):
         return "looks like SVG/XML, which is not supported"
-    return f"first bytes {data[:8].hex(' ')}"
+    sample = data[:512]
+    if sample and sum(32 <= byte < 127 or byte in b"\t\r\n" for byte in sample) > 0.95 * len(sample):
+        return f"looks like text, {len(data)} bytes"
+    return f"unknown binary data, {len(data)} bytes"

@@ -1,66 +1,112 @@
 """Fetching images over http(s), off unless ``IMGEMBED_ALLOW_HTTP=1``.
 
-Guarded against server-side request forgery: every host (redirects included) must resolve to
-public addresses unless ``IMGEMBED_HTTP_ALLOW_PRIVATE=1``; a timeout and a byte cap apply.
+Guarded against server-side request forgery: a host must resolve only to public addresses (or to
+networks named in ``IMGEMBED_HTTP_ALLOW_NETWORKS``, or anywhere with
+``IMGEMBED_HTTP_ALLOW_PRIVATE=1``), and the connection goes to the very address that was checked,
+so a name that resolves differently a moment later (DNS rebinding) changes nothing. Every redirect
+is checked the same way; a timeout and a byte cap apply.
 """
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import socket
-import urllib.error
-import urllib.request
-from urllib.parse import urlparse
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
 
 from imgembed.settings import Settings
 from imgembed.worker.image_error import ImageError
 
+MAX_REDIRECTS = 5
+REDIRECTS = (301, 302, 303, 307, 308)
 
-def _check_host(url: str, settings: Settings) -> None:
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+
+@dataclass(frozen=True)
+class CheckedTarget:
+    """A URL and the address its host resolved to when it was checked."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    path: str
+    address: str
+
+
+def _allowed(address: ipaddress.IPv4Address | ipaddress.IPv6Address, settings: Settings) -> bool:
+    return (settings.http_allow_private or address.is_global
+            or any(address in network for network in settings.http_allow_networks))
+
+
+def check_target(url: str, settings: Settings) -> CheckedTarget:
+    """The URL's host resolved once; every address it resolves to must be allowed."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ImageError(f"refusing {url!r}: only http(s) URLs with a host are fetched")
-    if settings.http_allow_private:
-        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        infos = socket.getaddrinfo(parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80))
+        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
     except socket.gaierror as error:
-        raise ImageError(f"cannot resolve host {parsed.hostname!r}: {error}", retryable=True) from None
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if not address.is_global:
+        raise ImageError(f"cannot resolve host {parts.hostname!r}: {error}", retryable=True) from None
+    addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+    for address in addresses:
+        if not _allowed(address, settings):
             raise ImageError(
-                f"refusing {url!r}: host {parsed.hostname} resolves to non-public address {address} "
-                "(set IMGEMBED_HTTP_ALLOW_PRIVATE=1 to allow)"
+                f"refusing {url!r}: host {parts.hostname} resolves to non-public address {address} "
+                "(set IMGEMBED_HTTP_ALLOW_NETWORKS or IMGEMBED_HTTP_ALLOW_PRIVATE=1 to allow)"
             )
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return CheckedTarget(url, parts.scheme, parts.hostname, port, path, str(addresses[0]))
 
 
-class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+def _connection(target: CheckedTarget, timeout: float) -> http.client.HTTPConnection:
+    """A connection to the checked address that still speaks to the host by name (Host header,
+    TLS server name and certificate)."""
+    kind = http.client.HTTPSConnection if target.scheme == "https" else http.client.HTTPConnection
+    connection = kind(target.host, target.port, timeout=timeout)
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
-        _check_host(newurl, self.settings)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+    def to_checked_address(address: tuple[str, int], *args: object) -> socket.socket:
+        return socket.create_connection((target.address, address[1]), *args)  # type: ignore[arg-type]
+
+    connection._create_connection = to_checked_address  # type: ignore[attr-defined]
+    return connection
+
+
+def _read_capped(response: http.client.HTTPResponse, url: str, cap: int) -> bytes:
+    declared = response.getheader("Content-Length")
+    if declared and declared.isdigit() and int(declared) > cap:
+        raise ImageError(f"{url} is {declared} bytes, over the cap of {cap}")
+    data = response.read(cap + 1)
+    if len(data) > cap:
+        raise ImageError(f"{url} is over the cap of {cap} bytes (IMGEMBED_MAX_IMAGE_BYTES)")
+    return data
+
+
+def _get(target: CheckedTarget, settings: Settings) -> tuple[str | None, bytes]:
+    """(where a redirect points, None) or (None, the body)."""
+    connection = _connection(target, settings.http_timeout_seconds)
+    try:
+        connection.request("GET", target.path, headers={"User-Agent": "imgembed"})
+        response = connection.getresponse()
+        if response.status in REDIRECTS and response.getheader("Location"):
+            return urljoin(target.url, response.getheader("Location")), b""
+        if response.status >= 400:
+            raise ImageError(f"GET {target.url} answered HTTP {response.status} {response.reason}",
+                             retryable=response.status >= 500)
+        return None, _read_capped(response, target.url, settings.max_image_bytes)
+    except (OSError, http.client.HTTPException) as error:
+        raise ImageError(f"GET {target.url} failed: {error}", retryable=True) from None
+    finally:
+        connection.close()
 
 
 def fetch_http(url: str, settings: Settings) -> bytes:
     if not settings.allow_http:
         raise ImageError(f"http(s) fetching is off, so {url!r} was not read (set IMGEMBED_ALLOW_HTTP=1)")
-    _check_host(url, settings)
-    opener = urllib.request.build_opener(_CheckedRedirects(settings))
-    opener.addheaders = [("User-Agent", "imgembed")]
-    try:
-        with opener.open(url, timeout=settings.http_timeout_seconds) as response:
-            declared = response.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > settings.max_image_bytes:
-                raise ImageError(f"{url} is {declared} bytes, over the cap of {settings.max_image_bytes}")
-            data = response.read(settings.max_image_bytes + 1)
-    except urllib.error.HTTPError as error:
-        raise ImageError(f"GET {url} answered HTTP {error.code} {error.reason}", retryable=error.code >= 500) from None
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
-        reason = getattr(error, "reason", error)
-        raise ImageError(f"GET {url} failed: {reason}", retryable=True) from None
-    if len(data) > settings.max_image_bytes:
-        raise ImageError(f"{url} is over the cap of {settings.max_image_bytes} bytes (IMGEMBED_MAX_IMAGE_BYTES)")
-    return data
+    for _ in range(MAX_REDIRECTS + 1):
+        redirect, data = _get(check_target(url, settings), settings)
+        if redirect is None:
+            return data
+        url = redirect
+    raise ImageError(f"GET {url}: more than {MAX_REDIRECTS} redirects")

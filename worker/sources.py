@@ -90,13 +90,16 @@ def read_to_end(handle: io.RawIOBase, expected_bytes: int, cap: int, path: Path)
 
 
 def _inside_allowed_roots(path: Path, roots: Sequence[Path]) -> Path:
-    """The path with symbolic links and ``..`` resolved, if that lies under one of ``roots``."""
+    """The path with ``..`` and symbolic links resolved, if it lies under one of ``roots``. A path
+    outside them gets the same answer whether it exists or not: nothing outside is looked at
+    beyond following the path's own links."""
+    outside = ImageError(f"{path} is outside the allowed roots (IMGEMBED_ALLOWED_ROOTS)")
+    if not any(Path(os.path.normpath(path)).is_relative_to(root) for root in roots):
+        raise outside
     try:
-        resolved = path.resolve(strict=True)
-    except FileNotFoundError:
-        raise ImageError(f"file not found: {path}") from None
-    except OSError as error:
-        raise ImageError(f"cannot resolve {path}: {error.strerror or error}") from None
+        resolved = path.resolve(strict=False)  # links followed as far as they exist
+    except (OSError, RuntimeError):  # a loop of links
+        raise ImageError(f"cannot resolve {path}: a loop of symbolic links") from None
     if not any(resolved.is_relative_to(root) for root in roots):
-        raise ImageError(f"{path} is outside the allowed roots (IMGEMBED_ALLOWED_ROOTS)")
+        raise outside
     return resolved

@@ -77,9 +77,13 @@ def test_cluster_runs_on_a_worker(grouped_table: tuple[psycopg.Connection, np.nd
     cluster, distance = db.execute("SELECT cluster, distance FROM imgembed.nearest_cluster('parts', 999)").fetchone()
     assert cluster == members[60] and distance < 0.2
 
+    # More clusters than rows: the run fails with a reason that says so, and nothing is stored.
     failing = db.execute("SELECT imgembed.cluster('parts', 500)").fetchone()[0]
     wait_for(lambda: db.execute("SELECT status FROM imgembed.cluster_run WHERE id = %s", (failing,)).fetchone()[0]
-             in ("done", "failed"), 120, "an oversized k handled")
+             in ("done", "failed"), 120, "the oversized run to end")
+    status, error = db.execute("SELECT status, error FROM imgembed.cluster_run WHERE id = %s", (failing,)).fetchone()
+    assert status == "failed" and "k=500" in error and "201" in error
+    assert db.execute("SELECT count(*) FROM imgembed.cluster_member WHERE run_id = %s", (failing,)).fetchone()[0] == 0
 
 
 def test_anomaly_scores_equal_scikit_learn(grouped_table: tuple[psycopg.Connection, np.ndarray, np.ndarray]) -> None:

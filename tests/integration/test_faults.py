@@ -17,6 +17,7 @@ import pytest
 from imgembed.db import as_array, connect
 from imgembed.local.postgres import EmbeddedPostgres
 from imgembed.local.redis import PrivateRedis
+from imgembed.local.service import port_is_open
 from imgembed.models.names import parse_model_spec
 from imgembed.settings import load_settings
 from imgembed.training.synthetic import random_shapes
@@ -74,7 +75,7 @@ def restart_redis(redis: PrivateRedis) -> None:
 
     redis_client.Redis.from_url(redis.url).flushall()  # queued Celery messages are lost
     redis.stop()
-    time.sleep(1)
+    wait_for(lambda: not port_is_open("127.0.0.1", redis.port), 30, "Redis to close its port")
     redis.start()
 
 

@@ -36,8 +36,9 @@ def test_backfill_switch_and_drop(db: psycopg.Connection, services: Services, da
     with db.cursor() as cursor:
         cursor.executemany("INSERT INTO gallery VALUES (%s, %s)", [(i, images[i]) for i in range(80)])
     services.start("dispatch")
-    services.start("worker")
+    worker = services.start("worker")
     wait_for(lambda: settled(db, "imgembed-tiny", 80), 180, "first model embedded")
+    services.stop(worker)  # the second model's backfill waits for a worker: held while it is checked
 
     # A second model of another dimension backfills while inserts continue.
     register_model(db, SECOND_MODEL)
@@ -55,9 +56,10 @@ def test_backfill_switch_and_drop(db: psycopg.Connection, services: Services, da
     # While it backfills, queries keep using the current default, and switching is refused.
     assert len(db.execute("SELECT * FROM imgembed.similar('gallery', 1::bigint, 5)").fetchall()) == 5
     inserts.join()
-    if not settled(db, SECOND_MODEL, 160):
-        with pytest.raises(psycopg.Error, match="still backfilling"):
-            db.execute("SELECT imgembed.use_model('gallery', %s)", (SECOND_MODEL,))
+    assert not settled(db, SECOND_MODEL, 160)
+    with pytest.raises(psycopg.Error, match="still backfilling"):
+        db.execute("SELECT imgembed.use_model('gallery', %s)", (SECOND_MODEL,))
+    services.start("worker")
     wait_for(lambda: settled(db, SECOND_MODEL, 160) and settled(db, "imgembed-tiny", 160), 180, "both models complete")
     for model, dim in (("imgembed-tiny", 64), (SECOND_MODEL, 32)):
         count, distinct, dims = db.execute(

@@ -7,6 +7,8 @@ import csv
 import http.server
 import io
 import signal
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -17,7 +19,7 @@ import pytest
 from PIL import Image
 
 from imgembed.training.synthetic import random_shapes
-from tests.conftest import TESTDATA, Services, storage_of, wait_for
+from tests.conftest import REPO, TESTDATA, Services, storage_of, wait_for
 
 ODD_IMAGES = TESTDATA / "odd-images"
 PHOTOS = TESTDATA / "photos"
@@ -180,13 +182,12 @@ def test_worker_killed_mid_batch_loses_nothing(db: psycopg.Connection, services:
         cursor.executemany("INSERT INTO photos VALUES (%s, %s)", [(i, str(photos[i % len(photos)])) for i in range(total)])
     dispatcher, worker = start_pipeline(services)
 
-    def mid_batch() -> bool:
-        embedded, _, in_flight, _ = backlog(db, "public.photos")
-        return 0 < embedded < total - 50 and in_flight > 0
-
-    wait_for(mid_batch, EMBED_TIMEOUT, "the worker in the middle of its work", interval=0.02)
+    # Once it has written something, the worker is frozen where it stands, then killed there.
+    wait_for(lambda: backlog(db, "public.photos")[0] > 0, EMBED_TIMEOUT, "the worker's first vectors", interval=0.02)
+    worker.send_signal(signal.SIGSTOP)
+    embedded, _, in_flight, _ = backlog(db, "public.photos")
+    assert embedded < total and in_flight > 0  # jobs in flight when it dies
     services.stop(worker, sig=signal.SIGKILL)
-    assert backlog(db, "public.photos")[2] > 0  # jobs were in flight when it died
     services.start("worker")
     wait_until_settled(db, "public.photos", total)
 
@@ -208,48 +209,120 @@ def test_transparent_and_rotated_images_are_normalised(tmp_path: Path) -> None:
     assert image.getpixel((0, 0)) == (255, 255, 255)  # transparency becomes white, not black
 
 
-@pytest.fixture
-def image_server() -> Iterator[str]:
-    """A local HTTP server: /ok.png is an image, /busy.png always answers 503."""
+class ImageServer(http.server.ThreadingHTTPServer):
+    """A local HTTP server: /ok.png is an image; /busy.png answers 503 until ``healthy`` is set,
+    then the image; /gone.png always answers 404. ``requests`` counts the requests per path."""
+
     body = random_shapes(1, seed=9)[0].png_bytes()
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            if self.path == "/ok.png":
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-            else:
-                self.send_error(503, "busy")
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), ImageRequestHandler)
+        self.healthy = threading.Event()
+        self.requests: dict[str, int] = {}
 
-        def log_message(self, *args: object) -> None:
-            pass
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+
+class ImageRequestHandler(http.server.BaseHTTPRequestHandler):
+    server: ImageServer
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.server.requests[self.path] = self.server.requests.get(self.path, 0) + 1
+        if self.path == "/ok.png" or (self.path == "/busy.png" and self.server.healthy.is_set()):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(self.server.body)))
+            self.end_headers()
+            self.wfile.write(self.server.body)
+        elif self.path == "/busy.png":
+            self.send_error(503, "busy")
+        else:
+            self.send_error(404, "gone")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def image_server() -> Iterator[ImageServer]:
+    server = ImageServer()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
+    yield server
     server.shutdown()
 
 
-def test_transient_errors_retry_with_backoff_then_fail(db: psycopg.Connection, services: Services, image_server: str) -> None:
+def test_transient_errors_retry_with_backoff_then_fail(db: psycopg.Connection, services: Services,
+                                                       image_server: ImageServer) -> None:
     services.extra_env.update(
         IMGEMBED_ALLOW_HTTP="1", IMGEMBED_HTTP_ALLOW_PRIVATE="1", IMGEMBED_MAX_ATTEMPTS="3",
         IMGEMBED_RETRY_BACKOFF_SECONDS="0.2",
     )
     db.execute("CREATE TABLE remote (id text PRIMARY KEY, url text)")
     db.execute("SELECT imgembed.watch('remote', 'url')")
-    db.execute("INSERT INTO remote VALUES ('ok', %s), ('busy', %s)", (f"{image_server}/ok.png", f"{image_server}/busy.png"))
+    db.execute("INSERT INTO remote VALUES ('ok', %s), ('busy', %s), ('gone', %s)",
+               tuple(f"{image_server.url}/{name}.png" for name in ("ok", "busy", "gone")))
     start_pipeline(services)
-    wait_until_settled(db, "public.remote", 2)
-    assert backlog(db, "public.remote") == (1, 0, 0, 1)
-    attempts, error = db.execute("SELECT attempts, last_error FROM imgembed.failures WHERE key = 'busy'").fetchone()
-    assert attempts == 3
-    assert "HTTP 503" in error
+    wait_until_settled(db, "public.remote", 3)
+    assert backlog(db, "public.remote") == (1, 0, 0, 2)
+    failures = {key: (attempts, error) for key, attempts, error in
+                db.execute("SELECT key, attempts, last_error FROM imgembed.failures").fetchall()}
+    assert failures["busy"][0] == 3 and "HTTP 503" in failures["busy"][1]  # retried with backoff, then failed
+    assert failures["gone"][0] == 1 and "HTTP 404" in failures["gone"][1]  # not worth retrying
+    assert image_server.requests["/busy.png"] == 3
 
-    # Once the cause is fixed, failed jobs can be retried from SQL.
-    db.execute("UPDATE remote SET url = %s WHERE id = 'busy'", (f"{image_server}/ok.png",))
-    wait_until_settled(db, "public.remote", 2)
-    assert backlog(db, "public.remote") == (2, 0, 0, 0)
+    # Once the cause is fixed, `imgembed retry` queues the failures of that reason again, and only those.
+    image_server.healthy.set()
+    retried = subprocess.run([sys.executable, "-m", "imgembed", "retry", "--table", "public.remote",
+                              "--reason", "HTTP 503"], cwd=REPO, env=services.env(), capture_output=True, text=True,
+                             timeout=120)
+    assert retried.returncode == 0 and "1 failed jobs queued again" in retried.stdout, retried.stderr
+    wait_for(lambda: backlog(db, "public.remote") == (2, 0, 0, 1), EMBED_TIMEOUT, "the retried row embedded")
+    assert db.execute("SELECT key FROM imgembed.failures").fetchall() == [("gone",)]
+
+    # retry_failed(table, reason) from SQL does the same: the 404 is tried once more, and fails again.
+    assert db.execute("SELECT imgembed.retry_failed('remote', 'HTTP 404')").fetchone()[0] == 1
+    wait_for(lambda: image_server.requests["/gone.png"] == 2 and backlog(db, "public.remote") == (2, 0, 0, 1),
+             EMBED_TIMEOUT, "the 404 tried again")
+    assert db.execute("SELECT imgembed.retry_failed('remote', 'no such reason')").fetchone()[0] == 0
+
+
+def test_unwatch_while_jobs_are_in_flight(db: psycopg.Connection, services: Services) -> None:
+    """Claims sent to the broker, and a worker in the middle of its claims, when the table stops
+    being watched: nothing more is written for it, nothing is left behind, and no process errs."""
+    photos = sorted(PHOTOS.glob("*.JPEG"))
+    assert photos, f"no photos in {PHOTOS}"
+    services.extra_env.update(IMGEMBED_BATCH_SIZE="8", IMGEMBED_DECODE_THREADS="1")
+    for table in ("waiting", "working"):
+        db.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, path text)")
+        db.execute(f"SELECT imgembed.watch('{table}', 'path')")
+    storages = {table: storage_of(db, f"public.{table}") for table in ("waiting", "working")}
+    with db.cursor() as cursor:
+        cursor.executemany("INSERT INTO waiting VALUES (%s, %s)", [(i, str(photos[i % len(photos)])) for i in range(40)])
+    dispatcher = services.start("dispatch")
+    wait_for(lambda: backlog(db, "public.waiting")[2] == 40, EMBED_TIMEOUT, "every job of `waiting` claimed")
+    db.execute("SELECT imgembed.unwatch('waiting')")  # its claims wait in the broker for a worker
+
+    with db.cursor() as cursor:
+        cursor.executemany("INSERT INTO working VALUES (%s, %s)", [(i, str(photos[i % len(photos)])) for i in range(400)])
+    worker = services.start("worker")
+    wait_for(lambda: backlog(db, "public.working")[0] > 0, EMBED_TIMEOUT, "the worker's first vectors", interval=0.02)
+    assert backlog(db, "public.working")[2] > 0
+    db.execute("SELECT imgembed.unwatch('working')")  # while the worker is at it
+
+    # The worker goes through every claim it was sent (5 of `waiting` among them), writing nothing
+    # for either table.
+    def worker_log() -> str:
+        return worker.log_path.read_text(errors="replace")  # type: ignore[attr-defined]
+
+    wait_for(lambda: worker_log().count("nothing owned any more") >= 5, 60, "the claims of `waiting` skipped")
+    wait_for(lambda: db.execute("SELECT count(*) FROM imgembed.job").fetchone()[0] == 0, 60, "no job left")
+    for storage in storages.values():
+        assert db.execute("SELECT to_regclass(%s)", (f"imgembed.{storage}",)).fetchone()[0] is None
+    assert db.execute("SELECT count(*) FROM imgembed.watch WHERE table_name IN ('public.waiting', 'public.working')"
+                      ).fetchone()[0] == 0
+    assert worker.poll() is None and dispatcher.poll() is None
+    for log in (worker_log(), dispatcher.log_path.read_text(errors="replace")):  # type: ignore[attr-defined]
+        assert " ERROR " not in log and "Traceback" not in log, log[-3000:]

@@ -175,23 +175,49 @@ def test_knn_labels_match_scikit_learn(db: psycopg.Connection) -> None:
     assert agreement >= 0.9  # the view uses the HNSW index, not an exact scan
 
 
+def query_scores(vectors: np.ndarray, weights: dict[int, float]) -> np.ndarray:
+    """Every row's cosine similarity to the normalised weighted sum of the given rows' vectors."""
+    query = sum(weight * vectors[key] for key, weight in weights.items())
+    return vectors @ (query / np.linalg.norm(query))
+
+
+def rocchio_ranking(vectors: np.ndarray, weights: dict[int, float], k: int) -> list[tuple[int, float]]:
+    """The k best rows other than the given ones, best first, with their scores."""
+    scores = query_scores(vectors, {key: weight for key, weight in weights.items() if weight})
+    ranked = [int(key) for key in np.argsort(-scores, kind="stable") if int(key) not in weights]
+    return [(key, float(scores[key])) for key in ranked[:k]]
+
+
 def test_recommendations(library: tuple[psycopg.Connection, np.ndarray]) -> None:
-    db, _ = library
+    db, vectors = library
     single = db.execute("SELECT id, score FROM imgembed.recommend('items', ARRAY[5::bigint], k => 10, exact => true)").fetchall()
     similar = db.execute("SELECT id, distance FROM imgembed.similar('items', 5::bigint, 10, exact => true)").fetchall()
     assert [row[0] for row in single] == [row[0] for row in similar]
     np.testing.assert_allclose([row[1] for row in single], [1 - row[1] for row in similar], atol=1e-5)
 
+    # Likes weigh 1/|likes| each, dislikes -0.5/|dislikes|: the query is their normalised sum, and
+    # the score of a row its cosine similarity to it (Rocchio), computed here with numpy.
     positives, negatives = [5, 6, 7], [8, 9]
-    got = [row[0] for row in db.execute(
-        "SELECT id FROM imgembed.recommend('items', %s::bigint[], %s::bigint[], 50)", (positives, negatives))]
-    assert len(got) == 50 and not set(got) & set(positives + negatives)
+    got = db.execute("SELECT id, score FROM imgembed.recommend('items', %s::bigint[], %s::bigint[], 50, exact => true)",
+                     (positives, negatives)).fetchall()
+    expected = rocchio_ranking(vectors, {5: 1 / 3, 6: 1 / 3, 7: 1 / 3, 8: -0.25, 9: -0.25}, 50)
+    assert [row[0] for row in got] == [key for key, _ in expected]
+    np.testing.assert_allclose([row[1] for row in got], [score for _, score in expected], atol=1e-5)
 
+    # A user's interactions: per item the weights add up; likes are normalised to 1, dislikes to -0.5,
+    # and everything the user saw (the view of weight 0 too) is left out.
     db.execute("INSERT INTO imgembed.interaction (user_id, tbl, item, kind, weight) VALUES "
                "('ann', 'items', '5', 'like', 1), ('ann', 'items', '6', 'purchase', 3), "
                "('ann', 'items', '8', 'dislike', -1), ('ann', 'items', '11', 'view', 0)")
-    for_user = [row[0] for row in db.execute("SELECT id FROM imgembed.recommend_for_user('items', 'ann', 40)")]
-    assert len(for_user) == 40 and not set(for_user) & {"5", "6", "8", "11"}
+    for_user = db.execute("SELECT id, score FROM imgembed.recommend_for_user('items', 'ann', 40)").fetchall()
+    expected = rocchio_ranking(vectors, {5: 0.25, 6: 0.75, 8: -0.5, 11: 0.0}, 40)
+    expected_scores = dict(expected)
+    assert len(for_user) == 40 and not {row[0] for row in for_user} & {"5", "6", "8", "11"}
+    np.testing.assert_allclose([row[1] for row in for_user],
+                               [float(query_scores(vectors, {5: 0.25, 6: 0.75, 8: -0.5})[int(row[0])])
+                                for row in for_user], atol=1e-5)
+    assert [row[1] for row in for_user] == sorted((row[1] for row in for_user), reverse=True)
+    assert len({int(row[0]) for row in for_user} & set(expected_scores)) >= 36  # through the index: recall >= 0.9
     with pytest.raises(psycopg.Error, match="no positive interaction"):
         db.execute("SELECT * FROM imgembed.recommend_for_user('items', 'nobody')")
 

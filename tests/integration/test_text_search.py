@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psycopg
@@ -68,8 +67,6 @@ def test_search_text_waits_for_the_worker_then_serves_from_the_stored_vector(
 
 
 def test_search_text_without_a_worker_fails_clearly(shapes_table: psycopg.Connection) -> None:
-    started = time.monotonic()
-    with pytest.raises(psycopg.Error, match="no vector for text") as raised:
+    with pytest.raises(psycopg.Error, match="no vector for text .* after 1 s") as raised:
         shapes_table.execute("SELECT * FROM imgembed.search_text('shapes', 'a green triangle', timeout_seconds => 1)")
-    assert time.monotonic() - started >= 1
     assert "worker" in (raised.value.diag.message_hint or "")

@@ -12,7 +12,6 @@ import torch
 from imgembed.models.names import parse_model_spec
 from imgembed.worker.batcher import ForwardBatcher, tune_max_batch
 from imgembed.worker.embedding import load_model
-from imgembed.worker.memory import limit_malloc_arenas, return_freed_memory
 
 
 def test_each_request_gets_its_own_vectors_in_order() -> None:
@@ -76,24 +75,50 @@ def test_out_of_memory_splits_the_pass_and_lowers_the_batch() -> None:
     assert batcher.max_batch <= 5 and batcher.largest_pass <= 5
 
 
-def test_tuning_stops_at_out_of_memory_and_at_the_ceiling() -> None:
-    def fits_up_to(limit: int):
-        def run(size: int) -> None:
-            if size > limit:
-                raise torch.OutOfMemoryError("simulated")
-            threading.Event().wait(0.02)  # a fixed cost per pass: larger batches always gain
-        return run
+class SimulatedDevice:
+    """A device with room for ``limit`` inputs whose passes take ``fixed + per_input * size``
+    seconds of a simulated clock: the tuning's arithmetic, with no timing of this machine."""
 
-    assert tune_max_batch(fits_up_to(100), ceiling=1024, start=16) == 64
-    assert tune_max_batch(fits_up_to(10_000), ceiling=256, start=16) == 256
-    assert tune_max_batch(fits_up_to(8), ceiling=256, start=16) == 8
+    def __init__(self, limit: int, fixed: float, per_input: float) -> None:
+        self.limit, self.fixed, self.per_input = limit, fixed, per_input
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def run(self, size: int) -> None:
+        if size > self.limit:
+            raise torch.OutOfMemoryError("simulated")
+        self.now += self.fixed + self.per_input * size
 
 
-def test_tuning_a_real_model_picks_a_measured_size() -> None:
+@pytest.mark.parametrize(("limit", "fixed", "per_input", "ceiling", "chosen"), [
+    (100, 0.02, 0.0, 1024, 64),        # larger passes always gain: stops where memory ends
+    (10_000, 0.02, 0.0, 256, 256),     # ... or at the ceiling
+    (8, 0.02, 0.0, 256, 8),            # the first size does not fit: half of it
+    (10_000, 0.01, 0.001, 1024, 128),  # gains shrink as the per-input cost takes over: stops under 5%
+])
+def test_tuning_picks_the_size_after_which_throughput_stops_growing(
+        limit: int, fixed: float, per_input: float, ceiling: int, chosen: int) -> None:
+    device = SimulatedDevice(limit, fixed, per_input)
+    assert tune_max_batch(device.run, ceiling=ceiling, start=16, clock=device.clock) == chosen
+
+
+def test_tuning_a_real_model_follows_its_own_measurements() -> None:
     model = load_model(parse_model_spec("imgembed-tiny"), "cpu", tower="image")
     size = model.input_size
-    chosen = tune_max_batch(lambda count: model.embed_pixels(torch.zeros(count, 3, size, size)), ceiling=64, start=4)
-    assert chosen in {4, 8, 16, 32, 64}
+    measured: dict[int, float | None] = {}
+    chosen = tune_max_batch(lambda count: model.embed_pixels(torch.zeros(count, 3, size, size)), ceiling=64, start=4,
+                            measured=measured)
+    # The sizes tried are the doublings from 4, and the one chosen is the last that gained 5%.
+    tried = sorted(measured)
+    assert tried == [4 * 2**step for step in range(len(tried))] and tried[-1] <= 64
+    expected = 4
+    for smaller, larger in zip(tried, tried[1:]):
+        if measured[larger] is None or measured[larger] < measured[smaller] * 1.05:  # type: ignore[operator]
+            break
+        expected = larger
+    assert chosen == expected
 
 
 def test_batched_images_equal_one_at_a_time() -> None:
@@ -105,7 +130,62 @@ def test_batched_images_equal_one_at_a_time() -> None:
     np.testing.assert_allclose(together, alone, atol=1e-5)
 
 
-def test_allocator_calls_are_safe() -> None:
-    limit_malloc_arenas(0)
-    limit_malloc_arenas(8)
-    return_freed_memory()
+ARENAS = """
+import ctypes, sys, threading
+from imgembed.worker.memory import limit_malloc_arenas
+limit_malloc_arenas(int(sys.argv[1]))
+barrier = threading.Barrier(4)
+def work():
+    barrier.wait()
+    chunks = [bytearray(200_000) for _ in range(5)]
+    barrier.wait()
+threads = [threading.Thread(target=work) for _ in range(4)]
+for thread in threads: thread.start()
+for thread in threads: thread.join()
+ctypes.CDLL("libc.so.6").malloc_stats()
+"""
+
+TRIM = """
+from pathlib import Path
+from imgembed.worker.memory import return_freed_memory
+def own_kb():
+    return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith("RssAnon:"))
+chunks = [bytearray(50_000) for _ in range(4000)]  # 200 MB in the heap, below glibc's mmap threshold
+kept = chunks[::20]  # what stays in use pins the heap: freed pages between cannot be given back by themselves
+del chunks
+before = own_kb()
+return_freed_memory()
+print(before, own_kb())
+"""
+
+
+def _glibc_only() -> None:
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the allocator settings are glibc's")
+
+
+def test_malloc_arenas_are_capped() -> None:
+    """Four threads allocating at once get an arena each, unless the arenas are capped."""
+    _glibc_only()
+    import subprocess
+    import sys
+
+    def arenas(cap: int) -> int:
+        stats = subprocess.run([sys.executable, "-c", ARENAS, str(cap)], capture_output=True, text=True, check=True)
+        return sum(line.startswith("Arena ") for line in stats.stderr.splitlines())
+
+    assert arenas(1) == 1
+    assert arenas(0) >= 3
+
+
+def test_freed_memory_goes_back_to_the_system() -> None:
+    _glibc_only()
+    import subprocess
+    import sys
+
+    before, after = map(int, subprocess.run([sys.executable, "-c", TRIM], capture_output=True, text=True,
+                                            check=True).stdout.split())
+    assert before > 150_000 and after < before / 2

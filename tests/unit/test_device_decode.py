@@ -19,8 +19,7 @@ from imgembed.worker.device_decode import TensorPreprocess, apply_orientation, j
 from imgembed.worker.image_error import ImageError
 from imgembed.worker.pipeline import _prepare, _prepare_on_device
 from imgembed.worker.runtime import WorkerRuntime
-
-TESTDATA = Path(__file__).resolve().parents[3] / "shared" / "testdata"
+from tests.conftest import TESTDATA
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +48,7 @@ def test_photos_match_pillow_full_decode_and_open_clip_transform(runtime: Worker
     transform = TensorPreprocess.from_open_clip(model.preprocess)
     assert transform is not None and transform.size == model.input_size
     photos = sorted((TESTDATA / "photos").glob("*.JPEG"))[:12]
+    assert len(photos) == 12, f"the test photos are missing from {TESTDATA / 'photos'}"
     on_device = _prepare_on_device(runtime, claimed(photos), model, transform)
     for path, pixels in zip(photos, on_device):
         assert isinstance(pixels, torch.Tensor), path
@@ -63,6 +63,7 @@ def test_every_odd_file_succeeds_or_fails_as_through_pillow(runtime: WorkerRunti
     folder = TESTDATA / "odd-images"
     with (folder / "MANIFEST.csv").open(newline="") as handle:
         names = [row["file"] for row in csv.DictReader(handle)]
+    assert len(names) > 40, f"the odd images' manifest in {folder} is missing or short"
     items = claimed([folder / name for name in names])
     for name, item, result in zip(names, items, _prepare_on_device(runtime, items, model, transform)):
         through_pillow = _prepare(item, model, runtime.settings)

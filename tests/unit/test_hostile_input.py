@@ -6,17 +6,17 @@ import http.server
 import io
 import os
 import re
+import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image
 
 from imgembed.settings import load_settings
 from imgembed.worker.decode import decode_image
-from imgembed.worker.fetch_http import _CheckedRedirects
 from imgembed.worker.image_error import ImageError
 from imgembed.worker.sources import ImageSource, read_source, read_to_end
 
@@ -27,72 +27,135 @@ def png(size: tuple[int, int] = (20, 20)) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    body = png()
+class Handler(http.server.BaseHTTPRequestHandler):
+    """/ok.png an image, /big.png 5,000 bytes with no Content-Length, /slow.png an answer that
+    never comes, /redirect to /ok.png, /to-loopback to /ok.png on 127.0.0.1 (the server's
+    ``loopback_port``); everything else 404. The server counts requests by path."""
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            if self.path == "/ok.png":
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-            elif self.path == "/big.png":
-                self.send_response(200)
-                self.end_headers()  # no Content-Length: the cap must hold while reading
-                self.wfile.write(b"\0" * 5000)
-            elif self.path == "/slow.png":
-                time.sleep(2)
-                self.send_response(200)
-                self.end_headers()
-            elif self.path == "/redirect":
-                self.send_response(302)
-                self.send_header("Location", "/ok.png")
-                self.end_headers()
-            else:
-                self.send_error(404)
+    server: ImageServer
 
-        def log_message(self, *args: object) -> None:
-            pass
+    def do_GET(self) -> None:  # noqa: N802
+        self.server.requests.append((self.path, self.headers.get("Host")))
+        if self.path == "/ok.png":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(PNG)))
+            self.end_headers()
+            self.wfile.write(PNG)
+        elif self.path == "/big.png":
+            self.send_response(200)
+            self.end_headers()  # no Content-Length: the cap must hold while reading
+            self.wfile.write(b"\0" * 5000)
+        elif self.path == "/slow.png":
+            self.server.release.wait(60)
+        elif self.path in ("/redirect", "/to-loopback"):
+            self.send_response(302)
+            target = f"http://127.0.0.1:{self.server.server_address[1]}/ok.png" if self.path == "/to-loopback" else "/ok.png"
+            self.send_header("Location", target)
+            self.end_headers()
+        else:
+            self.send_error(404)
 
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class ImageServer(http.server.ThreadingHTTPServer):
+    def __init__(self, address: str, port: int = 0) -> None:
+        super().__init__((address, port), Handler)
+        self.requests: list[tuple[str, str | None]] = []
+        self.release = threading.Event()
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.server_address[0]}:{self.server_address[1]}"
+
+    def close(self) -> None:
+        self.release.set()
+        self.shutdown()
+
+
+PNG = png()
+ALLOWED_NETWORK = "127.0.0.2/32"  # an image store on a private network the settings allow
+
+
+@pytest.fixture
+def servers() -> Iterator[tuple[ImageServer, ImageServer]]:
+    """Two servers on one port: an allowed image store on 127.0.0.2, and 127.0.0.1, which is not
+    allowed (the address an attacker would steer a worker to)."""
+    for _ in range(20):
+        store = ImageServer("127.0.0.2")
+        try:
+            loopback = ImageServer("127.0.0.1", store.server_address[1])
+        except OSError:  # that port is taken on 127.0.0.1: another pair
+            store.close()
+            continue
+        yield store, loopback
+        store.close()
+        loopback.close()
+        return
+    pytest.fail("no port free on both 127.0.0.1 and 127.0.0.2")
 
 
 def fetch(url: str, **env: str) -> bytes:
     return read_source(ImageSource(uri=url), load_settings({"IMGEMBED_ALLOW_HTTP": "1", **env}))
 
 
-def test_http_is_off_unless_enabled(server: str) -> None:
+def test_http_is_off_unless_enabled(servers: tuple[ImageServer, ImageServer]) -> None:
+    store, _ = servers
     with pytest.raises(ImageError, match=re.escape("http(s) fetching is off")):
-        read_source(ImageSource(uri=f"{server}/ok.png"), load_settings({}))
+        read_source(ImageSource(uri=f"{store.url}/ok.png"), load_settings({}))
+    assert store.requests == []
 
 
-def test_private_addresses_are_refused_unless_allowed(server: str) -> None:
+def test_private_addresses_are_refused_unless_allowed(servers: tuple[ImageServer, ImageServer]) -> None:
+    store, loopback = servers
     with pytest.raises(ImageError, match="non-public address 127.0.0.1"):
-        fetch(f"{server}/ok.png")
-    assert fetch(f"{server}/ok.png", IMGEMBED_HTTP_ALLOW_PRIVATE="1") == png()
-    assert fetch(f"{server}/redirect", IMGEMBED_HTTP_ALLOW_PRIVATE="1") == png()
+        fetch(f"{loopback.url}/ok.png")
+    with pytest.raises(ImageError, match="non-public address 127.0.0.1"):
+        fetch(f"{loopback.url}/ok.png", IMGEMBED_HTTP_ALLOW_NETWORKS=ALLOWED_NETWORK)
+    assert loopback.requests == []
+    assert fetch(f"{loopback.url}/ok.png", IMGEMBED_HTTP_ALLOW_PRIVATE="1") == PNG
+    assert fetch(f"{store.url}/ok.png", IMGEMBED_HTTP_ALLOW_NETWORKS=ALLOWED_NETWORK) == PNG
+    assert fetch(f"{store.url}/redirect", IMGEMBED_HTTP_ALLOW_NETWORKS=ALLOWED_NETWORK) == PNG
 
 
-def test_redirects_are_checked_again() -> None:
-    handler = _CheckedRedirects(load_settings({"IMGEMBED_ALLOW_HTTP": "1"}))
-    with pytest.raises(ImageError, match="non-public address"):
-        handler.redirect_request(None, None, 302, "Found", {}, "http://169.254.169.254/latest/meta-data")
+def test_a_redirect_to_a_loopback_address_is_refused(servers: tuple[ImageServer, ImageServer]) -> None:
+    store, loopback = servers
+    with pytest.raises(ImageError, match="non-public address 127.0.0.1"):
+        fetch(f"{store.url}/to-loopback", IMGEMBED_HTTP_ALLOW_NETWORKS=ALLOWED_NETWORK)
+    assert [path for path, _ in store.requests] == ["/to-loopback"] and loopback.requests == []
 
 
-def test_size_cap_timeout_and_http_errors(server: str) -> None:
-    private = {"IMGEMBED_HTTP_ALLOW_PRIVATE": "1"}
+def test_the_connection_goes_to_the_address_that_was_checked(
+        servers: tuple[ImageServer, ImageServer], monkeypatch: pytest.MonkeyPatch) -> None:
+    """DNS rebinding: the name resolves to the allowed store when checked, and to 127.0.0.1 on
+    every later look-up. The worker connects to what it checked, by name (Host header)."""
+    store, loopback = servers
+    port = store.server_address[1]
+    real_getaddrinfo = socket.getaddrinfo
+    answers = iter(["127.0.0.2"])
+
+    def rebinding(host: str, *args: object, **kwargs: object) -> list[tuple[object, ...]]:
+        if host == "images.test":
+            host = next(answers, "127.0.0.1")
+        return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    assert fetch(f"http://images.test:{port}/ok.png", IMGEMBED_HTTP_ALLOW_NETWORKS=ALLOWED_NETWORK) == PNG
+    assert store.requests == [("/ok.png", f"images.test:{port}")] and loopback.requests == []
+
+
+def test_size_cap_timeout_and_http_errors(servers: tuple[ImageServer, ImageServer]) -> None:
+    store, _ = servers
+    allowed = {"IMGEMBED_HTTP_ALLOW_NETWORKS": ALLOWED_NETWORK}
     with pytest.raises(ImageError, match="over the cap"):
-        fetch(f"{server}/big.png", IMGEMBED_MAX_IMAGE_BYTES="1000", **private)
+        fetch(f"{store.url}/big.png", IMGEMBED_MAX_IMAGE_BYTES="1000", **allowed)
     with pytest.raises(ImageError, match="timed out") as slow:
-        fetch(f"{server}/slow.png", IMGEMBED_HTTP_TIMEOUT_SECONDS="0.5", **private)
+        fetch(f"{store.url}/slow.png", IMGEMBED_HTTP_TIMEOUT_SECONDS="0.5", **allowed)
     assert slow.value.retryable
     with pytest.raises(ImageError, match="HTTP 404") as missing:
-        fetch(f"{server}/nothing.png", **private)
+        fetch(f"{store.url}/nothing.png", **allowed)
     assert not missing.value.retryable
 
 
@@ -117,20 +180,34 @@ def test_pixel_cap_refuses_bombs_below_pillows_own_limit() -> None:
     assert decode_image(png((20, 20)), settings).size == (20, 20)
 
 
+# What each EXIF orientation asks a viewer to do to the stored pixels, written from the EXIF
+# specification with numpy (rows, columns, channels), not with Pillow's table.
+UPRIGHT = {
+    1: lambda a: a,
+    2: np.fliplr,                                   # mirrored left to right
+    3: lambda a: np.rot90(a, 2),                    # upside down
+    4: np.flipud,                                   # mirrored top to bottom
+    5: lambda a: a.transpose(1, 0, 2),              # mirrored along the main diagonal
+    6: lambda a: np.rot90(a, -1),                   # turn 90 degrees clockwise
+    7: lambda a: np.rot90(a.transpose(1, 0, 2), 2),  # mirrored along the other diagonal
+    8: lambda a: np.rot90(a, 1),                    # turn 90 degrees counter-clockwise
+}
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_decoded_images_are_upright_rgb(orientation: int) -> None:
     """EXIF orientation is applied (in place, without copying an upright image)."""
-    pixels = Image.linear_gradient("L").resize((48, 32)).convert("RGB")
+    stored = np.zeros((32, 48, 3), dtype=np.uint8)
+    stored[..., 0] = np.linspace(0, 255, 48, dtype=np.uint8)[None, :]  # red grows left to right
+    stored[..., 1] = np.linspace(0, 255, 32, dtype=np.uint8)[:, None]  # green grows top to bottom
     exif = Image.Exif()
     exif[0x0112] = orientation
     buffer = io.BytesIO()
-    pixels.save(buffer, format="JPEG", exif=exif, quality=95)
-    data = buffer.getvalue()
-    decoded = decode_image(data, load_settings())
-    expected = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    Image.fromarray(stored).save(buffer, format="PNG", exif=exif)
+    decoded = decode_image(buffer.getvalue(), load_settings())
     assert decoded.mode == "RGB"
-    assert decoded.size == expected.size == ((32, 48) if orientation >= 5 else (48, 32))
-    assert decoded.tobytes() == expected.convert("RGB").tobytes()
+    assert decoded.size == ((32, 48) if orientation >= 5 else (48, 32))
+    np.testing.assert_array_equal(np.asarray(decoded), UPRIGHT[orientation](stored))
 
 
 class _Trickle(io.RawIOBase):
@@ -154,3 +231,18 @@ def test_short_reads_are_read_on_and_a_file_grown_past_the_cap_is_refused() -> N
     assert read_to_end(_Trickle(b""), 0, 100, Path("/images/empty.png")) == b""
     with pytest.raises(ImageError, match="grew past the cap"):  # measured at 10 bytes, then longer than the cap
         read_to_end(_Trickle(data), 10, len(data) - 1, Path("/images/a.png"))
+
+
+def test_errors_never_quote_the_bytes_read(tmp_path: Path) -> None:
+    """A path to a file that is not an image (a password file, an environment) fails with what it
+    looks like, never with any of its bytes: failures are readable by more roles than the file."""
+    secret = "root:x:0:0:S3CR3T-HASH-VALUE:/root:/bin/bash\n"
+    settings = load_settings({})
+    for name, content in (("passwd", secret.encode()), ("environ", b"\x00TOKEN=S3CR3T\x00" + bytes(range(256)))):
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(ImageError) as raised:
+            decode_image(read_source(ImageSource(uri=str(path)), settings), settings)
+        message = str(raised.value)
+        assert "not a recognised image format" in message
+        assert "S3CR3T" not in message and "root" not in message and content[:4].hex() not in message.replace(" ", "")
