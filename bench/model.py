@@ -23,7 +23,8 @@ class RawModel:
     apart would measure the drift."""
 
     def __init__(self, model_name: str, settings: Settings, size: BenchSize) -> None:
-        self.model = load_model(parse_model_spec(model_name), settings.device, tower="image")
+        self.model = load_model(parse_model_spec(model_name), settings.device, tower="image",
+                                model_dir=settings.models_path)
         self.batch = forward_batch_size(self.model, "image", settings)
         on_gpu = self.model.device.type == "cuda"
         self.images = max(size.raw_images, 8 * self.batch if on_gpu else 0)

@@ -126,7 +126,7 @@ def run_bench(settings: Settings, *, size: BenchSize, model: str, out: Path, pho
         database = database_description(connection)
         results.add("database", database, f"- database: PostgreSQL {database['postgres']}, pgvector "
                     f"{database['pgvector']}, shared_buffers {database['shared_buffers']}")
-        register_model(connection, model, make_default=True)
+        register_model(connection, model, make_default=True, model_dir=settings.models_path)
         connection.execute("SELECT imgembed.use_model('imgembed.image', %s, force => true)", (model,))
         wait_ready(stack, photos)
         _pipeline_figures(results, connection, stack, size=size, figures=figures, raw_model=raw_model,

@@ -25,8 +25,9 @@ from imgembed.report import format_table, status_report
 from imgembed.settings import DEFAULT_MODEL, Settings
 from imgembed.training.synthetic import random_shapes
 from imgembed.worker.decode import decode_image
-from imgembed.worker.embedding import ModelLoadError, load_model
+from imgembed.worker.embedding import load_model
 from imgembed.worker.image_error import ImageError
+from imgembed.worker.model_errors import ModelLoadError
 from imgembed.worker.sources import ImageSource, read_source
 
 FALLBACK_MODEL = "imgembed-shapes"
@@ -37,7 +38,7 @@ HELD_OUT = 12  # generated images left unlabelled, for the kNN labels
 def choose_model(settings: Settings) -> tuple[str, str]:
     """The model to demo and why: the configured one if it loads, else the bundled trained one."""
     try:
-        load_model(parse_model_spec(settings.model), "cpu")
+        load_model(parse_model_spec(settings.model), "cpu", model_dir=settings.models_path)
     except ModelLoadError as error:
         return FALLBACK_MODEL, (f"fallback to the bundled {FALLBACK_MODEL} model, trained by this project on "
                                 f"generated shapes, because {settings.model} could not be loaded ({error})")
@@ -135,7 +136,7 @@ def run_demo(settings: Settings, photos_dir: str | None = None, generated: int =
     with local_stack(demo_settings) as stack:
         print(f"services up: DATABASE_URL={stack.settings.database_url}")
         with connect(stack.settings.database_url or "") as connection:
-            register_model(connection, model, make_default=True)
+            register_model(connection, model, make_default=True, model_dir=settings.models_path)
             connection.execute("SELECT imgembed.add_model('imgembed.image', %s)", (model,))
             connection.execute("SELECT imgembed.use_model('imgembed.image', %s, force => true)", (model,))
             total = 0

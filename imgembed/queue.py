@@ -98,3 +98,11 @@ def finish_batch(
         ),
     ).fetchone()
     return int(row[0])  # type: ignore[index]
+
+
+def requeue_claim(connection: psycopg.Connection, claim_id: UUID, job_ids: Sequence[int], reason: str,
+                  delay_seconds: float) -> int:
+    """Hand jobs back to the queue without spending an attempt (see ``requeue_claim`` in SQL)."""
+    row = connection.execute("SELECT imgembed.requeue_claim(%s, %s, %s, %s)",
+                             (claim_id, list(job_ids), reason, delay_seconds)).fetchone()
+    return int(row[0])  # type: ignore[index]

@@ -29,6 +29,9 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 
 # The report's parts after the status table: (title, column headers, query, shown when empty).
 SECTIONS: tuple[tuple[str, list[str], str, bool], ...] = (
+    ("Models unavailable (their rows wait; they do not fail)", ["model", "reason", "since", "workers"],
+     "SELECT model, reason, since, array_to_string(workers, ', ') FROM imgembed.unavailable_models ORDER BY model",
+     False),
     ("Throughput", ["table", "model", "last minute", "last 5 minutes"],
      "SELECT table_name, model, embedded_last_minute, embedded_last_5_minutes FROM imgembed.status "
      "WHERE embedded_last_5_minutes > 0", False),

@@ -17,12 +17,14 @@ from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from imgembed.errors import ImgembedError
+
 DEFAULT_MODEL = "ViT-B-32:laion2b_s34b_b79k"
 POSTGRES_SHARED_BUFFERS_MB = 128  # PostgreSQL's own default shared_buffers
 EMBEDDED_SERVICES = "unset: `imgembed up`, `demo` and `bench` start their own"
 
 
-class SettingsError(ValueError):
+class SettingsError(ImgembedError, ValueError):
     """A setting has a value imgembed cannot use."""
 
 
@@ -182,6 +184,9 @@ class Settings:
     openmp_wait_policy: str = _setting(
         "OMP_WAIT_POLICY", "PASSIVE", _one_of("ACTIVE", "PASSIVE", upper=True),
         "how PyTorch's idle threads wait in a worker")
+    model_retry_max_seconds: float = _setting(
+        "IMGEMBED_MODEL_RETRY_MAX_SECONDS", 60.0, _positive_number,
+        "longest wait between tries to load a model that failed to load (its rows wait meanwhile)")
     # the queue
     queue: str = _setting("IMGEMBED_QUEUE", "imgembed", _text, "Celery queue name")
     lease_seconds: float = _setting(
@@ -213,10 +218,22 @@ class Settings:
     data_dir: Path = _setting(
         "IMGEMBED_DATA_DIR", _default_data_dir, _path, "where `up`, `demo` and `bench` keep their services' data",
         default_help="the user's data folder")
+    model_dir: Path | None = _setting(
+        "IMGEMBED_MODEL_DIR", None, _path, "checkpoints kept on this host (imgembed models pull / import): workers "
+        "load ARCH:TAG models from it without the network", default_help="IMGEMBED_DATA_DIR/models")
     pg_shared_buffers_mb: int = _setting(
         "IMGEMBED_PG_SHARED_BUFFERS_MB", _default_shared_buffers_mb, _integer(1),
         "shared_buffers of the embedded PostgreSQL", default_help="a quarter of memory, 128-1024")
     log_level: str = _setting("IMGEMBED_LOG_LEVEL", "INFO", _upper, "DEBUG, INFO, WARNING or ERROR")
+
+    def __post_init__(self) -> None:
+        if self.model_dir is None:  # beside the other data unless set apart
+            object.__setattr__(self, "model_dir", self.data_dir / "models")
+
+    @property
+    def models_path(self) -> Path:
+        """The model directory (IMGEMBED_MODEL_DIR)."""
+        return self.model_dir or self.data_dir / "models"
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -232,13 +249,26 @@ def _default(setting: Field[Any]) -> Any:
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read settings from ``env`` (default: the process environment). An unset or empty variable
-    gives the setting's default."""
+    gives the setting's default; DATABASE_URL and REDIS_URL unset give those of the stack that
+    `imgembed up` runs from the same data folder, while it runs."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     for setting in fields(Settings):
         raw = env.get(setting.metadata["env"], "")
         values[setting.name] = setting.metadata["parse"](setting.metadata["env"], raw) if raw.strip() else _default(setting)
+    if not values["database_url"] or not values["redis_url"]:
+        _use_running_stack(values)
     return Settings(**values)
+
+
+def _use_running_stack(values: dict[str, Any]) -> None:
+    """Services left unset are those of the stack `imgembed up` runs from the same data folder."""
+    from imgembed.local.record import running_stack
+
+    running = running_stack(values["data_dir"])
+    if running is not None:
+        values["database_url"] = values["database_url"] or running[0]
+        values["redis_url"] = values["redis_url"] or running[1]
 
 
 def environment_help() -> str:

@@ -234,4 +234,6 @@ worker_heartbeat = sa.Table(
     sa.Column("batches", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("started_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.Column("last_seen", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    # Models the worker cannot load now: [{model, tower, reason, since}] (revision 0004).
+    sa.Column("unavailable", pg.JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
 )

@@ -227,6 +227,32 @@ BEGIN
     RETURN v_written;
 END $$;
 
+-- Hand jobs of a claim back without spending an attempt: what stopped them was not about their
+-- rows (the model could not be loaded, the forward pass failed, the device ran out of memory).
+-- They wait p_delay_seconds; the reason stays in last_error. Returns how many were handed back.
+CREATE OR REPLACE FUNCTION imgembed.requeue_claim(
+    p_claim uuid,
+    p_job_ids bigint[],
+    p_reason text,
+    p_delay_seconds double precision
+) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_count integer;
+BEGIN
+    -- A row that changed meanwhile already has its pending job: this one goes.
+    DELETE FROM imgembed.job j
+     WHERE j.claim_id = p_claim AND j.status = 'in_flight' AND j.id = ANY (p_job_ids)
+       AND imgembed._superseded(j.watch_id, j.model_id, j.key);
+    UPDATE imgembed.job
+       SET status = 'pending', attempts = greatest(attempts - 1, 0), last_error = p_reason,
+           not_before = now() + make_interval(secs => greatest(coalesce(p_delay_seconds, 0), 0)),
+           claim_id = NULL, lease_until = NULL, updated_at = now()
+     WHERE claim_id = p_claim AND status = 'in_flight' AND id = ANY (p_job_ids);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count;
+END $$;
+
 -- Put failed jobs back in the queue (all, one table's, and/or those whose error contains
 -- `reason`), with fresh attempts. Returns how many.
 CREATE OR REPLACE FUNCTION imgembed.retry_failed(p_tbl regclass DEFAULT NULL, p_reason text DEFAULT NULL)

@@ -83,20 +83,30 @@ SELECT f.table_name, f.model, split_part(f.last_error, ':', 1) AS reason, count(
  GROUP BY 1, 2, 3;
 
 -- Workers that reported in the last 30 seconds (they beat every 5 s while running).
+-- `unavailable`: the models the worker cannot load now, as [{model, tower, reason, since}]; their
+-- rows wait (they do not fail) until a worker loads them.
 CREATE OR REPLACE VIEW imgembed.workers AS
 SELECT h.worker, h.pid, h.device, h.models, h.batches, h.started_at, h.last_seen,
-       h.last_seen > now() - interval '30 seconds' AS alive
+       h.last_seen > now() - interval '30 seconds' AS alive, h.unavailable
   FROM imgembed.worker_heartbeat h;
 
+-- Models that live workers cannot load, one row per model and reason: what `imgembed status` shows.
+CREATE OR REPLACE VIEW imgembed.unavailable_models AS
+SELECT u->>'model' AS model, u->>'reason' AS reason, min((u->>'since')::timestamptz) AS since,
+       array_agg(DISTINCT w.worker ORDER BY w.worker) AS workers
+  FROM imgembed.workers w CROSS JOIN LATERAL jsonb_array_elements(w.unavailable) u
+ WHERE w.alive
+ GROUP BY 1, 2;
+
 CREATE OR REPLACE FUNCTION imgembed.worker_beat(
-    p_worker text, p_pid integer, p_device text, p_models text[], p_batches bigint
+    p_worker text, p_pid integer, p_device text, p_models text[], p_batches bigint, p_unavailable jsonb
 ) RETURNS void
 LANGUAGE sql AS $$
-    INSERT INTO imgembed.worker_heartbeat AS h (worker, pid, device, models, batches)
-    VALUES (p_worker, p_pid, p_device, p_models, p_batches)
+    INSERT INTO imgembed.worker_heartbeat AS h (worker, pid, device, models, batches, unavailable)
+    VALUES (p_worker, p_pid, p_device, p_models, p_batches, coalesce(p_unavailable, '[]'))
     ON CONFLICT (worker) DO UPDATE
        SET pid = excluded.pid, device = excluded.device, models = excluded.models, batches = excluded.batches,
-           last_seen = now();
+           unavailable = excluded.unavailable, last_seen = now();
     DELETE FROM imgembed.worker_heartbeat WHERE last_seen < now() - interval '1 day';
 $$;
 

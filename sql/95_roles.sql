@@ -32,7 +32,8 @@ BEGIN
         SELECT p.oid::regprocedure FROM pg_proc p
          WHERE p.pronamespace = 'imgembed'::regnamespace
            AND p.proname IN ('expand_intake', 'claim_batch', 'start_claim', 'release_claim', 'recover_expired', 'in_flight_count',
-                             'claimed_images', 'finish_batch', 'claim_cluster_run', 'cluster_run_spec', 'cluster_input',
+                             'claimed_images', 'finish_batch', 'requeue_claim', 'claim_cluster_run', 'cluster_run_spec',
+                             'cluster_input',
                              'finish_cluster_run', 'fail_cluster_run', 'worker_beat')
     LOOP
         EXECUTE format('ALTER FUNCTION %s SECURITY DEFINER', v_function);

@@ -235,7 +235,7 @@ def finetune(
         spec = ModelSpec(name=spec.architecture, architecture=spec.architecture, pretrained=None)
     if len(pairs) < 2:
         raise ValueError(f"need at least 2 image+caption pairs, got {len(pairs)}")
-    model = load_model(spec, settings.device)
+    model = load_model(spec, settings.device, model_dir=settings.models_path)
     train_pairs, held_out = split_pairs(pairs, holdout, seed)
     with ThreadPoolExecutor(settings.decode_threads) as pool:
         before = retrieval_recall(model, held_out, settings, pool)

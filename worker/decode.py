@@ -8,7 +8,7 @@ import io
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imgembed.settings import Settings
-from imgembed.worker.image_error import ImageError
+from imgembed.worker.image_error import ImageError, Reason
 
 
 def use_pixel_cap(max_pixels: int) -> None:
@@ -40,12 +40,13 @@ def decode_image(data: bytes, settings: Settings, target_size: int | None = None
     """Bytes -> RGB image with EXIF orientation applied. ``target_size`` lets JPEGs decode at a
     reduced scale (never below the model's input size)."""
     if not data:
-        raise ImageError("image is empty (0 bytes)")
+        raise ImageError(Reason.NOT_AN_IMAGE, "the image is empty (0 bytes)")
     try:
         image = Image.open(io.BytesIO(data))  # reads the header: the size is known, nothing decoded
         width, height = image.size
         if width * height > settings.max_image_pixels:
             raise ImageError(
+                Reason.DECOMPRESSION_BOMB,
                 f"image is {width}x{height} = {width * height} pixels, over the cap of "
                 f"{settings.max_image_pixels} (IMGEMBED_MAX_PIXELS): possible decompression bomb"
             )
@@ -55,11 +56,11 @@ def decode_image(data: bytes, settings: Settings, target_size: int | None = None
     except ImageError:
         raise
     except Image.DecompressionBombError as error:
-        raise ImageError(f"decompression bomb refused: {error}") from None
+        raise ImageError(Reason.DECOMPRESSION_BOMB, f"refused by Pillow: {error}") from None
     except UnidentifiedImageError:
-        raise ImageError(f"not a recognised image format ({_sniff(data)})") from None
+        raise ImageError(Reason.NOT_AN_IMAGE, f"not a recognised image format ({_sniff(data)})") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as error:
-        raise ImageError(f"corrupt or unsupported image: {type(error).__name__}: {error}") from None
+        raise ImageError(Reason.CORRUPT_IMAGE, f"{type(error).__name__}: {error}") from None
     try:
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright image
     except Exception:  # noqa: BLE001 - broken EXIF must not lose a decodable image
@@ -67,7 +68,7 @@ def decode_image(data: bytes, settings: Settings, target_size: int | None = None
     try:
         return _flatten_alpha(image)
     except (OSError, ValueError) as error:
-        raise ImageError(f"cannot convert {image.mode} image to RGB: {error}") from None
+        raise ImageError(Reason.CORRUPT_IMAGE, f"cannot convert {image.mode} image to RGB: {error}") from None
 
 
 def _sniff(data: bytes) -> str:

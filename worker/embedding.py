@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -17,8 +19,10 @@ from PIL import Image
 from imgembed.models.names import RANDOM_INIT_SEED, ModelSpec, bundled_config_dir
 from imgembed.worker.device_decode import TensorPreprocess
 from imgembed.worker.memory import return_freed_memory
+from imgembed.worker.model_errors import ModelLoadError
 from imgembed.worker.pixels import CutTransform, ModelInput
 from imgembed.worker.towers import TEXT_ONLY_PARTS, build_image_tower, build_text_tower, drop_parts
+from imgembed.worker.weights import resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +31,6 @@ _bundled_configs_added = False
 
 
 Tower = Literal["image", "text", "both"]
-
-
-class ModelLoadError(RuntimeError):
-    """The model named by a job cannot be loaded here (missing weights, unknown architecture...)."""
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -195,21 +195,37 @@ def _probe(model: Any, tokenizer: Any, architecture: str) -> tuple[int, int]:
     return int(features.shape[-1]), input_size
 
 
-def load_model(spec: ModelSpec, device_setting: str = "auto", tower: Tower = "both") -> LoadedModel:
-    """Build the model from OpenCLIP's configuration (tag download, local checkpoint, or seeded
-    random weights), keep the tower(s) asked for, and put it in eval mode on the chosen device."""
+def _tag_preprocess(model: Any, preprocess: Any, architecture: str, tag: str | None) -> Any:
+    """The evaluation transform of a pretrained tag's weights loaded from a file: the tag's own
+    preprocessing (mean, std, interpolation, resize) over the architecture's, as OpenCLIP gives it
+    when it downloads the tag itself."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+    visual = getattr(model, "visual", None)
+    tag_config = open_clip.get_pretrained_cfg(architecture, tag) if tag else None
+    if visual is None or not tag_config or not hasattr(visual, "preprocess_cfg"):
+        return preprocess
+    merged = merge_preprocess_dict(visual.preprocess_cfg, tag_config)
+    visual.preprocess_cfg = merged
+    return image_transform_v2(PreprocessCfg(**merged), is_train=False)
+
+
+def load_model(spec: ModelSpec, device_setting: str = "auto", tower: Tower = "both",
+               model_dir: Path | None = None) -> LoadedModel:
+    """Build the model from OpenCLIP's configuration (a local checkpoint, the model directory, a
+    tag's download, or seeded random weights), keep the tower(s) asked for, and put it in eval mode
+    on the chosen device."""
     import open_clip
 
     _add_bundled_configs()
     device = resolve_device(device_setting)
-    checkpoint = spec.checkpoint_path
-    if checkpoint is not None and not checkpoint.is_file():
-        raise ModelLoadError(f"model {spec.name}: checkpoint file {checkpoint} does not exist")
     if spec.architecture not in open_clip.list_models():
         raise ModelLoadError(f"model {spec.name}: unknown OpenCLIP architecture {spec.architecture!r}")
-    pretrained = str(checkpoint) if checkpoint is not None else spec.pretrained
+    weights = resolve_weights(spec, model_dir or Path(os.devnull))
     try:
-        model, preprocess = _build_model(spec, pretrained, tower)
+        model, preprocess = _build_model(spec, weights.file, tower)
+        preprocess = _tag_preprocess(model, preprocess, spec.architecture, weights.tag)
     except Exception as error:  # noqa: BLE001 - OpenCLIP raises many kinds; all mean "cannot load"
         raise ModelLoadError(f"model {spec.name} could not be loaded: {type(error).__name__}: {error}") from error
     tokenizer = open_clip.get_tokenizer(spec.architecture)
@@ -217,7 +233,10 @@ def load_model(spec: ModelSpec, device_setting: str = "auto", tower: Tower = "bo
     _keep_tower(model, tower)
     gc.collect()
     return_freed_memory()
-    model.eval().to(device)
+    try:
+        model.eval().to(device)
+    except torch.OutOfMemoryError as error:
+        raise ModelLoadError(f"model {spec.name}: no room for it on {device}: {error}") from error
     log.info("loaded model %s (%s tower%s) on %s (dim %s, input %spx)", spec.name, tower,
              "s" if tower == "both" else "", device, dim, input_size)
     return LoadedModel(spec, model, preprocess, tokenizer, device, dim, input_size,

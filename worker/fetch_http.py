@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 from imgembed.settings import Settings
-from imgembed.worker.image_error import ImageError
+from imgembed.worker.image_error import ImageError, Reason
 
 MAX_REDIRECTS = 5
 REDIRECTS = (301, 302, 303, 307, 308)
@@ -43,17 +43,17 @@ def check_target(url: str, settings: Settings) -> CheckedTarget:
     """The URL's host resolved once; every address it resolves to must be allowed."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ImageError(f"refusing {url!r}: only http(s) URLs with a host are fetched")
+        raise ImageError(Reason.BAD_LOCATION, f"refusing {url!r}: only http(s) URLs with a host are fetched")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
     except socket.gaierror as error:
-        raise ImageError(f"cannot resolve host {parts.hostname!r}: {error}", retryable=True) from None
+        raise ImageError(Reason.HTTP_ERROR, f"cannot resolve host {parts.hostname!r}: {error}", retryable=True) from None
     addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
     for address in addresses:
         if not _allowed(address, settings):
             raise ImageError(
-                f"refusing {url!r}: host {parts.hostname} resolves to non-public address {address} "
+                Reason.ADDRESS_NOT_ALLOWED, f"refusing {url!r}: host {parts.hostname} resolves to non-public address {address} "
                 "(set IMGEMBED_HTTP_ALLOW_NETWORKS or IMGEMBED_HTTP_ALLOW_PRIVATE=1 to allow)"
             )
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -76,10 +76,10 @@ def _connection(target: CheckedTarget, timeout: float) -> http.client.HTTPConnec
 def _read_capped(response: http.client.HTTPResponse, url: str, cap: int) -> bytes:
     declared = response.getheader("Content-Length")
     if declared and declared.isdigit() and int(declared) > cap:
-        raise ImageError(f"{url} is {declared} bytes, over the cap of {cap}")
+        raise ImageError(Reason.TOO_LARGE, f"{url} is {declared} bytes, over the cap of {cap}")
     data = response.read(cap + 1)
     if len(data) > cap:
-        raise ImageError(f"{url} is over the cap of {cap} bytes (IMGEMBED_MAX_IMAGE_BYTES)")
+        raise ImageError(Reason.TOO_LARGE, f"{url} is over the cap of {cap} bytes (IMGEMBED_MAX_IMAGE_BYTES)")
     return data
 
 
@@ -92,21 +92,21 @@ def _get(target: CheckedTarget, settings: Settings) -> tuple[str | None, bytes]:
         if response.status in REDIRECTS and response.getheader("Location"):
             return urljoin(target.url, response.getheader("Location")), b""
         if response.status >= 400:
-            raise ImageError(f"GET {target.url} answered HTTP {response.status} {response.reason}",
+            raise ImageError(Reason.HTTP_ERROR, f"GET {target.url} answered HTTP {response.status} {response.reason}",
                              retryable=response.status >= 500)
         return None, _read_capped(response, target.url, settings.max_image_bytes)
     except (OSError, http.client.HTTPException) as error:
-        raise ImageError(f"GET {target.url} failed: {error}", retryable=True) from None
+        raise ImageError(Reason.HTTP_ERROR, f"GET {target.url} failed: {error}", retryable=True) from None
     finally:
         connection.close()
 
 
 def fetch_http(url: str, settings: Settings) -> bytes:
     if not settings.allow_http:
-        raise ImageError(f"http(s) fetching is off, so {url!r} was not read (set IMGEMBED_ALLOW_HTTP=1)")
+        raise ImageError(Reason.HTTP_NOT_ALLOWED, f"http(s) fetching is off, so {url!r} was not read (set IMGEMBED_ALLOW_HTTP=1)")
     for _ in range(MAX_REDIRECTS + 1):
         redirect, data = _get(check_target(url, settings), settings)
         if redirect is None:
             return data
         url = redirect
-    raise ImageError(f"GET {url}: more than {MAX_REDIRECTS} redirects")
+    raise ImageError(Reason.HTTP_ERROR, f"GET {url}: more than {MAX_REDIRECTS} redirects")

@@ -8,6 +8,7 @@ import os
 import threading
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 from imgembed.db import connect
 from imgembed.worker.runtime import WorkerRuntime
@@ -30,8 +31,9 @@ def start_heartbeat(runtime: WorkerRuntime, worker_name: str, database_url: str)
                 loaded = list(runtime.models.values())
                 device = str(loaded[0].device) if loaded else runtime.settings.device
                 connection.execute(
-                    "SELECT imgembed.worker_beat(%s, %s, %s, %s, %s)",
-                    (worker_name, os.getpid(), device, sorted({name for name, _ in list(runtime.models)}), runtime.batches),
+                    "SELECT imgembed.worker_beat(%s, %s, %s, %s, %s, %s)",
+                    (worker_name, os.getpid(), device, sorted({name for name, _ in list(runtime.models)}), runtime.batches,
+                     Jsonb(runtime.outage_report())),
                 )
             except (psycopg.Error, RuntimeError) as error:  # RuntimeError: models changed while read
                 log.warning("heartbeat failed (%s); retrying", str(error).strip())

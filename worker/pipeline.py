@@ -5,25 +5,26 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
 import numpy as np
+import psycopg
 
 from imgembed import queue
 from imgembed.settings import Settings
 from imgembed.worker.batcher import ForwardBatcher
 from imgembed.worker.decode import decode_image
 from imgembed.worker.device_decode import TensorPreprocess, apply_orientation, decode_jpegs, jpeg_orientation
-from imgembed.worker.embedding import LoadedModel, ModelLoadError
-from imgembed.worker.image_error import ImageError
+from imgembed.worker.embedding import LoadedModel
+from imgembed.worker.image_error import ImageError, Reason
+from imgembed.worker.model_errors import ModelUnavailable
 from imgembed.worker.pixels import ModelInput
 from imgembed.worker.runtime import WorkerRuntime
 from imgembed.worker.sources import ImageSource, read_source
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class BatchOutcome:
     jobs: int
     written: int
     failed: int
+    waiting: int  # handed back without spending an attempt (model unavailable, forward pass failed)
     gone: int
     decode_ms: float
     embed_ms: float
@@ -57,7 +59,7 @@ def preprocess_bytes(data: bytes, model: LoadedModel, settings: Settings) -> Mod
     except ImageError as error:
         return error
     except Exception as error:  # noqa: BLE001 - anything else still fails this image alone
-        return ImageError(f"unexpected {type(error).__name__} while preparing the image: {error}")
+        return ImageError(Reason.CORRUPT_IMAGE, f"unexpected {type(error).__name__} while preparing the image: {error}")
 
 
 DEVICE_DECODE_CHUNK = 32  # full-size decoded photos on the device at once (a 12 MP photo is 36 MB)
@@ -101,24 +103,38 @@ def _prepare_on_device(
     return prepared  # type: ignore[return-value]
 
 
-def _embed(
-    batcher: ForwardBatcher[Any],
-    inputs: list[Any],
-    job_ids: list[int],
-    done: list[tuple[int, np.ndarray | None]],
-    failures: list[queue.JobFailure],
-) -> float:
-    """Embed through the model's batcher; a failed pass (e.g. out of memory) fails these jobs for a
-    retry. Returns the milliseconds spent, the wait for the pass included."""
+@dataclass
+class ClaimResults:
+    """What becomes of a claim's jobs: vectors to write, failures of their rows, and jobs handed
+    back without spending an attempt because what stopped them was not about their rows."""
+
+    done: list[tuple[int, np.ndarray | None]] = field(default_factory=list)
+    failures: list[queue.JobFailure] = field(default_factory=list)
+    requeued: list[int] = field(default_factory=list)
+    requeue_reason: str = ""
+    requeue_delay: float = 0.0
+
+    def requeue(self, job_ids: list[int], reason: str, delay: float) -> None:
+        self.requeued += job_ids
+        self.requeue_reason = reason
+        self.requeue_delay = max(self.requeue_delay, delay)
+
+
+def _embed(batcher: ForwardBatcher[Any], inputs: list[Any], job_ids: list[int], results: ClaimResults,
+           settings: Settings) -> float:
+    """Embed through the model's batcher. A pass that fails (out of memory even after splitting,
+    a device error) is no row's fault: these jobs wait and try again. Returns the milliseconds
+    spent, the wait for the pass included."""
     started = time.perf_counter()
     try:
         vectors = batcher.embed(inputs)
-    except Exception as error:  # noqa: BLE001 - e.g. out of memory: retry later
-        failures.extend(
-            queue.JobFailure(job_id, f"embedding failed: {type(error).__name__}: {error}", True) for job_id in job_ids
-        )
+    except Exception as error:  # noqa: BLE001 - e.g. out of memory: the rows are not to blame
+        results.requeue(job_ids, f"waiting: embedding failed: {type(error).__name__}: {error}",
+                        settings.retry_backoff_seconds)
+        log.warning("a forward pass failed (%s: %s); its %d jobs wait and are tried again", type(error).__name__,
+                    error, len(job_ids))
     else:
-        done.extend(zip(job_ids, vectors))
+        results.done.extend(zip(job_ids, vectors))
     return (time.perf_counter() - started) * 1000
 
 
@@ -132,36 +148,66 @@ def _prepare_pictures(
     return list(runtime.decoders().map(lambda item: _prepare(item, model, settings), pictures))
 
 
+def _model_waits(results: ClaimResults, items: list[queue.ClaimedImage], error: ModelUnavailable) -> None:
+    results.requeue([item.job_id for item in items], f"waiting: model unavailable: {error}", error.retry_in)
+
+
 def _embed_pictures(runtime: WorkerRuntime, model_name: str, pictures: list[queue.ClaimedImage],
-                    done: list[tuple[int, np.ndarray | None]], failures: list[queue.JobFailure]) -> tuple[float, float]:
+                    results: ClaimResults) -> tuple[float, float]:
     """Read, decode and embed the pictures; each bad one fails alone. Returns (decode ms, embed ms)."""
     try:
         image_model = runtime.model(model_name, "image")
-    except ModelLoadError as error:
-        failures += [queue.JobFailure(item.job_id, str(error), True) for item in pictures]
+        image_batcher = runtime.batcher(model_name, "image")
+    except ModelUnavailable as error:
+        _model_waits(results, pictures, error)
         return 0.0, 0.0
     started = time.perf_counter()
     prepared = _prepare_pictures(runtime, image_model, pictures)
     decode_ms = (time.perf_counter() - started) * 1000
     good = [(item.job_id, result) for item, result in zip(pictures, prepared) if not isinstance(result, ImageError)]
-    failures += [queue.JobFailure(item.job_id, str(result), result.retryable)
-                 for item, result in zip(pictures, prepared) if isinstance(result, ImageError)]
+    results.failures += [queue.JobFailure(item.job_id, str(result), result.retryable)
+                         for item, result in zip(pictures, prepared) if isinstance(result, ImageError)]
     if not good:
         return decode_ms, 0.0
-    embed_ms = _embed(runtime.batcher(model_name, "image"), [pixels for _, pixels in good],
-                      [job_id for job_id, _ in good], done, failures)
+    embed_ms = _embed(image_batcher, [pixels for _, pixels in good], [job_id for job_id, _ in good], results,
+                      runtime.settings)
     return decode_ms, embed_ms
 
 
 def _embed_texts(runtime: WorkerRuntime, model_name: str, texts: list[queue.ClaimedImage],
-                 done: list[tuple[int, np.ndarray | None]], failures: list[queue.JobFailure]) -> float:
+                 results: ClaimResults) -> float:
     """Embed the texts (search queries, label prompts). Returns the embed ms."""
     try:
         text_batcher = runtime.batcher(model_name, "text")
-    except ModelLoadError as error:
-        failures += [queue.JobFailure(item.job_id, str(error), True) for item in texts]
+    except ModelUnavailable as error:
+        _model_waits(results, texts, error)
         return 0.0
-    return _embed(text_batcher, [item.text or "" for item in texts], [item.job_id for item in texts], done, failures)
+    return _embed(text_batcher, [item.text or "" for item in texts], [item.job_id for item in texts], results,
+                  runtime.settings)
+
+
+def _write(runtime: WorkerRuntime, claim_id: UUID, results: ClaimResults) -> int:
+    """Hand back what waits and write the rest in one transaction each. If the database goes away
+    meanwhile, the work done is not thrown away: it is written once the database answers again,
+    for as long as the claim's lease lasts (after that the jobs are handed out again anyway)."""
+    settings = runtime.settings
+    deadline = time.monotonic() + settings.lease_seconds
+    delay = 0.5
+    while True:
+        try:
+            connection = runtime.connection()
+            if results.requeued:
+                queue.requeue_claim(connection, claim_id, results.requeued, results.requeue_reason,
+                                    results.requeue_delay)
+            return queue.finish_batch(connection, claim_id, results.done, results.failures, settings.max_attempts,
+                                      settings.retry_backoff_seconds)
+        except psycopg.OperationalError as error:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("claim %s: the database is unavailable (%s); writing its results again in %.1f s",
+                        claim_id, str(error).strip(), delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 def run_claim(runtime: WorkerRuntime, claim_id: UUID, model_name: str) -> BatchOutcome:
@@ -170,31 +216,28 @@ def run_claim(runtime: WorkerRuntime, claim_id: UUID, model_name: str) -> BatchO
     owned = queue.start_claim(connection, claim_id, settings.lease_seconds)
     if not owned:  # a stale message: the claim expired and was handed to someone else
         log.info("claim %s: nothing owned any more, skipped", claim_id)
-        return BatchOutcome(str(claim_id), model_name, 0, 0, 0, 0, 0.0, 0.0, 0.0)
+        return BatchOutcome(str(claim_id), model_name, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0)
 
     images = queue.claimed_images(connection, claim_id)
     present = {image.job_id for image in images}
-    done: list[tuple[int, np.ndarray | None]] = [(job_id, None) for job_id in owned if job_id not in present]
-    gone = len(done)
-    failures: list[queue.JobFailure] = []
+    results = ClaimResults(done=[(job_id, None) for job_id in owned if job_id not in present])
+    gone = len(results.done)
     pictures = [item for item in images if item.text is None]
     texts = [item for item in images if item.text is not None]
-    decode_ms, embed_ms = _embed_pictures(runtime, model_name, pictures, done, failures) if pictures else (0.0, 0.0)
+    decode_ms, embed_ms = _embed_pictures(runtime, model_name, pictures, results) if pictures else (0.0, 0.0)
     if texts:
-        embed_ms += _embed_texts(runtime, model_name, texts, done, failures)
+        embed_ms += _embed_texts(runtime, model_name, texts, results)
 
     write_started = time.perf_counter()
-    written = queue.finish_batch(
-        connection, claim_id, done, failures, settings.max_attempts, settings.retry_backoff_seconds
-    )
+    written = _write(runtime, claim_id, results)
     write_ms = (time.perf_counter() - write_started) * 1000
     runtime.count_batch()
     runtime.return_freed_memory()
-    outcome = BatchOutcome(
-        str(claim_id), model_name, len(owned), written, len(failures), gone, decode_ms, embed_ms, write_ms
-    )
+    outcome = BatchOutcome(str(claim_id), model_name, len(owned), written, len(results.failures),
+                           len(results.requeued), gone, decode_ms, embed_ms, write_ms)
     log.info(
-        "batch claim=%s model=%s jobs=%d written=%d failed=%d gone=%d decode_ms=%.0f embed_ms=%.0f write_ms=%.0f",
-        outcome.claim_id, model_name, outcome.jobs, written, outcome.failed, gone, decode_ms, embed_ms, write_ms,
+        "batch claim=%s model=%s jobs=%d written=%d failed=%d waiting=%d gone=%d decode_ms=%.0f embed_ms=%.0f "
+        "write_ms=%.0f", outcome.claim_id, model_name, outcome.jobs, written, outcome.failed, outcome.waiting, gone,
+        decode_ms, embed_ms, write_ms,
     )
     return outcome

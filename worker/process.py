@@ -22,8 +22,8 @@ def run_worker(settings: Settings, *, preload: bool = True) -> None:
     limit_malloc_arenas(settings.malloc_arenas)  # before any thread starts
     use_wait_policy(settings.openmp_wait_policy)  # before torch is imported
     from imgembed.celery_app import create_celery_app
-    from imgembed.worker.embedding import ModelLoadError
     from imgembed.worker.heartbeat import start_heartbeat
+    from imgembed.worker.model_errors import ModelLoadError
     from imgembed.worker.tasks import register_worker_tasks, runtime
 
     database_url = require_database_url(settings)
@@ -32,8 +32,8 @@ def run_worker(settings: Settings, *, preload: bool = True) -> None:
     if preload:
         try:
             runtime().batcher(settings.model, "image")
-        except ModelLoadError as error:
-            log.warning("%s; jobs for it will fail with this reason until it loads", error)
+        except ModelLoadError:
+            pass  # said in one line by the runtime; the model's rows wait until it loads
     name = f"imgembed-{os.getpid()}@{socket.gethostname()}"
     stop_beating = start_heartbeat(runtime(), name, database_url)
     try:

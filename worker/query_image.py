@@ -26,7 +26,7 @@ def search_image(
     ).fetchone()
     if row is None:
         raise LookupError(f"table {table} is not watched by imgembed or has no model")
-    model = load_model(parse_model_spec(row[0]), settings.device, tower="image")
+    model = load_model(parse_model_spec(row[0]), settings.device, tower="image", model_dir=settings.models_path)
     data = read_source(ImageSource(uri=str(image_path.expanduser().resolve())), settings)
     pixels = model.preprocess(decode_image(data, settings, target_size=model.input_size)).unsqueeze(0)
     vector = model.embed_pixels(pixels)[0]

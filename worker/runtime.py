@@ -3,11 +3,13 @@ thread, the models it has loaded, their forward-pass threads and the decode thre
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 import numpy as np
@@ -17,13 +19,32 @@ import torch
 from imgembed import db
 from imgembed.models.names import ModelSpec, file_sha256, parse_model_spec
 from imgembed.models.registry import registered_sha256
+from imgembed.models.store import stored_checkpoint
 from imgembed.settings import Settings, require_database_url
 from imgembed.worker.batcher import ForwardBatcher, tune_max_batch
 from imgembed.worker.decode import use_pixel_cap
-from imgembed.worker.embedding import LoadedModel, ModelLoadError, Tower, load_model
+from imgembed.worker.embedding import LoadedModel, Tower, load_model
 from imgembed.worker.memory import return_freed_memory
+from imgembed.worker.model_errors import ModelLoadError, ModelUnavailable
+
+log = logging.getLogger(__name__)
 
 TRIM_EVERY_SECONDS = 1.0  # how often a worker hands freed heap memory back to the OS, at most
+FIRST_RETRY_SECONDS = 1.0  # after a model fails to load; doubled each time, up to the setting's cap
+
+
+@dataclass
+class Outage:
+    """A model that could not be loaded: why, since when (wall clock), and when to try again."""
+
+    reason: str
+    since: float
+    next_try: float  # time.monotonic()
+    delay: float
+
+    def as_report(self, model: str, tower: str) -> dict[str, object]:
+        return {"model": model, "tower": tower, "reason": self.reason,
+                "since": datetime.fromtimestamp(self.since, timezone.utc).isoformat()}
 
 
 @dataclass
@@ -42,6 +63,7 @@ class WorkerRuntime:
     batches: int = 0
     forward_lock: threading.Lock = field(default_factory=threading.Lock)
     _load_lock: threading.Lock = field(default_factory=threading.Lock)
+    outages: dict[tuple[str, Tower], Outage] = field(default_factory=dict)
     _checked_checkpoints: set[str] = field(default_factory=set)
     _local: threading.local = field(default_factory=threading.local)
     _decoders: ThreadPoolExecutor | None = None
@@ -64,18 +86,42 @@ class WorkerRuntime:
             return self._decoders
 
     def model(self, name: str, tower: Tower = "image") -> LoadedModel:
-        """The model, loaded once per process with only the tower jobs need (image or text)."""
+        """The model, loaded once per process with only the tower jobs need (image or text). A
+        model that fails to load is tried again after a delay that doubles each time, up to
+        IMGEMBED_MODEL_RETRY_MAX_SECONDS; meanwhile this raises ModelUnavailable at once."""
+        key = (name, tower)
         with self._load_lock:
-            if (name, tower) not in self.models:
+            if key in self.models:
+                return self.models[key]
+            outage = self.outages.get(key)
+            now = time.monotonic()
+            if outage is not None and now < outage.next_try:
+                raise ModelUnavailable(outage.reason, retry_in=outage.next_try - now)
+            try:
                 spec = parse_model_spec(name)
                 self._check_registered_checkpoint(spec)
-                self.models[(name, tower)] = load_model(spec, self.settings.device, tower=tower)
-            return self.models[(name, tower)]
+                self.models[key] = load_model(spec, self.settings.device, tower=tower,
+                                              model_dir=self.settings.models_path)
+            except ModelLoadError as error:
+                delay = min(outage.delay * 2 if outage else FIRST_RETRY_SECONDS, self.settings.model_retry_max_seconds)
+                self.outages[key] = Outage(str(error), outage.since if outage else time.time(), now + delay, delay)
+                log.warning("model %s unavailable (%s tower): %s; its jobs wait, and it is tried again in %.0f s",
+                            name, tower, error, delay)
+                raise ModelUnavailable(str(error), retry_in=delay) from error
+            if self.outages.pop(key, None) is not None:
+                log.info("model %s (%s tower) loaded after an outage", name, tower)
+            return self.models[key]
+
+    def outage_report(self) -> list[dict[str, object]]:
+        """The models this worker cannot load now, for its heartbeat."""
+        with self._load_lock:
+            return [outage.as_report(name, tower) for (name, tower), outage in sorted(self.outages.items())]
 
     def _check_registered_checkpoint(self, spec: ModelSpec) -> None:
         """A model's checkpoint must still be the file it was registered with: a column must never
         hold the vectors of two sets of weights under one model name."""
-        checkpoint = spec.checkpoint_path
+        stored = stored_checkpoint(self.settings.models_path, spec)
+        checkpoint = stored.path if stored is not None else spec.checkpoint_path
         if checkpoint is None or spec.name in self._checked_checkpoints or not checkpoint.is_file():
             return  # a missing file: load_model says so
         registered = registered_sha256(self.connection(), spec.name)

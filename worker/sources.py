@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlparse
 
 from imgembed.settings import Settings
 from imgembed.worker.fetch_http import fetch_http
-from imgembed.worker.image_error import ImageError
+from imgembed.worker.image_error import ImageError, Reason
 
 
 @dataclass(frozen=True)
@@ -28,11 +28,11 @@ def read_source(source: ImageSource, settings: Settings) -> bytes:
         data = bytes(source.content)
         if len(data) > settings.max_image_bytes:
             raise ImageError(
-                f"image is {len(data)} bytes, over the cap of {settings.max_image_bytes} (IMGEMBED_MAX_IMAGE_BYTES)"
+                Reason.TOO_LARGE, f"image is {len(data)} bytes, over the cap of {settings.max_image_bytes} (IMGEMBED_MAX_IMAGE_BYTES)"
             )
         return data
     if not source.uri or not source.uri.strip():
-        raise ImageError("the image location is empty")
+        raise ImageError(Reason.BAD_LOCATION, "the image location is empty")
     uri = source.uri.strip()
     scheme = urlparse(uri).scheme.lower()
     if scheme in ("http", "https"):
@@ -40,16 +40,16 @@ def read_source(source: ImageSource, settings: Settings) -> bytes:
     if scheme == "file":
         parsed = urlparse(uri)
         if parsed.netloc not in ("", "localhost"):
-            raise ImageError(f"file:// URI {uri!r} names host {parsed.netloc!r}; only local files are read")
+            raise ImageError(Reason.BAD_LOCATION, f"file:// URI {uri!r} names host {parsed.netloc!r}; only local files are read")
         return read_file(Path(unquote(parsed.path)), settings)
     if scheme and len(scheme) > 1:  # one letter would be a Windows drive
-        raise ImageError(f"unsupported URI scheme {scheme!r} in {uri!r} (use a path, file://, http:// or https://)")
+        raise ImageError(Reason.BAD_LOCATION, f"unsupported URI scheme {scheme!r} in {uri!r} (use a path, file://, http:// or https://)")
     return read_file(Path(uri), settings)
 
 
 def read_file(path: Path, settings: Settings) -> bytes:
     if not path.is_absolute():
-        raise ImageError(f"path {str(path)!r} is relative; store absolute paths or file:// URIs")
+        raise ImageError(Reason.BAD_LOCATION, f"path {str(path)!r} is relative; store absolute paths or file:// URIs")
     if settings.allowed_roots:  # resolving costs a system call per path component: only to check
         path = _inside_allowed_roots(path, settings.allowed_roots)
     try:
@@ -58,19 +58,19 @@ def read_file(path: Path, settings: Settings) -> bytes:
         with open(path, "rb", buffering=0, opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK)) as handle:
             info = os.fstat(handle.fileno())
             if not stat.S_ISREG(info.st_mode):
-                raise ImageError(f"{path} is not a regular file")
+                raise ImageError(Reason.UNREADABLE, f"{path} is not a regular file")
             cap = settings.max_image_bytes
             if info.st_size > cap:
-                raise ImageError(f"{path} is {info.st_size} bytes, over the cap of {cap} (IMGEMBED_MAX_IMAGE_BYTES)")
+                raise ImageError(Reason.TOO_LARGE, f"{path} is {info.st_size} bytes, over the cap of {cap} (IMGEMBED_MAX_IMAGE_BYTES)")
             return read_to_end(handle, info.st_size, cap, path)
     except FileNotFoundError:
-        raise ImageError(f"file not found: {path}") from None
+        raise ImageError(Reason.FILE_NOT_FOUND, str(path)) from None
     except PermissionError:
-        raise ImageError(f"permission denied reading {path}") from None
+        raise ImageError(Reason.UNREADABLE, f"permission denied reading {path}") from None
     except IsADirectoryError:
-        raise ImageError(f"{path} is a directory, not an image file") from None
+        raise ImageError(Reason.UNREADABLE, f"{path} is a directory, not an image file") from None
     except OSError as error:
-        raise ImageError(f"cannot read {path}: {error.strerror or error}", retryable=True) from None
+        raise ImageError(Reason.UNREADABLE, f"cannot read {path}: {error.strerror or error}", retryable=True) from None
 
 
 def read_to_end(handle: io.RawIOBase, expected_bytes: int, cap: int, path: Path) -> bytes:
@@ -84,7 +84,7 @@ def read_to_end(handle: io.RawIOBase, expected_bytes: int, cap: int, path: Path)
         chunks.append(chunk)
         total += len(chunk)
         if total > cap:
-            raise ImageError(f"{path} grew past the cap of {cap} bytes while it was read (IMGEMBED_MAX_IMAGE_BYTES)")
+            raise ImageError(Reason.TOO_LARGE, f"{path} grew past the cap of {cap} bytes while it was read (IMGEMBED_MAX_IMAGE_BYTES)")
         ask = 1 << 20
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
@@ -93,13 +93,13 @@ def _inside_allowed_roots(path: Path, roots: Sequence[Path]) -> Path:
     """The path with ``..`` and symbolic links resolved, if it lies under one of ``roots``. A path
     outside them gets the same answer whether it exists or not: nothing outside is looked at
     beyond following the path's own links."""
-    outside = ImageError(f"{path} is outside the allowed roots (IMGEMBED_ALLOWED_ROOTS)")
+    outside = ImageError(Reason.OUTSIDE_ALLOWED_ROOTS, f"{path} (IMGEMBED_ALLOWED_ROOTS)")
     if not any(Path(os.path.normpath(path)).is_relative_to(root) for root in roots):
         raise outside
     try:
         resolved = path.resolve(strict=False)  # links followed as far as they exist
     except (OSError, RuntimeError):  # a loop of links
-        raise ImageError(f"cannot resolve {path}: a loop of symbolic links") from None
+        raise ImageError(Reason.UNREADABLE, f"cannot resolve {path}: a loop of symbolic links") from None
     if not any(resolved.is_relative_to(root) for root in roots):
         raise outside
     return resolved

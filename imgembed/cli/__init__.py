@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from imgembed.cli import analysis, bench, database, demo, models, processes, search, training
 from imgembed.cli.common import UsageError, setup_logging
+from imgembed.errors import ImgembedError
 from imgembed.settings import SettingsError, environment_help, load_settings
 
 COMMAND_GROUPS = (database, processes, models, search, training, analysis, bench, demo)
@@ -49,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SettingsError, LookupError) as error:
         print(f"imgembed: {error}", file=sys.stderr)
         return 2
+    except (ImgembedError, FileNotFoundError) as error:
+        print(f"imgembed {args.command}: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except Exception as error:

@@ -8,12 +8,13 @@ import signal
 import sys
 from collections.abc import Callable
 
+from imgembed.errors import ImgembedError
 from imgembed.settings import Settings, environment_help
 
 Handler = Callable[[Settings, argparse.Namespace], int]
 
 
-class UsageError(ValueError):
+class UsageError(ImgembedError, ValueError):
     """The command was given arguments it cannot use: said in one line, exit status 2."""
 
 

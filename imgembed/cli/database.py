@@ -25,7 +25,7 @@ def migrate(settings: Settings, args: argparse.Namespace) -> int:
 
     with connect(url) as connection:
         if not args.no_model:
-            register_model(connection, settings.model)
+            register_model(connection, settings.model, model_dir=settings.models_path)
         print(f"imgembed migrated to {migrations.current_revision(url)}; default model: {default_model(connection)}")
     return 0
 

@@ -1,12 +1,14 @@
-"""`imgembed models`: list, add (backfill), switch and drop embedding models."""
+"""`imgembed models`: list, add (backfill), switch and drop embedding models; pull and import weights."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import psycopg
 
-from imgembed.cli.common import add_command
+from imgembed.cli.common import UsageError, add_command
+from imgembed.models.names import parse_model_spec
 from imgembed.settings import Settings, require_database_url
 
 
@@ -21,7 +23,7 @@ def _list(connection: psycopg.Connection, args: argparse.Namespace) -> None:
 def _add(connection: psycopg.Connection, args: argparse.Namespace) -> None:
     from imgembed.models.registry import image_tables, register_model, wait_for_backfill
 
-    register_model(connection, args.name, make_default=args.default)
+    register_model(connection, args.name, make_default=args.default, model_dir=args.settings.models_path)
     tables = args.table or image_tables(connection)
     for table in tables:
         connection.execute("SELECT imgembed.add_model(%s::regclass, %s)", (table, args.name))
@@ -47,16 +49,45 @@ def _drop(connection: psycopg.Connection, args: argparse.Namespace) -> None:
 ACTIONS = {"list": _list, "add": _add, "use": _use, "drop": _drop}
 
 
+def _pull(settings: Settings, args: argparse.Namespace) -> None:
+    """Download a pretrained model's weights once into the model directory."""
+    try:
+        from imgembed.worker.pull import pull
+    except ImportError as error:
+        raise UsageError(f"pulling weights needs OpenCLIP: pip install 'imgembed[worker]' ({error})") from None
+    stored = pull(parse_model_spec(args.name), settings.models_path)
+    print(f"{stored.name}: {stored.path} (sha256 {stored.sha256[:12]}...)\nCopy {settings.models_path} to hosts "
+          "without internet and set IMGEMBED_MODEL_DIR there: their workers load it from the directory.")
+
+
+def _import(settings: Settings, args: argparse.Namespace) -> None:
+    """Keep a local checkpoint in the model directory under an ARCH:TAG name."""
+    from imgembed.models.store import add_checkpoint
+
+    stored = add_checkpoint(settings.models_path, parse_model_spec(args.name), Path(args.file).expanduser(),
+                            source=f"imported from {Path(args.file).expanduser().resolve()}")
+    print(f"{stored.name}: {stored.path} (sha256 {stored.sha256[:12]}...)\nWorkers whose IMGEMBED_MODEL_DIR is "
+          f"{settings.models_path} load {stored.name} from it; use it with `imgembed models add {stored.name}`.")
+
+
+WITHOUT_DATABASE = {"pull": _pull, "import": _import}
+
+
 def models(settings: Settings, args: argparse.Namespace) -> int:
     from imgembed.db import connect
 
+    if args.models_command in WITHOUT_DATABASE:
+        WITHOUT_DATABASE[args.models_command](settings, args)
+        return 0
+    args.settings = settings
     with connect(require_database_url(settings)) as connection:
         ACTIONS[args.models_command](connection, args)
     return 0
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    command = add_command(commands, "models", models, "List, add (backfill), switch and drop embedding models.")
+    command = add_command(commands, "models", models, "List, add (backfill), switch and drop embedding models; "
+                          "pull and import their weights for hosts without internet.")
     actions = command.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     actions.add_parser("list", help="registered models and their tables' progress")
     action = actions.add_parser(
@@ -72,3 +103,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     action = actions.add_parser("drop", help="drop a model's vectors (from --table, or everywhere)")
     action.add_argument("name")
     action.add_argument("--table", action="append", help="only from this table (repeatable)")
+    action = actions.add_parser("pull", help="download a pretrained model's weights once into IMGEMBED_MODEL_DIR "
+                                "(progress bar); workers then load it without the network")
+    action.add_argument("name", help="ARCH:TAG, e.g. ViT-B-32:laion2b_s34b_b79k (see open_clip.list_pretrained())")
+    action = actions.add_parser("import", help="keep a local checkpoint in IMGEMBED_MODEL_DIR under an ARCH:TAG name")
+    action.add_argument("file", help="the checkpoint (.pt, .bin or .safetensors) to copy in")
+    action.add_argument("--name", required=True, help="ARCH:TAG it answers to, e.g. ViT-B-32:laion2b_s34b_b79k")

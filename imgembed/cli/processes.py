@@ -38,14 +38,27 @@ def worker(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _say_if_the_model_cannot_load(settings: Settings) -> None:
+    """Before anything starts: one line when the configured model's weights cannot be had here."""
+    from imgembed.models.names import parse_model_spec
+    from imgembed.worker.weights import weights_problem
+
+    problem = weights_problem(parse_model_spec(settings.model), settings.models_path)
+    if problem:
+        print(f"imgembed up: {problem}. Rows will wait until it loads.", file=sys.stderr)
+
+
 def up(settings: Settings, args: argparse.Namespace) -> int:
+    from imgembed.local.record import clear_record, write_record
     from imgembed.local.stack import local_stack
 
     interrupt_on_sigterm()
+    _say_if_the_model_cannot_load(settings)
     with local_stack(settings) as stack:
+        write_record(settings.data_dir, stack.settings.database_url or "", stack.settings.redis_url or "")
         print(f"imgembed is up.\n  DATABASE_URL={stack.settings.database_url}\n  REDIS_URL={stack.settings.redis_url}")
         print(f"  model: {stack.settings.model}\nConnect with: psql {stack.settings.database_url}\n"
-              "Ctrl-C stops everything.")
+              "Other imgembed commands on this host find it by themselves. Ctrl-C stops everything.")
         try:
             while not (dead := stack.exited()):
                 time.sleep(1)
@@ -53,6 +66,8 @@ def up(settings: Settings, args: argparse.Namespace) -> int:
             return 1
         except KeyboardInterrupt:
             print("\nstopping...", file=sys.stderr)
+        finally:
+            clear_record(settings.data_dir)
     return 0
 
 

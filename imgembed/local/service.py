@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 
+from imgembed.errors import ImgembedError
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -19,5 +21,5 @@ def port_is_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-class ServiceError(RuntimeError):
+class ServiceError(ImgembedError, RuntimeError):
     """A local service could not be started."""

@@ -38,7 +38,7 @@ def prepare_database(settings: Settings) -> None:
     assert settings.database_url
     migrate.upgrade(settings.database_url)
     with psycopg.connect(settings.database_url, autocommit=True) as connection:
-        register_model(connection, settings.model)
+        register_model(connection, settings.model, model_dir=settings.models_path)
 
 
 def child_environment(settings: Settings) -> dict[str, str]:

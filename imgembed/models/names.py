@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
+from imgembed.errors import ImgembedError
+
 # Models whose trained weights ship with the package (see README: "A model made here").
 BUNDLED_CHECKPOINTS = {"imgembed-shapes": "imgembed-shapes.pt"}
 RANDOM_INIT_SEED = 20261127
@@ -32,7 +34,7 @@ def bundled_weights_dir() -> Path:
     return Path(str(files("imgembed.models") / "weights"))
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(ImgembedError, ValueError):
     """A model name imgembed cannot interpret."""
 
 

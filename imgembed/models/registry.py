@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import psycopg
 
 from imgembed.models.names import embedding_dimension, file_sha256, parse_model_spec
+from imgembed.models.store import stored_checkpoint
 
 
-def register_model(connection: psycopg.Connection, name: str, *, make_default: bool = False) -> int:
-    """Register ``name`` (dimension read from its architecture's config, checksum of a local
-    checkpoint) and return its id. The first model registered becomes the default."""
+def register_model(connection: psycopg.Connection, name: str, *, make_default: bool = False,
+                   model_dir: Path | None = None) -> int:
+    """Register ``name`` (dimension read from its architecture's config; checksum of a local
+    checkpoint, or of the one the model directory keeps for it) and return its id. The first
+    model registered becomes the default."""
     spec = parse_model_spec(name)
     dim = embedding_dimension(spec)
     checkpoint = spec.checkpoint_path
-    sha256 = file_sha256(checkpoint) if checkpoint is not None and checkpoint.is_file() else None
+    stored = stored_checkpoint(model_dir, spec) if model_dir is not None else None
+    if stored is not None:
+        sha256: str | None = stored.sha256
+    else:
+        sha256 = file_sha256(checkpoint) if checkpoint is not None and checkpoint.is_file() else None
     row = connection.execute(
         "SELECT imgembed.register_model(%s, %s, %s, %s, %s, %s)",
         (spec.name, spec.architecture, spec.pretrained, dim, sha256, make_default),

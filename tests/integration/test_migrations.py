@@ -156,6 +156,34 @@ def test_revision_0003_orders_index_builds(fresh_database: Callable[[str | None]
     assert "synchronize_seqscans=off" in build_settings()
 
 
+def test_revision_0004_reports_unavailable_models(fresh_database: Callable[[str | None], str]) -> None:
+    """0004 adds what a worker cannot load to its heartbeat; its downgrade restores 0003's."""
+    url = fresh_database(None)
+
+    def beat_arguments() -> list[str]:
+        with connect(url) as connection:
+            return [row[0] for row in connection.execute(
+                "SELECT pg_get_function_identity_arguments(oid) FROM pg_proc WHERE proname = 'worker_beat'")]
+
+    migrate.upgrade(url)
+    assert beat_arguments() == ["p_worker text, p_pid integer, p_device text, p_models text[], p_batches bigint, "
+                                "p_unavailable jsonb"]
+    with connect(url) as connection:
+        connection.execute("SELECT imgembed.worker_beat('w', 1, 'cpu', ARRAY['m'], 3, "
+                           "'[{\"model\": \"m\", \"reason\": \"no file\", \"since\": \"2026-11-28T00:00:00+00:00\"}]')")
+        assert connection.execute("SELECT model, reason, workers FROM imgembed.unavailable_models").fetchall() == [
+            ("m", "no file", ["w"])]
+    migrate.downgrade(url, "0003")
+    assert beat_arguments() == ["p_worker text, p_pid integer, p_device text, p_models text[], p_batches bigint"]
+    with connect(url) as connection:
+        assert connection.execute("SELECT to_regclass('imgembed.unavailable_models')").fetchone()[0] is None
+        assert connection.execute("SELECT worker, batches FROM imgembed.workers").fetchall() == [("w", 3)]
+        assert connection.execute("SELECT proconfig IS NOT NULL AND prosecdef FROM pg_proc WHERE proname = 'worker_beat'"
+                                  ).fetchone()[0]
+    migrate.upgrade(url)
+    assert len(beat_arguments()) == 1
+
+
 # Released revisions never change (sha256 of each revision's files as released). A new revision is
 # added here when it is released; a changed checksum means a released revision was edited.
 RELEASED_REVISION_FILES = {
@@ -168,6 +196,9 @@ RELEASED_REVISION_FILES = {
     "0003_ordered_index_build.py": "2fe487f60e3a8f9687ca2f5fc4c380be9365e30c21a70237f43813bacdd914db",
     "0003_ordered_index_build.sql": "2a8cef3bb3053684d2d7a36d18026382c25e3aa22225b3bde4b31886d61c0fb3",
     "0003_ordered_index_build_down.sql": "5a76f58eef9ed6a3cc0736c4ccc182cbbf0c6fdded33847224bf7c84838cbbac",
+    "0004_model_outages.py": "44b8d128c1cba6b09a997d640e5649aa5de6f1aafcab2ccefbb76729af0eb104",
+    "0004_model_outages.sql": "78c8352e56653dec8e77d4ef46a94ad997a077fa291fcf7a14f35af2279858ba",
+    "0004_model_outages_down.sql": "93fd229ada00787c32bdbf163359d31e118d4471a40d69f80cf9e0ff69160f22",
 }
 RELEASED_0001 = REPO / "tests" / "fixtures" / "imgembed-0001-as-released.sql.gz"
 
@@ -176,6 +207,8 @@ def test_released_revisions_never_change() -> None:
     from importlib.resources import files
 
     versions = files("imgembed.migrations.versions")
+    present = {entry.name for entry in versions.iterdir() if entry.name[:4].isdigit()}
+    assert present == set(RELEASED_REVISION_FILES), "a revision's files are missing here, or a new one is not listed"
     found = {name: hashlib.sha256((versions / name).read_bytes()).hexdigest() for name in RELEASED_REVISION_FILES}
     assert found == RELEASED_REVISION_FILES
 

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from imgembed.training.synthetic import random_shapes
+from imgembed.worker.image_error import Reason
 from tests.conftest import REPO, TESTDATA, Services, storage_of, wait_for
 
 ODD_IMAGES = TESTDATA / "odd-images"
@@ -116,10 +117,16 @@ def test_odd_images_embed_or_fail_alone(db: psycopg.Connection, services: Servic
             assert name not in embedded
             assert name in failures, f"{name} should be recorded as failed"
             assert failures[name] and "unexpected" not in failures[name], failures[name]
-    assert "decompression bomb" in failures["decompression_bomb.gif"]
-    assert "truncated" in failures["truncated_jpeg.jpg"]
-    assert "empty" in failures["empty.jpg"]
-    assert "HTML" in failures["html_named.jpg"]
+    assert failures["decompression_bomb.gif"].startswith("decompression bomb: ")
+    assert failures["truncated_jpeg.jpg"].startswith("corrupt image: ") and "truncated" in failures["truncated_jpeg.jpg"]
+    assert failures["empty.jpg"].startswith("not an image: ") and "empty" in failures["empty.jpg"]
+    assert failures["html_named.jpg"].startswith("not an image: ") and "HTML" in failures["html_named.jpg"]
+    # Failures group by a few stable reasons, each row keeping its full message.
+    reasons = dict(db.execute("SELECT reason, failures FROM imgembed.failure_reasons WHERE table_name = 'public.odd'"
+                              ).fetchall())
+    known = {value for name, value in vars(Reason).items() if name.isupper()}
+    assert set(reasons) <= known and sum(reasons.values()) == len(failures)
+    assert reasons == {reason: sum(error.startswith(f"{reason}: ") for error in failures.values()) for reason in reasons}
 
     # The worker survived all of that and still embeds.
     assert worker.poll() is None

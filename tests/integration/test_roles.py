@@ -109,7 +109,8 @@ def test_reader_role_searches_but_changes_nothing(shop: tuple[psycopg.Connection
         assert connection.execute("SELECT imgembed.request_text('a red circle')").fetchone()[0] > 0
         worker_calls = [f"SELECT * FROM imgembed.{call}" for call in (
             "claim_batch(10, 60)", "expand_intake()", "recover_expired(5)", "in_flight_count()",
-            "claim_cluster_run(60, 5)", "worker_beat('w', 1, 'cpu', ARRAY['m'], 0)")]
+            "claim_cluster_run(60, 5)", "worker_beat('w', 1, 'cpu', ARRAY['m'], 0, '[]')",
+            "requeue_claim(gen_random_uuid(), ARRAY[1::bigint], 'x', 0)")]
         assert_refused(connection, ["DELETE FROM products", "UPDATE products SET secret = 'x'",
                                     f"INSERT INTO imgembed.{storage} VALUES (99, array_fill(1::real, ARRAY[64])::vector, 0)",
                                     *table_statements(db, reads=False), *CHANGING_CALLS, *worker_calls])

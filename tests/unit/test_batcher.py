@@ -189,3 +189,17 @@ def test_freed_memory_goes_back_to_the_system() -> None:
     before, after = map(int, subprocess.run([sys.executable, "-c", TRIM], capture_output=True, text=True,
                                             check=True).stdout.split())
     assert before > 150_000 and after < before / 2
+
+
+def test_a_pass_that_fails_even_alone_hands_its_jobs_back() -> None:
+    """Out of memory even for one input: no row is to blame, so no row fails; the jobs wait."""
+    from imgembed.settings import load_settings
+    from imgembed.worker.pipeline import ClaimResults, _embed
+
+    def forward(items: list[int]) -> np.ndarray:
+        raise torch.OutOfMemoryError("simulated device with no room at all")
+
+    results = ClaimResults()
+    _embed(ForwardBatcher(forward, 4, "full"), [1, 2, 3], [10, 11, 12], results, load_settings({}))
+    assert results.requeued == [10, 11, 12] and results.failures == [] and results.done == []
+    assert results.requeue_reason.startswith("waiting: embedding failed: OutOfMemoryError")

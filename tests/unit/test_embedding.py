@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from imgembed.models.names import parse_model_spec
-from imgembed.worker.embedding import ModelLoadError, load_model
+from imgembed.worker.embedding import load_model
+from imgembed.worker.model_errors import ModelLoadError
 from tests.conftest import TESTDATA
 
 

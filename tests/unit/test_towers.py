@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from imgembed.models.names import parse_model_spec
-from imgembed.worker.embedding import LoadedModel, ModelLoadError, load_model
+from imgembed.worker.embedding import LoadedModel, load_model
+from imgembed.worker.model_errors import ModelLoadError
 from imgembed.worker.towers import _all_real, build_image_tower, build_text_tower, read_weights
 
 PICTURES = [Image.new("RGB", (80, 60), colour) for colour in ("red", "navy", "olive")]

@@ -1,0 +1,66 @@
+"""`imgembed up` as a user runs it: everything started from one data folder, found there by the
+other commands while it runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from imgembed.local.service import free_port
+from tests.conftest import REPO, TEST_MODEL, wait_for
+
+
+def test_commands_find_the_stack_that_up_started(tmp_path: Path) -> None:
+    environment = {name: value for name, value in os.environ.items() if name not in ("DATABASE_URL", "REDIS_URL")}
+    environment.update(IMGEMBED_DATA_DIR=str(tmp_path / "data"), IMGEMBED_MODEL=TEST_MODEL,
+                       IMGEMBED_PG_SHARED_BUFFERS_MB="128", PYTHONUNBUFFERED="1")
+    log = tmp_path / "up.log"
+
+    def status() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "imgembed", "status"], cwd=REPO, env=environment,
+                              capture_output=True, text=True, timeout=60)
+
+    with log.open("w") as output:
+        up = subprocess.Popen([sys.executable, "-m", "imgembed", "up"], cwd=REPO, env=environment, stdout=output,
+                              stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "imgembed is up" in log.read_text(), 180, "`imgembed up` to start everything")
+        found = status()
+        assert found.returncode == 0, found.stderr
+        assert "imgembed.image" in found.stdout and TEST_MODEL in found.stdout
+        record = tmp_path / "data" / "running-stack.json"
+        assert record.stat().st_mode & 0o077 == 0  # its owner's alone
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(60)
+    assert up.returncode == 0, log.read_text()[-3000:]
+    gone = status()
+    assert gone.returncode == 2 and "DATABASE_URL is not set" in gone.stderr
+
+
+def test_up_says_in_one_line_that_the_model_cannot_be_had(tmp_path: Path) -> None:
+    """On a host that cannot download the default model: one line saying so and what to do, before
+    anything starts; no page of download retries."""
+    closed = f"http://127.0.0.1:{free_port()}"  # where the model hub would be: nothing listens
+    environment = {name: value for name, value in os.environ.items() if name not in ("DATABASE_URL", "REDIS_URL")}
+    environment.update(IMGEMBED_DATA_DIR=str(tmp_path / "data"), IMGEMBED_MODEL="ViT-B-32:laion2b_s34b_b79k",
+                       HF_ENDPOINT=closed, IMGEMBED_PG_SHARED_BUFFERS_MB="128", PYTHONUNBUFFERED="1")
+    log = tmp_path / "up.log"
+    with log.open("w") as output:
+        up = subprocess.Popen([sys.executable, "-m", "imgembed", "up"], cwd=REPO, env=environment, stdout=output,
+                              stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "imgembed is up" in log.read_text(), 180, "`imgembed up` to start everything")
+        wait_for(lambda: "model ViT-B-32:laion2b_s34b_b79k unavailable" in log.read_text(), 120,
+                 "the worker's own line about the model")
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(60)
+    text = log.read_text()
+    said = [line for line in text.splitlines() if line.startswith("imgembed up: ")]
+    assert len(said) == 1 and "imgembed models pull ViT-B-32:laion2b_s34b_b79k" in said[0], text[-3000:]
+    assert text.index(said[0]) < text.index("imgembed is up")
+    assert "Retrying" not in text and "Traceback" not in text, text[-3000:]
