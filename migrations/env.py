@@ -14,7 +14,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, create_engine, pool, text
 
-from imgembed.migrations.sql_files import apply_definitions
+from imgembed.migrations.sql_files import apply_definitions, load_pgvector
 from imgembed.schema import SCHEMA, metadata
 
 MIGRATION_LOCK_ID = 0x1E6E_3BED  # pg_advisory_xact_lock key shared by every imgembed migration run
@@ -45,6 +45,7 @@ def run_offline() -> None:
     )
     with context.begin_transaction():
         context.get_context().impl.static_output(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA};\n")
+        load_pgvector(context.get_context())
         context.run_migrations()
         if _offline_target_is_newest():
             apply_definitions(context.get_context())
@@ -72,6 +73,7 @@ def run_online() -> None:
                 version_table_schema=SCHEMA,
                 transactional_ddl=True,
             )
+            load_pgvector(context.get_context())
             context.run_migrations()
             _finish_online(connection, context.get_context())
     engine.dispose()

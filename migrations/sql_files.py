@@ -44,7 +44,17 @@ def apply_revision_sql(filename: str) -> None:
     run_script(op.get_context(), read_revision_sql(filename))
 
 
+def load_pgvector(context: MigrationContext) -> None:
+    """Load pgvector's library in the migration's session (see ``load_pgvector.sql``)."""
+    run_script(context, (files("imgembed.migrations") / "load_pgvector.sql").read_text(encoding="utf-8"))
+
+
 def apply_definitions(context: MigrationContext) -> None:
-    """Apply every definition file of ``sql/`` again."""
+    """Apply every definition file of ``sql/`` again, each with pgvector's schema named where the
+    file writes ``@vector@`` (see ``apply_definition.sql``)."""
+    wrapper = (files("imgembed.migrations") / "apply_definition.sql").read_text(encoding="utf-8")
     for name in definition_files():
-        run_script(context, (files("imgembed.sql") / name).read_text(encoding="utf-8"))
+        definition = (files("imgembed.sql") / name).read_text(encoding="utf-8")
+        if "$imgembed_sql$" in definition:
+            raise ValueError(f"sql/{name} may not contain the quote $imgembed_sql$ that applies it")
+        run_script(context, wrapper.replace("@definition@", definition))

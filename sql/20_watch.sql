@@ -22,7 +22,7 @@ BEGIN
             p_storage;
         RETURN;
     END IF;
-    EXECUTE format('CREATE INDEX %I ON imgembed.%I USING hnsw ((embedding::halfvec(%s)) halfvec_cosine_ops) '
+    EXECUTE format('CREATE INDEX %I ON imgembed.%I USING hnsw ((embedding::@vector@.halfvec(%s)) @vector@.halfvec_cosine_ops) '
                    'WITH (m = %s, ef_construction = %s)',
                    p_storage || '_hnsw', p_storage, p_dim, p_m, p_ef_construction);
 END $$;
@@ -44,7 +44,7 @@ BEGIN
         RETURN v_link;
     END IF;
     EXECUTE format(
-        'CREATE TABLE imgembed.%I (id %s PRIMARY KEY, embedding vector(%s) NOT NULL, '
+        'CREATE TABLE imgembed.%I (id %s PRIMARY KEY, embedding @vector@.vector(%s) NOT NULL, '
         'job_id bigint NOT NULL, embedded_at timestamptz NOT NULL DEFAULT now())',
         v_storage, p_watch.key_type, p_model.dim);
     -- Vectors of up to 1,536 dimensions (6 KB) stay in the row instead of going to TOAST: exact

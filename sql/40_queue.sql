@@ -161,7 +161,7 @@ END $$;
 CREATE OR REPLACE FUNCTION imgembed.finish_batch(
     p_claim uuid,
     p_done_ids bigint[],
-    p_vectors vector[],
+    p_vectors @vector@.vector[],
     p_failed_ids bigint[],
     p_errors text[],
     p_retryable boolean[],
@@ -191,7 +191,7 @@ BEGIN
         EXECUTE format($f$
             INSERT INTO imgembed.%1$I AS e (id, embedding, job_id)
             SELECT s.%3$I, v.vec, j.id
-              FROM unnest($1::bigint[], $2::vector[]) AS v(job_id, vec)
+              FROM unnest($1::bigint[], $2::@vector@.vector[]) AS v(job_id, vec)
               JOIN imgembed.job j ON j.id = v.job_id
               JOIN %2$s s ON s.%3$I = j.key::%4$s
              WHERE v.vec IS NOT NULL AND j.id = ANY ($3) AND j.watch_id = $4

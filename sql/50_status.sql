@@ -67,7 +67,7 @@ SELECT w.table_name, j.key, m.name AS model, j.attempts, j.last_error, j.updated
 
 -- A row's stored vector (NULL while it is pending or when its image failed).
 CREATE OR REPLACE FUNCTION imgembed.vector_of(tbl regclass, key anyelement, model text DEFAULT NULL)
-RETURNS vector
+RETURNS @vector@.vector
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_watch imgembed.watch := imgembed._watch_of(tbl);

@@ -42,10 +42,10 @@ END $$;
 
 -- The stored vector of one row, or a clear error while it has none.
 CREATE OR REPLACE FUNCTION imgembed._stored_vector(p_watch imgembed.watch, p_link imgembed.watch_model, p_key text)
-RETURNS vector
+RETURNS @vector@.vector
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    v_vector vector;
+    v_vector @vector@.vector;
 BEGIN
     EXECUTE format('SELECT embedding FROM imgembed.%I WHERE id = $1::%s', p_link.storage_table, p_watch.key_type)
        INTO v_vector USING p_key;
@@ -53,10 +53,10 @@ BEGIN
 END $$;
 
 CREATE OR REPLACE FUNCTION imgembed._require_vector(p_watch imgembed.watch, p_link imgembed.watch_model, p_key text)
-RETURNS vector
+RETURNS @vector@.vector
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    v_vector vector := imgembed._stored_vector(p_watch, p_link, p_key);
+    v_vector @vector@.vector := imgembed._stored_vector(p_watch, p_link, p_key);
 BEGIN
     IF v_vector IS NULL THEN
         RAISE EXCEPTION 'row % of % has no vector yet (pending, failed, or no such row)', p_key, p_watch.table_name
@@ -91,7 +91,7 @@ $$;
 CREATE OR REPLACE FUNCTION imgembed._knn(
     p_watch imgembed.watch,
     p_link imgembed.watch_model,
-    p_query vector,
+    p_query @vector@.vector,
     p_k integer,
     p_exclude text[] DEFAULT '{}',
     p_filter jsonb DEFAULT NULL,
@@ -108,6 +108,8 @@ DECLARE
     v_dim integer;
     v_filter text := imgembed._filter_sql(p_watch, p_filter, 4);
     v_template text;
+    v_join text;
+    v_after text;
     v_ids text[];
     v_distances double precision[];
     v_previous_ef text := current_setting('hnsw.ef_search', true);
@@ -119,23 +121,22 @@ BEGIN
         RAISE EXCEPTION 'the query vector is NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
     SELECT dim INTO v_dim FROM imgembed.model WHERE model.id = p_link.model_id;
-    IF vector_dims(p_query) <> v_dim THEN
-        RAISE EXCEPTION 'query vector has % dimensions but the model has %', vector_dims(p_query), v_dim
+    IF @vector@.vector_dims(p_query) <> v_dim THEN
+        RAISE EXCEPTION 'query vector has % dimensions but the model has %', @vector@.vector_dims(p_query), v_dim
             USING ERRCODE = 'data_exception';
     END IF;
     p_exact := p_exact OR v_dim > 4000;  -- no index above 4,000 dimensions (see _create_index)
-    -- The first %%s below is the ORDER BY, the second the LIMIT; both are filled per path.
-    v_template := format(
-        'SELECT (array_agg(q.id ORDER BY q.d, q.id))[1:$2], (array_agg(q.d ORDER BY q.d, q.id))[1:$2] FROM ('
-        ' SELECT e.id::text AS id, (e.embedding <=> $1)::float8 AS d FROM imgembed.%1$I e %2$s'
-        ' WHERE e.id::text <> ALL ($3) AND (%3$s) AND (%4$s) AND (%5$s) ORDER BY %%s LIMIT %%s) q',
-        p_link.storage_table,
-        CASE WHEN v_filter IS NULL AND p_condition IS NULL THEN ''
-             ELSE format('JOIN %s s ON s.%I = e.id', p_watch.tbl, p_watch.key_column) END,
-        coalesce(v_filter, 'true'),
-        coalesce(p_condition, 'true'),
-        CASE WHEN p_after_distance IS NULL THEN 'true'
-             ELSE '(e.embedding <=> $1) > $5 OR ((e.embedding <=> $1) = $5 AND e.id::text > $6)' END);
+    -- One query, filled once per path with its ORDER BY (%6$s) and LIMIT (%7$s). The template is a
+    -- constant and everything goes in through a single format(): a filter or label value holding
+    -- '%' stays data.
+    v_template := 'SELECT (array_agg(q.id ORDER BY q.d, q.id))[1:$2], (array_agg(q.d ORDER BY q.d, q.id))[1:$2] FROM ('
+        ' SELECT e.id::text AS id, (e.embedding OPERATOR(@vector@.<=>) $1)::float8 AS d FROM imgembed.%1$I e %2$s'
+        ' WHERE e.id::text <> ALL ($3) AND (%3$s) AND (%4$s) AND (%5$s) ORDER BY %6$s LIMIT %7$s) q';
+    v_join := CASE WHEN v_filter IS NULL AND p_condition IS NULL THEN ''
+                   ELSE format('JOIN %s s ON s.%I = e.id', p_watch.tbl, p_watch.key_column) END;
+    v_after := CASE WHEN p_after_distance IS NULL THEN 'true'
+                    ELSE '(e.embedding OPERATOR(@vector@.<=>) $1) > $5 OR ((e.embedding OPERATOR(@vector@.<=>) $1) = $5 '
+                         'AND e.id::text > $6)' END;
 
     PERFORM set_config('hnsw.ef_search', greatest(coalesce(p_ef_search, imgembed._ef_search()), 1)::text, true);
     -- A very selective filter: scanning its few matching rows exactly is both faster and exact.
@@ -147,13 +148,17 @@ BEGIN
     END IF;
     IF NOT p_exact THEN
         -- The same expression as the index, so the planner walks it.
-        EXECUTE format(v_template, format('e.embedding::halfvec(%1$s) <=> $1::halfvec(%1$s)', v_dim), '$2 * 2')
+        EXECUTE format(v_template, p_link.storage_table, v_join, coalesce(v_filter, 'true'), coalesce(p_condition, 'true'),
+                       v_after,
+                       format('e.embedding::@vector@.halfvec(%1$s) OPERATOR(@vector@.<=>) $1::@vector@.halfvec(%1$s)', v_dim),
+                       '$2 * 2')
            INTO v_ids, v_distances
           USING p_query, p_k, coalesce(p_exclude, '{}'), p_filter, p_after_distance, p_after_id;
     END IF;
     IF p_exact OR ((v_filter IS NOT NULL OR p_condition IS NOT NULL) AND coalesce(cardinality(v_ids), 0) < p_k) THEN
         -- "+ 0" keeps the planner off the index: an exact scan in (distance, key) order.
-        EXECUTE format(v_template, '(e.embedding <=> $1) + 0, e.id::text', '$2')
+        EXECUTE format(v_template, p_link.storage_table, v_join, coalesce(v_filter, 'true'), coalesce(p_condition, 'true'),
+                       v_after, '(e.embedding OPERATOR(@vector@.<=>) $1) + 0, e.id::text', '$2')
            INTO v_ids, v_distances
           USING p_query, p_k, coalesce(p_exclude, '{}'), p_filter, p_after_distance, p_after_id;
     END IF;
@@ -189,7 +194,7 @@ END $$;
 -- overload with a key_type argument (e.g. NULL::bigint) returns them in that type.
 CREATE OR REPLACE FUNCTION imgembed.similar_to_vector(
     tbl regclass,
-    vec vector,
+    vec @vector@.vector,
     k integer DEFAULT 10,
     model text DEFAULT NULL,
     filter jsonb DEFAULT NULL,
@@ -210,7 +215,7 @@ END $$;
 CREATE OR REPLACE FUNCTION imgembed.similar_to_vector(
     tbl regclass,
     key_type anyelement,
-    vec vector,
+    vec @vector@.vector,
     k integer DEFAULT 10,
     model text DEFAULT NULL,
     filter jsonb DEFAULT NULL,
@@ -246,9 +251,9 @@ BEGIN
         ' SELECT DISTINCT ON (least(e.id, n.id), greatest(e.id, n.id))'
         '        least(e.id, n.id) AS a, greatest(e.id, n.id) AS b, n.d'
         '   FROM imgembed.%1$I e'
-        '   CROSS JOIN LATERAL (SELECT f.id, (f.embedding <=> e.embedding)::float8 AS d FROM imgembed.%1$I f'
+        '   CROSS JOIN LATERAL (SELECT f.id, (f.embedding OPERATOR(@vector@.<=>) e.embedding)::float8 AS d FROM imgembed.%1$I f'
         '                        WHERE f.id <> e.id'
-        '                        ORDER BY f.embedding::halfvec(%2$s) <=> e.embedding::halfvec(%2$s) LIMIT $2) n'
+        '                        ORDER BY f.embedding::@vector@.halfvec(%2$s) OPERATOR(@vector@.<=>) e.embedding::@vector@.halfvec(%2$s) LIMIT $2) n'
         '  WHERE n.d <= $1 ORDER BY least(e.id, n.id), greatest(e.id, n.id)) p'
         ' ORDER BY p.d, p.a, p.b',
         v_link.storage_table, (SELECT dim FROM imgembed.model WHERE model.id = v_link.model_id))

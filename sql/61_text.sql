@@ -46,13 +46,13 @@ CREATE OR REPLACE FUNCTION imgembed.text_vector(
     query text,
     model text,
     timeout_seconds double precision DEFAULT 5
-) RETURNS vector
+) RETURNS @vector@.vector
 LANGUAGE plpgsql AS $$
 DECLARE
     v_text_watch imgembed.watch := imgembed._watch_of('imgembed.text_query'::regclass);
     v_link imgembed.watch_model;
     v_id bigint;
-    v_vector vector;
+    v_vector @vector@.vector;
     v_deadline timestamptz := clock_timestamp() + make_interval(secs => coalesce(timeout_seconds, 0));
 BEGIN
     SELECT wm.* INTO v_link FROM imgembed.watch_model wm JOIN imgembed.model m ON m.id = wm.model_id
@@ -145,14 +145,14 @@ DECLARE
     v_link imgembed.watch_model := imgembed._watch_model_of(v_watch, model);
     v_prompt_watch imgembed.watch := imgembed._watch_of('imgembed.label_prompt'::regclass);
     v_prompt_storage text;
-    v_image vector := imgembed._require_vector(v_watch, v_link, key::text);
+    v_image @vector@.vector := imgembed._require_vector(v_watch, v_link, key::text);
 BEGIN
     SELECT wm.storage_table INTO v_prompt_storage FROM imgembed.watch_model wm
      WHERE wm.watch_id = v_prompt_watch.id AND wm.model_id = v_link.model_id;
     IF v_prompt_storage IS NOT NULL THEN
         RETURN QUERY EXECUTE format(
             'WITH per_label AS ('
-            '  SELECT p.label, 1 - (l2_normalize(avg(e.embedding)) <=> $1)::float8 AS similarity'
+            '  SELECT p.label, 1 - (@vector@.l2_normalize(@vector@.avg(e.embedding)) OPERATOR(@vector@.<=>) $1)::float8 AS similarity'
             '    FROM imgembed.label_prompt p JOIN imgembed.%I e ON e.id = p.id'
             '   WHERE $2::text[] IS NULL OR p.label = ANY ($2)'
             '   GROUP BY p.label),'

@@ -7,7 +7,7 @@
 CREATE OR REPLACE FUNCTION imgembed._vote(
     p_watch imgembed.watch,
     p_link imgembed.watch_model,
-    p_query vector,
+    p_query @vector@.vector,
     p_k integer,
     p_exclude text[],
     p_exact boolean
@@ -57,7 +57,7 @@ END $$;
 -- Label any vector (a new face against a face bank, say) from the table's labelled rows.
 CREATE OR REPLACE FUNCTION imgembed.classify(
     tbl regclass,
-    vec vector,
+    vec @vector@.vector,
     k integer DEFAULT 5,
     model text DEFAULT NULL,
     exact boolean DEFAULT false
@@ -76,7 +76,7 @@ DECLARE
     v_watch imgembed.watch;
     v_link imgembed.watch_model;
     v_key text;
-    v_vector vector;
+    v_vector @vector@.vector;
 BEGIN
     FOR v_watch IN SELECT * FROM imgembed.watch w WHERE w.label_column IS NOT NULL ORDER BY w.table_name LOOP
         SELECT * INTO v_link FROM imgembed.watch_model wm WHERE wm.watch_id = v_watch.id AND wm.is_default;
@@ -116,9 +116,9 @@ BEGIN
     END IF;
     RETURN QUERY EXECUTE format(
         'WITH prototype AS ('
-        '  SELECT s.%1$I::text AS label, avg(e.embedding) AS centre FROM imgembed.%2$I e JOIN %3$s s ON s.%4$I = e.id'
+        '  SELECT s.%1$I::text AS label, @vector@.avg(e.embedding) AS centre FROM imgembed.%2$I e JOIN %3$s s ON s.%4$I = e.id'
         '   WHERE s.%1$I IS NOT NULL AND e.id::text <> $2 GROUP BY 1),'
-        ' ranked AS (SELECT p.label, (p.centre <-> $1)::float8 AS d FROM prototype p)'
+        ' ranked AS (SELECT p.label, (p.centre OPERATOR(@vector@.<->) $1)::float8 AS d FROM prototype p)'
         ' SELECT r.label, r.d, coalesce(lead(r.d) OVER (ORDER BY r.d, r.label) - r.d, ''Infinity''::float8)'
         '   FROM ranked r ORDER BY r.d, r.label LIMIT 1',
         v_watch.label_column, v_link.storage_table, v_watch.tbl, v_watch.key_column)

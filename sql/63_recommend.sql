@@ -6,13 +6,13 @@ CREATE OR REPLACE FUNCTION imgembed._weighted_query(
     p_link imgembed.watch_model,
     p_keys text[],
     p_weights double precision[]
-) RETURNS vector
+) RETURNS @vector@.vector
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    v_query vector;
+    v_query @vector@.vector;
 BEGIN
     EXECUTE format(
-        'SELECT l2_normalize(array_agg(c.total ORDER BY c.i)::real[]::vector) FROM ('
+        'SELECT @vector@.l2_normalize(array_agg(c.total ORDER BY c.i)::real[]::@vector@.vector) FROM ('
         '  SELECT x.i, sum(u.w * x.v) AS total'
         '    FROM unnest($1::text[], $2::float8[]) AS u(k, w)'
         '    JOIN imgembed.%I e ON e.id = u.k::%s'

@@ -85,3 +85,11 @@ BEGIN
     END LOOP;
     DELETE FROM imgembed.model WHERE id = v_model.id;
 END $$;
+
+-- The checksum of the checkpoint a model was registered with (NULL: none recorded), for workers,
+-- which may read no table themselves.
+CREATE OR REPLACE FUNCTION imgembed.model_checksum(p_name text)
+RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT m.sha256 FROM imgembed.model m WHERE m.name = p_name
+$$;

@@ -56,7 +56,7 @@ $$;
 
 -- The vectors a run clusters: (key, vector) of every embedded row.
 CREATE OR REPLACE FUNCTION imgembed.cluster_input(p_run_id bigint)
-RETURNS TABLE (key text, embedding vector)
+RETURNS TABLE (key text, embedding @vector@.vector)
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_storage text;
@@ -153,6 +153,6 @@ BEGIN
     END IF;
     SELECT * INTO v_link FROM imgembed.watch_model wm WHERE wm.watch_id = v_watch.id AND wm.model_id = v_run.model_id;
     RETURN QUERY
-    SELECT v_run.id, c.cluster, (c.centre::vector <=> imgembed._require_vector(v_watch, v_link, key::text))::float8 AS d
+    SELECT v_run.id, c.cluster, (c.centre::@vector@.vector OPERATOR(@vector@.<=>) imgembed._require_vector(v_watch, v_link, key::text))::float8 AS d
       FROM imgembed.cluster_centre c WHERE c.run_id = v_run.id ORDER BY 3 LIMIT 1;
 END $$;

@@ -45,7 +45,7 @@ BEGIN
 END $$;
 
 CREATE OR REPLACE FUNCTION imgembed._anomaly_score(
-    p_watch imgembed.watch, p_link imgembed.watch_model, p_key text, p_vector vector, p_k integer, p_exact boolean
+    p_watch imgembed.watch, p_link imgembed.watch_model, p_key text, p_vector @vector@.vector, p_k integer, p_exact boolean
 ) RETURNS double precision
 LANGUAGE sql AS $$
     SELECT avg(n.distance)

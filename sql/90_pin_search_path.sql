@@ -1,18 +1,16 @@
--- Pin the search_path of every imgembed function (applied last by each migration): objects resolve
--- to pg_catalog, imgembed and the schema holding pgvector, never to what a caller put first.
+-- Pin the search_path of every imgembed function (applied after the others): names resolve in
+-- pg_catalog and imgembed only, schemas no other role may create objects in, never in what a
+-- caller put first nor in the schema holding pgvector (a public one, often): pgvector's objects
+-- are named in their schema (@vector@.vector, OPERATOR(@vector@.<=>)), and with their exact
+-- argument types, so that no object another role creates there is ever chosen instead.
 DO $$
 DECLARE
-    v_vector_schema text;
     v_function regprocedure;
 BEGIN
-    SELECT n.nspname INTO v_vector_schema
-      FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
-     WHERE e.extname = 'vector';
     FOR v_function IN
         SELECT p.oid::regprocedure FROM pg_proc p
          WHERE p.pronamespace = 'imgembed'::regnamespace AND p.prokind = 'f'
     LOOP
-        EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, imgembed, %I, pg_temp',
-                       v_function, v_vector_schema);
+        EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, imgembed, pg_temp', v_function);
     END LOOP;
 END $$;

@@ -34,7 +34,7 @@ BEGIN
            AND p.proname IN ('expand_intake', 'claim_batch', 'start_claim', 'release_claim', 'recover_expired', 'in_flight_count',
                              'claimed_images', 'finish_batch', 'requeue_claim', 'claim_cluster_run', 'cluster_run_spec',
                              'cluster_input',
-                             'finish_cluster_run', 'fail_cluster_run', 'worker_beat')
+                             'finish_cluster_run', 'fail_cluster_run', 'worker_beat', 'model_checksum')
     LOOP
         EXECUTE format('ALTER FUNCTION %s SECURITY DEFINER', v_function);
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', v_function);
@@ -42,8 +42,22 @@ BEGIN
             EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO imgembed_worker', v_function);
         END IF;
     END LOOP;
-    -- Readers may queue a text for search_text, nothing else.
+    -- The triggers on watched tables run as their owner too: an application role that may write a
+    -- watched table needs nothing of imgembed. Nobody calls them directly.
+    FOR v_function IN
+        SELECT p.oid::regprocedure FROM pg_proc p
+         WHERE p.pronamespace = 'imgembed'::regnamespace
+           AND p.proname IN ('_on_insert', '_on_update', '_on_delete', '_on_truncate')
+    LOOP
+        EXECUTE format('ALTER FUNCTION %s SECURITY DEFINER', v_function);
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', v_function);
+    END LOOP;
+    -- Readers may queue a text for search_text, nothing else; nobody else may.
     ALTER FUNCTION imgembed.request_text(text) SECURITY DEFINER;
+    REVOKE ALL ON FUNCTION imgembed.request_text(text) FROM PUBLIC;
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'imgembed_reader') THEN
+        GRANT EXECUTE ON FUNCTION imgembed.request_text(text) TO imgembed_reader;
+    END IF;
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'imgembed_worker') THEN
         GRANT USAGE ON SCHEMA imgembed TO imgembed_worker;
     END IF;

@@ -32,7 +32,7 @@ def register_model(connection: psycopg.Connection, name: str, *, make_default: b
 
 def registered_sha256(connection: psycopg.Connection, name: str) -> str | None:
     """The checksum of the checkpoint file ``name`` was registered with, if it has one."""
-    row = connection.execute("SELECT sha256 FROM imgembed.model WHERE name = %s", (name,)).fetchone()
+    row = connection.execute("SELECT imgembed.model_checksum(%s)", (name,)).fetchone()
     return row[0] if row else None
 
 

@@ -173,3 +173,20 @@ def test_anomalies_with_the_shapes_model(db: psycopg.Connection, services: Servi
     print(f"ROC AUC {auc:.3f}; held-out good rows flagged: {flagged_good:.3f}")
     assert auc >= 0.95
     assert flagged_good <= 0.05
+
+
+def test_a_good_label_holding_percent_signs_is_data(grouped_table: tuple[psycopg.Connection, np.ndarray, np.ndarray]
+                                                    ) -> None:
+    """Label values go into the search as data: '%' in one is neither a format directive nor SQL."""
+    db, vectors, truth = grouped_table
+    good_label = "100% good; it's %s %1$s"
+    db.execute("UPDATE parts SET kind = %s WHERE kind = 'group0'", (good_label,))
+    db.execute("SELECT imgembed.set_known_good('parts', good_label => %s)", (good_label,))
+    good = np.flatnonzero(truth == 0)
+    neighbours = NearestNeighbors(metric="cosine", algorithm="brute").fit(vectors[good])
+    for key in (3, 120):
+        distances, indices = neighbours.kneighbors(vectors[[key]], n_neighbors=6)
+        expected = [d for d, i in zip(distances[0], indices[0]) if good[i] != key][:5]
+        for exact in (True, False):
+            got = db.execute("SELECT imgembed.anomaly_score('parts', %s, 5, exact => %s)", (key, exact)).fetchone()[0]
+            assert got == pytest.approx(np.mean(expected), abs=1e-3 if not exact else 1e-5)
