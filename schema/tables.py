@@ -155,8 +155,18 @@ interaction = sa.Table(
     sa.Column("kind", sa.Text, nullable=False, server_default="like"),
     sa.Column("weight", sa.REAL, nullable=False, server_default="1"),
     sa.Column("at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    # The role that recorded it: each role sees its own (row-level security; revision 0005).
+    sa.Column("role_name", sa.Text, nullable=False, server_default=sa.text("CURRENT_USER")),
 )
 sa.Index("interaction_by_user", interaction.c.user_id, interaction.c.tbl)
+
+# Settings only the owner reads: the loopback password of search_text (revision 0005).
+private_setting = sa.Table(
+    "private_setting",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
 
 cluster_run = sa.Table(
     "cluster_run",

@@ -210,3 +210,39 @@ LANGUAGE sql AS $$
     DELETE FROM imgembed.job
      WHERE watch_id = p_watch_id AND status <> 'pending' AND (p_model_id IS NULL OR model_id = p_model_id);
 $$;
+
+-- Whether the calling role may read the watched table (SELECT on it). Runs as the caller.
+CREATE OR REPLACE FUNCTION imgembed._table_readable(p_watch_id integer)
+RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce((SELECT has_table_privilege(w.tbl, 'SELECT') FROM imgembed.watch w WHERE w.id = p_watch_id), false)
+$$;
+
+-- Whether the calling role sees this row of the watched table (privileges and row-level security).
+CREATE OR REPLACE FUNCTION imgembed._row_visible(p_watch_id integer, p_key text)
+RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_watch imgembed.watch;
+    v_visible boolean;
+BEGIN
+    SELECT * INTO v_watch FROM imgembed.watch WHERE id = p_watch_id;
+    IF NOT FOUND OR NOT has_table_privilege(v_watch.tbl, 'SELECT') THEN
+        RETURN false;
+    END IF;
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s s WHERE s.%I = $1::%s)', v_watch.tbl, v_watch.key_column,
+                   v_watch.key_type)
+       INTO v_visible USING p_key;
+    RETURN v_visible;
+END $$;
+
+-- The login of search_text's loopback connection in this database: roles belong to the whole
+-- cluster, and each database migrated has its own, with its own password, named after the
+-- database it was made for (a copy of the database, made with CREATE DATABASE ... TEMPLATE or
+-- restored from a dump, keeps using it).
+CREATE OR REPLACE FUNCTION imgembed._text_request_role()
+RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce((SELECT s.value FROM imgembed.private_setting s WHERE s.name = 'text_request_role'),
+                    (SELECT 'imgembed_text_' || d.oid FROM pg_database d WHERE d.datname = current_database()))
+$$;

@@ -27,6 +27,23 @@ BEGIN
                    p_storage || '_hnsw', p_storage, p_dim, p_m, p_ef_construction);
 END $$;
 
+-- A vector table shows a role only the rows of the watched table that role may SELECT: its
+-- privileges and row-level security on the watched table carry over to every search. The owner
+-- (workers and triggers run as it) sees every row. Applied again at every upgrade.
+CREATE OR REPLACE FUNCTION imgembed._secure_storage(p_watch imgembed.watch, p_storage text)
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE format('ALTER TABLE imgembed.%I ENABLE ROW LEVEL SECURITY', p_storage);
+    EXECUTE format('DROP POLICY IF EXISTS visible_rows ON imgembed.%I', p_storage);
+    EXECUTE format('CREATE POLICY visible_rows ON imgembed.%1$I FOR SELECT '
+                   'USING (EXISTS (SELECT 1 FROM %2$s s WHERE s.%3$I = %1$I.id))',
+                   p_storage, p_watch.tbl, p_watch.key_column);
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'imgembed_reader') THEN
+        EXECUTE format('GRANT SELECT ON imgembed.%I TO imgembed_reader', p_storage);
+    END IF;
+END $$;
+
 -- Create the vector table of (watch, model), its HNSW index, and enqueue every existing row.
 CREATE OR REPLACE FUNCTION imgembed._attach_model(
     p_watch imgembed.watch,
@@ -53,9 +70,7 @@ BEGIN
         EXECUTE format('ALTER TABLE imgembed.%I ALTER COLUMN embedding SET STORAGE PLAIN', v_storage);
     END IF;
     PERFORM imgembed._create_index(v_storage, p_model.dim);
-    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'imgembed_reader') THEN
-        EXECUTE format('GRANT SELECT ON imgembed.%I TO imgembed_reader', v_storage);
-    END IF;
+    PERFORM imgembed._secure_storage(p_watch, v_storage);
     INSERT INTO imgembed.watch_model (watch_id, model_id, storage_table, is_default)
     VALUES (p_watch.id, p_model.id, v_storage,
             p_make_default OR NOT EXISTS (SELECT 1 FROM imgembed.watch_model WHERE watch_id = p_watch.id))

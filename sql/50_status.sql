@@ -24,6 +24,7 @@ BEGIN
           FROM imgembed.watch w
           JOIN imgembed.watch_model wm ON wm.watch_id = w.id
           JOIN imgembed.model m ON m.id = wm.model_id
+         WHERE has_table_privilege(w.tbl, 'SELECT')  -- a role sees the tables it may read
          ORDER BY w.table_name, m.name
     LOOP
         table_name := v_link.table_name;
@@ -57,13 +58,13 @@ END $$;
 CREATE OR REPLACE VIEW imgembed.status AS
 SELECT * FROM imgembed._status_rows();
 
--- Every failed job with its reason.
-CREATE OR REPLACE VIEW imgembed.failures AS
+-- Every failed job with its reason: of the rows the calling role may read.
+CREATE OR REPLACE VIEW imgembed.failures WITH (security_barrier) AS
 SELECT w.table_name, j.key, m.name AS model, j.attempts, j.last_error, j.updated_at AS failed_at
   FROM imgembed.job j
   JOIN imgembed.watch w ON w.id = j.watch_id
   JOIN imgembed.model m ON m.id = j.model_id
- WHERE j.status = 'failed';
+ WHERE j.status = 'failed' AND has_table_privilege(w.tbl, 'SELECT') AND imgembed._row_visible(w.id, j.key);
 
 -- A row's stored vector (NULL while it is pending or when its image failed).
 CREATE OR REPLACE FUNCTION imgembed.vector_of(tbl regclass, key anyelement, model text DEFAULT NULL)

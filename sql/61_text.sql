@@ -2,40 +2,85 @@
 -- rows that the workers embed with the same model as the images, so SQL searches by text
 -- without a model inside PostgreSQL.
 
--- Queue a text for embedding (idempotent); returns its id. Commit before waiting for it.
+-- Queue a text for embedding (idempotent); returns its id. Commit before waiting for it. Runs as
+-- its owner: texts are private (no reader may list them), and a text is at most 1,000 characters
+-- while at most 1,000 texts wait for a worker, so no one can bury the workers in texts.
 CREATE OR REPLACE FUNCTION imgembed.request_text(query text)
 RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     v_id bigint;
+    v_watch_id integer := (SELECT w.id FROM imgembed.watch w WHERE w.tbl = 'imgembed.text_query'::regclass);
 BEGIN
     IF query IS NULL OR btrim(query) = '' THEN
         RAISE EXCEPTION 'the text query is empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF length(query) > 1000 THEN
+        RAISE EXCEPTION 'the text query has % characters; at most 1,000 are embedded', length(query)
+            USING ERRCODE = 'string_data_right_truncation';
+    END IF;
+    SELECT t.id INTO v_id FROM imgembed.text_query t WHERE t.query = request_text.query;
+    IF v_id IS NOT NULL THEN
+        RETURN v_id;
+    END IF;
+    IF (SELECT count(*) FROM imgembed.job j WHERE j.watch_id = v_watch_id AND j.status <> 'failed')
+       + (SELECT coalesce(sum(cardinality(i.keys)), 0) FROM imgembed.intake i WHERE i.watch_id = v_watch_id) >= 1000 THEN
+        RAISE EXCEPTION 'too many texts wait for a worker (1,000); try again in a moment'
+            USING HINT = 'is an imgembed worker running? (see imgembed.status)', ERRCODE = 'too_many_connections';
     END IF;
     INSERT INTO imgembed.text_query (query) VALUES (request_text.query) ON CONFLICT DO NOTHING;
     SELECT t.id INTO v_id FROM imgembed.text_query t WHERE t.query = request_text.query;
     RETURN v_id;
 END $$;
 
--- Enqueue a text in a transaction of its own (through dblink, when installed), so a worker can
--- see it while the caller's transaction waits. Returns false where that is impossible.
+-- Whether a text was requested, and its vector under a model (NULL until a worker embeds it). Runs
+-- as its owner, so that a role learns about the texts it names and no others.
+CREATE OR REPLACE FUNCTION imgembed._text_state(p_query text, p_model text, OUT requested boolean,
+                                                OUT vec @vector@.vector)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_id bigint;
+    v_storage text;
+BEGIN
+    SELECT t.id INTO v_id FROM imgembed.text_query t WHERE t.query = p_query;
+    requested := v_id IS NOT NULL;
+    SELECT wm.storage_table INTO v_storage
+      FROM imgembed.watch w JOIN imgembed.watch_model wm ON wm.watch_id = w.id JOIN imgembed.model m ON m.id = wm.model_id
+     WHERE w.tbl = 'imgembed.text_query'::regclass AND m.name = p_model;
+    IF requested AND v_storage IS NOT NULL THEN
+        EXECUTE format('SELECT e.embedding FROM imgembed.%I e WHERE e.id = $1', v_storage) INTO vec USING v_id;
+    END IF;
+END $$;
+
+-- A libpq connection string value, quoted.
+CREATE OR REPLACE FUNCTION imgembed._conninfo_value(p_value text)
+RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT '''' || replace(replace(p_value, '\', '\\'), '''', '\''') || ''''
+$$;
+
+-- Enqueue a text in a transaction of its own, through dblink, so that a worker sees it while the
+-- caller's transaction waits. The loopback connection logs in as this database's
+-- imgembed_text_<database oid>, a role that may only call request_text, with the password the migration gave it (kept in
+-- imgembed.private_setting, which only the owner reads). Returns false where that is impossible.
 CREATE OR REPLACE FUNCTION imgembed._request_text_elsewhere(p_query text)
 RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
     v_dblink_schema text;
-    v_connection text := current_setting('imgembed.dblink_connection', true);
+    v_password text := (SELECT s.value FROM imgembed.private_setting s WHERE s.name = 'text_request_password');
+    v_connection text;
 BEGIN
     SELECT n.nspname INTO v_dblink_schema
       FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'dblink';
-    IF v_dblink_schema IS NULL THEN
+    IF v_dblink_schema IS NULL OR v_password IS NULL
+       OR NOT has_function_privilege(format('%I.dblink(text, text)', v_dblink_schema), 'EXECUTE') THEN
         RETURN false;
     END IF;
-    IF v_connection IS NULL OR v_connection = '' THEN
-        v_connection := format('host=%s port=%s dbname=%s user=%s',
-                               split_part(current_setting('unix_socket_directories'), ',', 1),
-                               current_setting('port'), current_database(), current_user);
-    END IF;
+    v_connection := format('host=%s port=%s dbname=%s user=%s password=%s',
+                           imgembed._conninfo_value(coalesce(host(inet_server_addr()), '127.0.0.1')),
+                           current_setting('port'), imgembed._conninfo_value(current_database()),
+                           imgembed._conninfo_value(imgembed._text_request_role()), imgembed._conninfo_value(v_password));
     EXECUTE format('SELECT t.id FROM %I.dblink($1, $2) AS t(id bigint)', v_dblink_schema)
       USING v_connection, format('SELECT imgembed.request_text(%L)', p_query);
     RETURN true;
@@ -49,31 +94,27 @@ CREATE OR REPLACE FUNCTION imgembed.text_vector(
 ) RETURNS @vector@.vector
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_text_watch imgembed.watch := imgembed._watch_of('imgembed.text_query'::regclass);
-    v_link imgembed.watch_model;
-    v_id bigint;
-    v_vector @vector@.vector;
+    v_state record;
     v_deadline timestamptz := clock_timestamp() + make_interval(secs => coalesce(timeout_seconds, 0));
 BEGIN
-    SELECT wm.* INTO v_link FROM imgembed.watch_model wm JOIN imgembed.model m ON m.id = wm.model_id
-     WHERE wm.watch_id = v_text_watch.id AND m.name = text_vector.model;
-    IF NOT FOUND THEN
+    IF NOT EXISTS (SELECT 1 FROM imgembed.watch w JOIN imgembed.watch_model wm ON wm.watch_id = w.id
+                     JOIN imgembed.model m ON m.id = wm.model_id
+                    WHERE w.tbl = 'imgembed.text_query'::regclass AND m.name = text_vector.model) THEN
         RAISE EXCEPTION 'model % does not embed texts yet', text_vector.model
             USING HINT = 'attach it to an image table with imgembed.add_model()', ERRCODE = 'undefined_object';
     END IF;
-    SELECT t.id INTO v_id FROM imgembed.text_query t WHERE t.query = text_vector.query;
-    IF v_id IS NULL THEN
+    v_state := imgembed._text_state(query, model);
+    IF NOT v_state.requested THEN
         IF NOT imgembed._request_text_elsewhere(query) THEN
             RAISE EXCEPTION 'text "%" has not been requested yet', query
                 USING HINT = format('run SELECT imgembed.request_text(%L) in its own transaction first '
                                     '(or install the dblink extension so search_text can do it)', query),
                       ERRCODE = 'object_not_in_prerequisite_state';
         END IF;
-        SELECT t.id INTO v_id FROM imgembed.text_query t WHERE t.query = text_vector.query;
     END IF;
     LOOP
-        v_vector := imgembed._stored_vector(v_text_watch, v_link, v_id::text);
-        EXIT WHEN v_vector IS NOT NULL;
+        v_state := imgembed._text_state(query, model);
+        EXIT WHEN v_state.vec IS NOT NULL;
         IF clock_timestamp() >= v_deadline THEN
             RAISE EXCEPTION 'no vector for text "%" after % s (model %)', query, timeout_seconds, text_vector.model
                 USING HINT = 'is an imgembed worker running? (imgembed worker; see imgembed.status)',
@@ -81,7 +122,7 @@ BEGIN
         END IF;
         PERFORM pg_sleep(0.02);
     END LOOP;
-    RETURN v_vector;
+    RETURN v_state.vec;
 END $$;
 
 -- Images matching a text, nearest first. Keys come back as text; the overload with a key_type

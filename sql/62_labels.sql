@@ -78,7 +78,8 @@ DECLARE
     v_key text;
     v_vector @vector@.vector;
 BEGIN
-    FOR v_watch IN SELECT * FROM imgembed.watch w WHERE w.label_column IS NOT NULL ORDER BY w.table_name LOOP
+    FOR v_watch IN SELECT * FROM imgembed.watch w WHERE w.label_column IS NOT NULL AND has_table_privilege(w.tbl, 'SELECT')
+                    ORDER BY w.table_name LOOP
         SELECT * INTO v_link FROM imgembed.watch_model wm WHERE wm.watch_id = v_watch.id AND wm.is_default;
         CONTINUE WHEN NOT FOUND;
         FOR v_key, v_vector IN EXECUTE format(

@@ -114,19 +114,20 @@ DECLARE
     v_run record;
 BEGIN
     FOR v_run IN
-        SELECT r.id, w.*, m.name AS model_name, r.method AS run_method
+        SELECT r.id, w.*, w.id AS watch_id, m.name AS model_name, r.method AS run_method
           FROM imgembed.cluster_run r JOIN imgembed.watch w ON w.id = r.watch_id JOIN imgembed.model m ON m.id = r.model_id
-         WHERE r.status = 'done' ORDER BY r.id
+         WHERE r.status = 'done' AND has_table_privilege(w.tbl, 'SELECT') ORDER BY r.id
     LOOP
         RETURN QUERY EXECUTE format(
-            'SELECT c.run_id, $2, $3, $4, c.cluster, c.size, c.medoid_key, %s'
+            'SELECT c.run_id, $2, $3, $4, c.cluster, c.size, '
+            '       CASE WHEN imgembed._row_visible($5, c.medoid_key) THEN c.medoid_key END, %s'
             '  FROM imgembed.cluster_centre c WHERE c.run_id = $1 ORDER BY c.cluster',
             CASE WHEN v_run.label_column IS NULL THEN 'NULL::jsonb'
                  ELSE format('(SELECT jsonb_object_agg(coalesce(x.label, ''(none)''), x.n) FROM ('
                              ' SELECT s.%I::text AS label, count(*) AS n FROM imgembed.cluster_member mm'
                              ' JOIN %s s ON s.%I = mm.key::%s WHERE mm.run_id = c.run_id AND mm.cluster = c.cluster'
                              ' GROUP BY 1) x)', v_run.label_column, v_run.tbl, v_run.key_column, v_run.key_type) END)
-        USING v_run.id, v_run.table_name, v_run.model_name, v_run.run_method;
+        USING v_run.id, v_run.table_name, v_run.model_name, v_run.run_method, v_run.watch_id;
     END LOOP;
 END $$;
 

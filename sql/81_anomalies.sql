@@ -105,7 +105,9 @@ DECLARE
     v_link imgembed.watch_model;
     v_limit imgembed.anomaly_threshold;
 BEGIN
-    FOR v_watch IN SELECT * FROM imgembed.watch w WHERE num_nonnulls(w.good_column, w.good_label) = 1 ORDER BY w.table_name LOOP
+    FOR v_watch IN SELECT * FROM imgembed.watch w
+                    WHERE num_nonnulls(w.good_column, w.good_label) = 1 AND has_table_privilege(w.tbl, 'SELECT')
+                    ORDER BY w.table_name LOOP
         SELECT * INTO v_link FROM imgembed.watch_model wm WHERE wm.watch_id = v_watch.id AND wm.is_default;
         SELECT * INTO v_limit FROM imgembed.anomaly_threshold t WHERE t.watch_id = v_watch.id AND t.model_id = v_link.model_id;
         CONTINUE WHEN v_limit IS NULL;

@@ -1,12 +1,17 @@
 -- Roles and privileges (least privilege).
---   imgembed_reader: search functions and views; changes nothing (request_text excepted: it
---                    queues a text, through a SECURITY DEFINER function).
+--   imgembed_reader: the search functions and views, which show a role only the rows of watched
+--                    tables it may SELECT (privileges and row-level security carry over); it
+--                    changes nothing, but may queue a text (request_text) and keep its own
+--                    interactions (likes, dislikes), which no other role sees.
 --   imgembed_worker: claims jobs, reads the claimed rows' image columns, writes vectors, all
 --                    through SECURITY DEFINER functions; no direct access to any table.
--- The application's own role keeps its rights. SECURITY DEFINER functions run as the role that
--- ran the migration: run migrations as the database's owner role, not as a superuser.
--- Roles belong to the whole cluster: created here when the migrating role may (CREATEROLE);
--- otherwise a NOTICE says what a DBA must run.
+--   imgembed_text_<database oid>: the login of search_text's loopback connection in this
+--                    database; it may only queue a text. Its password is made here, and kept where
+--                    only the owner reads it.
+-- The application's own roles keep their rights and need nothing of imgembed to write watched
+-- tables. SECURITY DEFINER functions run as the role that ran the migration: run migrations as
+-- the database's owner role, not as a superuser. Roles belong to the whole cluster: created here
+-- when the migrating role may (CREATEROLE); otherwise a NOTICE says what a DBA must run.
 DO $$
 DECLARE
     v_role text;
@@ -23,47 +28,110 @@ BEGIN
     END LOOP;
 END $$;
 
--- Functions the worker and dispatcher call run as their owner; nobody else may call them.
+-- The loopback login of search_text in this database. Its password is made once and kept: copies
+-- of this database (CREATE DATABASE ... TEMPLATE) share the role and the password; a database
+-- restored where the role is missing gets it back with the password it kept.
+DO $$
+DECLARE
+    v_role text := imgembed._text_request_role();
+    v_password text := (SELECT s.value FROM imgembed.private_setting s WHERE s.name = 'text_request_password');
+BEGIN
+    BEGIN
+        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = v_role) THEN
+            v_password := coalesce(v_password, replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''));
+            EXECUTE format('CREATE ROLE %I LOGIN PASSWORD %L', v_role, v_password);
+        ELSIF v_password IS NULL THEN
+            v_password := replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', '');
+            EXECUTE format('ALTER ROLE %I LOGIN PASSWORD %L', v_role, v_password);
+        END IF;
+        INSERT INTO imgembed.private_setting (name, value)
+        VALUES ('text_request_role', v_role), ('text_request_password', v_password)
+        ON CONFLICT (name) DO UPDATE SET value = excluded.value;
+    EXCEPTION WHEN insufficient_privilege THEN
+        RAISE NOTICE 'imgembed: cannot create role % (%); search_text of a new text then needs '
+                     'imgembed.request_text() in its own transaction first', v_role, SQLERRM;
+    END;
+END $$;
+
+-- Functions that run as their owner, and who may call them.
 DO $$
 DECLARE
     v_function regprocedure;
+    v_callers text[];
+    v_role_name text;
 BEGIN
-    FOR v_function IN
-        SELECT p.oid::regprocedure FROM pg_proc p
+    FOR v_function, v_callers IN
+        SELECT p.oid::regprocedure,
+               CASE WHEN p.proname IN ('request_text') THEN ARRAY['imgembed_reader', imgembed._text_request_role()]
+                    WHEN p.proname IN ('_text_state', '_request_text_elsewhere') THEN ARRAY['imgembed_reader']
+                    WHEN p.proname IN ('_on_insert', '_on_update', '_on_delete', '_on_truncate') THEN ARRAY[]::text[]
+                    ELSE ARRAY['imgembed_worker'] END
+          FROM pg_proc p
          WHERE p.pronamespace = 'imgembed'::regnamespace
-           AND p.proname IN ('expand_intake', 'claim_batch', 'start_claim', 'release_claim', 'recover_expired', 'in_flight_count',
-                             'claimed_images', 'finish_batch', 'requeue_claim', 'claim_cluster_run', 'cluster_run_spec',
-                             'cluster_input',
-                             'finish_cluster_run', 'fail_cluster_run', 'worker_beat', 'model_checksum')
+           AND p.proname IN (
+               -- the worker's and the dispatcher's
+               'expand_intake', 'claim_batch', 'start_claim', 'release_claim', 'recover_expired', 'in_flight_count',
+               'claimed_images', 'finish_batch', 'requeue_claim', 'claim_cluster_run', 'cluster_run_spec',
+               'cluster_input', 'finish_cluster_run', 'fail_cluster_run', 'worker_beat', 'model_checksum',
+               -- the triggers on watched tables: nobody calls them, they fire
+               '_on_insert', '_on_update', '_on_delete', '_on_truncate',
+               -- texts, which no reader may list
+               'request_text', '_text_state', '_request_text_elsewhere')
     LOOP
         EXECUTE format('ALTER FUNCTION %s SECURITY DEFINER', v_function);
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', v_function);
-        IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'imgembed_worker') THEN
-            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO imgembed_worker', v_function);
-        END IF;
+        FOREACH v_role_name IN ARRAY v_callers LOOP
+            IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = v_role_name) THEN
+                EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', v_function, v_role_name);
+            END IF;
+        END LOOP;
     END LOOP;
-    -- The triggers on watched tables run as their owner too: an application role that may write a
-    -- watched table needs nothing of imgembed. Nobody calls them directly.
-    FOR v_function IN
-        SELECT p.oid::regprocedure FROM pg_proc p
-         WHERE p.pronamespace = 'imgembed'::regnamespace
-           AND p.proname IN ('_on_insert', '_on_update', '_on_delete', '_on_truncate')
+END $$;
+
+-- Rows of imgembed's own tables that name rows of watched tables: a role sees those of the tables
+-- it may read. Vector tables go further, row by row (imgembed._secure_storage). The owner sees all.
+DO $$
+DECLARE
+    v_table text;
+    v_link record;
+BEGIN
+    FOREACH v_table IN ARRAY ARRAY['job', 'intake', 'cluster_run', 'projection', 'anomaly_threshold',
+                                   'cluster_member', 'cluster_centre'] LOOP
+        EXECUTE format('ALTER TABLE imgembed.%I ENABLE ROW LEVEL SECURITY', v_table);
+        EXECUTE format('DROP POLICY IF EXISTS readable_tables ON imgembed.%I', v_table);
+        EXECUTE format('CREATE POLICY readable_tables ON imgembed.%I FOR SELECT USING (imgembed._table_readable(%s))',
+                       v_table, CASE WHEN v_table LIKE 'cluster\_%' AND v_table <> 'cluster_run'
+                                     THEN '(SELECT r.watch_id FROM imgembed.cluster_run r WHERE r.id = run_id)'
+                                     ELSE 'watch_id' END);
+    END LOOP;
+    -- Interactions (likes, purchases...) are each role's own.
+    ALTER TABLE imgembed.interaction ENABLE ROW LEVEL SECURITY;
+    DROP POLICY IF EXISTS own_rows ON imgembed.interaction;
+    CREATE POLICY own_rows ON imgembed.interaction USING (role_name = current_user) WITH CHECK (role_name = current_user);
+    FOR v_link IN SELECT w AS watch, wm.storage_table FROM imgembed.watch w JOIN imgembed.watch_model wm ON wm.watch_id = w.id
     LOOP
-        EXECUTE format('ALTER FUNCTION %s SECURITY DEFINER', v_function);
-        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', v_function);
+        PERFORM imgembed._secure_storage(v_link.watch, v_link.storage_table);
     END LOOP;
-    -- Readers may queue a text for search_text, nothing else; nobody else may.
-    ALTER FUNCTION imgembed.request_text(text) SECURITY DEFINER;
-    REVOKE ALL ON FUNCTION imgembed.request_text(text) FROM PUBLIC;
-    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'imgembed_reader') THEN
-        GRANT EXECUTE ON FUNCTION imgembed.request_text(text) TO imgembed_reader;
-    END IF;
+END $$;
+
+-- Schema and table privileges.
+DO $$
+BEGIN
+    REVOKE ALL ON SCHEMA imgembed FROM PUBLIC;
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'imgembed_worker') THEN
         GRANT USAGE ON SCHEMA imgembed TO imgembed_worker;
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = imgembed._text_request_role()) THEN
+        EXECUTE format('GRANT USAGE ON SCHEMA imgembed TO %I', imgembed._text_request_role());
     END IF;
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'imgembed_reader') THEN
         GRANT USAGE ON SCHEMA imgembed TO imgembed_reader;
         GRANT SELECT ON ALL TABLES IN SCHEMA imgembed TO imgembed_reader;
-        REVOKE SELECT ON imgembed.alembic_version FROM imgembed_reader;
+        -- Not for readers: Alembic's bookkeeping, the owner's settings, everyone's texts, and the
+        -- heartbeats (imgembed.workers shows them).
+        REVOKE SELECT ON imgembed.alembic_version, imgembed.private_setting, imgembed.text_query,
+                         imgembed.worker_heartbeat FROM imgembed_reader;
+        GRANT INSERT, DELETE ON imgembed.interaction TO imgembed_reader;
+        GRANT USAGE ON ALL SEQUENCES IN SCHEMA imgembed TO imgembed_reader;
     END IF;
 END $$;

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 TESTDATA = REPO.parent / "shared" / "testdata"
 TEST_MODEL = "imgembed-tiny"
 TEMPLATE_DATABASE = "imgembed_template"
-HEAD_REVISION = "0004"  # imgembed's newest migration (test_application checks it is the head)
+HEAD_REVISION = "0005"  # imgembed's newest migration (test_application checks it is the head)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, message: str, interval: float = 0.1) -> object:
@@ -41,12 +42,30 @@ def wait_for(predicate: Callable[[], object], timeout: float, message: str, inte
         time.sleep(interval)
 
 
+_SERVERS: dict[int, EmbeddedPostgres] = {}  # the embedded servers of this session, by port
+
+
+def as_role(database_url: str, role: str) -> str:
+    """The same database for another role: through the embedded server's Unix socket, where no
+    password is asked (over TCP every login needs one)."""
+    parts = urlsplit(database_url)
+    return _SERVERS[parts.port].socket_url(parts.path.lstrip("/"), role)  # type: ignore[index]
+
+
 def schema_dump(url: str, *options: str) -> str:
     """``pg_dump --schema-only`` of the database, without its comments and the random key that
     guards each dump script."""
     dump = subprocess.run([str(postgres_bin_dir() / "pg_dump"), "--schema-only", "--no-owner", *options, url],
                           check=True, capture_output=True, text=True, timeout=120).stdout
     return "\n".join(line for line in dump.splitlines() if not line.startswith(("--", "\\restrict", "\\unrestrict")))
+
+
+def comparable_dump(url: str, *options: str) -> str:
+    """The schema dump, with the database's own loopback role (named after it) given one name, so
+    that two databases' dumps compare."""
+    with psycopg.connect(url) as connection:
+        text_role = connection.execute("SELECT imgembed._text_request_role()").fetchone()[0]
+    return schema_dump(url, *options).replace(text_role, "imgembed_text_DATABASE")
 
 
 def storage_of(db: psycopg.Connection, table: str) -> str:
@@ -57,6 +76,7 @@ def storage_of(db: psycopg.Connection, table: str) -> str:
 def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
     server = EmbeddedPostgres(tmp_path_factory.mktemp("postgres"), durable=False)
     server.start()
+    _SERVERS[server.port] = server  # type: ignore[index]
     yield server
     server.stop(mode="immediate")
 

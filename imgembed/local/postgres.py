@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import secrets
 import shutil
 import subprocess
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 from imgembed.local.service import ServiceError, free_port, port_is_open
 from imgembed.settings import POSTGRES_SHARED_BUFFERS_MB
@@ -42,6 +45,9 @@ def postgres_bin_dir() -> Path:
 class EmbeddedPostgres:
     """A PostgreSQL 18 + pgvector server whose data lives in ``data_dir``.
 
+    Over TCP (127.0.0.1 only) every login needs its password; the superuser's is generated once and
+    kept in ``data_dir/postgres-password``, readable by its owner alone. The Unix socket lives in
+    the data folder, which only its owner may enter: connections through it need no password.
     ``durable=False`` turns fsync off: for tests and benchmarks only. ``shared_buffers_mb`` is
     PostgreSQL's buffer cache: searches are fastest when it holds the HNSW indexes searched.
     """
@@ -60,8 +66,41 @@ class EmbeddedPostgres:
     def log_file(self) -> Path:
         return self.data_dir / "postgres.log"
 
+    @property
+    def password_file(self) -> Path:
+        return self.data_dir / "postgres-password"
+
+    def password(self) -> str:
+        """The superuser's password, made the first time it is asked for."""
+        if not self.password_file.exists():
+            descriptor = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(secrets.token_urlsafe(24))
+        return self.password_file.read_text().strip()
+
     def url(self, database: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+        """The superuser's URL over TCP, with its password."""
+        return f"postgresql://postgres:{self.password()}@127.0.0.1:{self.port}/{database}"
+
+    def socket_url(self, database: str = "postgres", user: str = "postgres") -> str:
+        """A URL through the Unix socket, for any role: no password asked."""
+        return f"postgresql://{quote(user)}@/{quote(database)}?host={quote(str(self.pgdata))}&port={self.port}"
+
+    def _require_passwords(self) -> None:
+        """The superuser gets its password, and TCP connections must give one (a data folder made
+        when they did not is brought up to that)."""
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(self.socket_url(), autocommit=True) as connection:
+            connection.execute(sql.SQL("ALTER ROLE postgres PASSWORD {}").format(sql.Literal(self.password())))
+            hba = self.pgdata / "pg_hba.conf"
+            lines = hba.read_text().splitlines()
+            secured = [re.sub(r"\btrust\s*$", "scram-sha-256", line) if line.startswith("host") else line
+                       for line in lines]
+            if secured != lines:
+                hba.write_text("\n".join(secured) + "\n")
+                connection.execute("SELECT pg_reload_conf()")
 
     def _run(self, program: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         command = [str(postgres_bin_dir() / program), *args]
@@ -113,8 +152,8 @@ class EmbeddedPostgres:
             return self.url()
         if not (self.pgdata / "PG_VERSION").exists():
             log.info("initialising embedded PostgreSQL in %s", self.pgdata)
-            self._run("initdb", "-D", str(self.pgdata), "--auth=trust", "--encoding=UTF8", "-U", "postgres",
-                      "--no-instructions")
+            self._run("initdb", "-D", str(self.pgdata), "--auth-local=trust", "--auth-host=scram-sha-256",
+                      "--encoding=UTF8", "-U", "postgres", "--no-instructions")
         self.port = self.port or free_port()
         options = (f"-p {self.port} -h 127.0.0.1 -k {self.pgdata} -c max_connections=200 "
                    f"-c shared_buffers={self.shared_buffers_mb}MB")
@@ -124,6 +163,7 @@ class EmbeddedPostgres:
             self.log_file.touch()
             shutil.chown(self.log_file, self._run_as, self._run_as)
         self._run("pg_ctl", "-D", str(self.pgdata), "-w", "-t", "60", "-l", str(self.log_file), "-o", options, "start")
+        self._require_passwords()
         log.info("embedded PostgreSQL listening on 127.0.0.1:%s", self.port)
         return self.url()
 

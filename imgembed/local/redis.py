@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import subprocess
 import time
@@ -29,25 +30,31 @@ def redis_server_binary() -> Path:
 
 @dataclass
 class PrivateRedis:
-    """A throw-away Redis on a free loopback port, keeping nothing on disk."""
+    """A throw-away Redis on a free loopback port, keeping nothing on disk, which answers only
+    those who give its password (generated here, and kept while this object lives: a restart
+    keeps it). The password reaches the server on its standard input, never on a command line."""
 
     data_dir: Path
     port: int | None = None
+    password: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 20.0) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         command = [
-            str(redis_server_binary()), "--port", str(self.port), "--bind", "127.0.0.1",
+            str(redis_server_binary()), "-", "--port", str(self.port), "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "no", "--dir", str(self.data_dir), "--daemonize", "no",
         ]
         log_file = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - owned by the child
-        self._process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log_file, stderr=subprocess.STDOUT)
+        assert self._process.stdin is not None
+        self._process.stdin.write(f"requirepass {self.password}\n".encode())
+        self._process.stdin.close()
         deadline = time.monotonic() + timeout
         while not port_is_open("127.0.0.1", self.port):
             if self._process.poll() is not None:

@@ -23,7 +23,7 @@ from imgembed.db import connect
 from imgembed.integrations import sqlalchemy as sqla
 from imgembed.local.postgres import EmbeddedPostgres, postgres_bin_dir
 from imgembed.models.registry import register_model
-from tests.conftest import HEAD_REVISION, REPO, TEST_MODEL, schema_dump
+from tests.conftest import HEAD_REVISION, REPO, TEST_MODEL, comparable_dump
 
 APP_ENV = '''
 from alembic import context
@@ -192,7 +192,7 @@ def test_offline_sql_builds_the_same_schema(
     script.write_text(result.stdout)
     subprocess.run([str(postgres_bin_dir() / "psql"), "-v", "ON_ERROR_STOP=1", "-q", "-f", str(script), offline],
                    check=True, capture_output=True, timeout=120)
-    assert schema_dump(offline, "-n", "imgembed") == schema_dump(online, "-n", "imgembed")
+    assert comparable_dump(offline, "-n", "imgembed") == comparable_dump(online, "-n", "imgembed")
     assert versions(offline)[1] == versions(online)[1] == HEAD_REVISION
 
 

@@ -13,7 +13,7 @@ import psycopg
 from imgembed import migrate
 from imgembed.db import connect
 from imgembed.models.registry import register_model
-from tests.conftest import HEAD_REVISION, REPO, schema_dump
+from tests.conftest import HEAD_REVISION, REPO, comparable_dump
 
 
 def watched_shop_with_vectors(connection: psycopg.Connection, rows: int, seed: int) -> tuple[str, np.ndarray]:
@@ -199,6 +199,9 @@ RELEASED_REVISION_FILES = {
     "0004_model_outages.py": "44b8d128c1cba6b09a997d640e5649aa5de6f1aafcab2ccefbb76729af0eb104",
     "0004_model_outages.sql": "78c8352e56653dec8e77d4ef46a94ad997a077fa291fcf7a14f35af2279858ba",
     "0004_model_outages_down.sql": "93fd229ada00787c32bdbf163359d31e118d4471a40d69f80cf9e0ff69160f22",
+    "0005_private_rows.py": "d9b43ed2e7a9a8c3a43a064efc01813e8c6b3c6b8d66d8187bed37b27facfa6f",
+    "0005_private_rows.sql": "4300cf650379ff542379f66d7c33f41d95e2a03e716e728f52d786bf904e57ef",
+    "0005_private_rows_down.sql": "913138189ee9f8ace41548092013559aef29641edbe9db642be0ca1e9a11489e",
 }
 RELEASED_0001 = REPO / "tests" / "fixtures" / "imgembed-0001-as-released.sql.gz"
 
@@ -251,7 +254,7 @@ def test_database_made_by_released_0001_upgrades_to_a_fresh_install(
     fresh = fresh_database(None)
     migrate.upgrade(fresh)
     _populate(fresh)
-    assert schema_dump(old) == schema_dump(fresh)
+    assert comparable_dump(old) == comparable_dump(fresh)
     after = _contents(old)
     assert after == before
     assert len(after["vectors"]) == 40 and after == _contents(fresh)

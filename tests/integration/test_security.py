@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from imgembed.training.synthetic import random_shapes
-from tests.conftest import Services, wait_for
+from tests.conftest import Services, as_role, wait_for
 
 # Argument lists a decoy is planted with: more specific than pg_catalog's own (variadic "any",
 # anyelement, anyarray...) for the calls that resolve among overloads of different types.
@@ -44,7 +44,7 @@ def mallory(db: psycopg.Connection, database_url: str) -> Iterator[psycopg.Conne
     name = f"mallory_{uuid.uuid4().hex[:8]}"
     db.execute(f"CREATE ROLE {name} LOGIN")
     db.execute(f"GRANT CREATE, USAGE ON SCHEMA public TO {name}")
-    with psycopg.connect(database_url.replace("postgres@", f"{name}@", 1), autocommit=True) as connection:
+    with psycopg.connect(as_role(database_url, name), autocommit=True) as connection:
         connection.execute("CREATE TABLE public.decoy_log (decoy text, ran_as text DEFAULT current_user)")
         connection.execute("GRANT INSERT, SELECT ON public.decoy_log TO PUBLIC")
         yield connection
@@ -144,8 +144,10 @@ def test_functions_with_owner_rights_are_pinned_and_granted_narrowly(db: psycopg
                         "cluster_run_spec", "cluster_input", "finish_cluster_run", "fail_cluster_run", "worker_beat",
                         "model_checksum"}
     triggers = {"_on_insert", "_on_update", "_on_delete", "_on_truncate"}
+    text_role = db.execute("SELECT imgembed._text_request_role()").fetchone()[0]
     expected = {**{name: ["imgembed_worker"] for name in worker_functions}, **{name: [] for name in triggers},
-                "request_text": ["imgembed_reader"]}
+                "request_text": sorted(["imgembed_reader", text_role]),  # texts, which no reader may list
+                "_text_state": ["imgembed_reader"], "_request_text_elsewhere": ["imgembed_reader"]}
     found = {name: sorted(grantees) for name, _, grantees, _ in rows}
     assert found == expected
     for name, config, _, public in rows:

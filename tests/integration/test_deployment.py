@@ -1,0 +1,149 @@
+"""imgembed deployed the way a DBA deploys a plugin into an application's database: a superuser
+only creates the database and the extensions; migrations run as the database's owner; the
+application writes with roles that know nothing of imgembed; workers have their own login; readers
+are bound by privileges and row-level security. Nothing runs as a superuser after the first step."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from imgembed.local.postgres import EmbeddedPostgres
+from imgembed.training.synthetic import random_shapes
+from tests.conftest import REPO, wait_for
+
+MODEL = "imgembed-shapes"  # a checkpoint: workers check it against the registered checksum
+
+
+@dataclass
+class Deployment:
+    server: EmbeddedPostgres
+    database: str
+    suffix: str
+
+    def role(self, name: str) -> str:
+        return f"{name}_{self.suffix}"
+
+    def url(self, name: str) -> str:
+        return self.server.socket_url(self.database, self.role(name))
+
+    def connect(self, name: str) -> psycopg.Connection:
+        return psycopg.connect(self.url(name), autocommit=True)
+
+
+@pytest.fixture
+def deployment(pg_server: EmbeddedPostgres) -> Iterator[Deployment]:
+    """The superuser's part, and nothing more: the owner role, the database, the extensions."""
+    suffix = uuid.uuid4().hex[:8]
+    deployed = Deployment(pg_server, f"app_{suffix}", suffix)
+    with psycopg.connect(pg_server.socket_url(), autocommit=True) as superuser:
+        superuser.execute(f"CREATE ROLE {deployed.role('owner')} LOGIN CREATEROLE")
+        superuser.execute(f"CREATE DATABASE {deployed.database} OWNER {deployed.role('owner')}")
+        # imgembed's group roles belong to the cluster and may exist already (another database's
+        # migration made them): the owner may then hand them out.
+        for group in ("imgembed_reader", "imgembed_worker"):
+            superuser.execute(f"DO $$ BEGIN CREATE ROLE {group} NOLOGIN; EXCEPTION WHEN duplicate_object THEN END $$")
+            superuser.execute(f"GRANT {group} TO {deployed.role('owner')} WITH ADMIN OPTION")
+    with psycopg.connect(pg_server.socket_url(deployed.database), autocommit=True) as superuser:
+        superuser.execute("CREATE EXTENSION vector")
+        superuser.execute(f"CREATE SCHEMA imgembed_dblink AUTHORIZATION {deployed.role('owner')}")
+        superuser.execute("CREATE EXTENSION dblink SCHEMA imgembed_dblink")
+    yield deployed
+    with psycopg.connect(pg_server.socket_url(deployed.database), autocommit=True) as superuser:
+        text_role = superuser.execute("SELECT value FROM imgembed.private_setting WHERE name = 'text_request_role'"
+                                      ).fetchone()
+    with psycopg.connect(pg_server.socket_url(), autocommit=True) as superuser:
+        superuser.execute(f"DROP DATABASE IF EXISTS {deployed.database} WITH (FORCE)")
+        roles = [row[0] for row in superuser.execute(
+            "SELECT rolname FROM pg_roles WHERE rolname LIKE %s OR rolname = %s ORDER BY rolname = %s",
+            (f"%{suffix}", text_role[0] if text_role else "", deployed.role("owner"))).fetchall()]
+        for name in roles:  # the owner last: it granted the others their memberships
+            superuser.execute(f'DROP ROLE IF EXISTS "{name}"')
+
+
+def _imgembed(deployed: Deployment, role: str, redis_url: str, *arguments: str,
+              cwd: Path = REPO) -> subprocess.Popen[str]:
+    environment = {**os.environ, "DATABASE_URL": deployed.url(role), "REDIS_URL": redis_url,
+                   "IMGEMBED_MODEL": MODEL, "IMGEMBED_QUEUE": f"deploy-{deployed.suffix}", "IMGEMBED_DEVICE": "cpu",
+                   "IMGEMBED_SWEEP_SECONDS": "0.5", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "imgembed", *arguments], cwd=cwd, env=environment,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _keys(connection: psycopg.Connection, query: str, *parameters: object) -> set[int]:
+    return {int(row[0]) for row in connection.execute(query, parameters).fetchall()}
+
+
+def test_a_dba_deployment_with_tenants(deployment: Deployment, redis_url: str) -> None:
+    # The owner migrates (and creates imgembed's roles), then sets up the application's side.
+    migrated = _imgembed(deployment, "owner", redis_url, "migrate")
+    output = migrated.communicate(timeout=300)[0]
+    assert migrated.returncode == 0, output
+    assert "superuser" not in output.lower()
+    role = deployment.role
+    with deployment.connect("owner") as owner:
+        assert not owner.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
+        owner.execute("CREATE TABLE products (id bigint PRIMARY KEY, photo bytea, colour text, tenant text NOT NULL)")
+        owner.execute("ALTER TABLE products ENABLE ROW LEVEL SECURITY")
+        owner.execute("CREATE POLICY own_tenant ON products FOR SELECT USING (tenant = current_user)")
+        owner.execute(f"CREATE ROLE {role('writer')} LOGIN")
+        owner.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON products TO {role('writer')}")
+        owner.execute(f"CREATE POLICY writes ON products TO {role('writer')} USING (true) WITH CHECK (true)")
+        owner.execute(f"CREATE ROLE {role('embedder')} LOGIN IN ROLE imgembed_worker")
+        for tenant in ("alice", "bob", "outsider"):
+            owner.execute(f"CREATE ROLE {role(tenant)} LOGIN IN ROLE imgembed_reader")
+        owner.execute(f"GRANT SELECT ON products TO {role('alice')}, {role('bob')}")
+        owner.execute("SELECT imgembed.watch('products', 'photo', label_column => 'colour')")
+
+    # The application writes with a role that knows nothing of imgembed.
+    shapes = random_shapes(16, seed=31)
+    tenants = {i: role("alice") if i % 2 == 0 else role("bob") for i in range(16)}
+    with deployment.connect("writer") as writer:
+        with writer.cursor() as cursor:
+            cursor.executemany("INSERT INTO products VALUES (%s, %s, %s, %s)",
+                               [(i, shape.png_bytes(), shape.colour, tenants[i]) for i, shape in enumerate(shapes)])
+        writer.execute("UPDATE products SET photo = %s WHERE id = 0", (shapes[15].png_bytes(),))
+        writer.execute("DELETE FROM products WHERE id = 15")
+
+    # Workers and dispatchers log in as the worker role.
+    processes = [_imgembed(deployment, "embedder", redis_url, "dispatch"),
+                 _imgembed(deployment, "embedder", redis_url, "worker")]
+    try:
+        with deployment.connect("owner") as owner:
+            wait_for(lambda: owner.execute("SELECT embedded = 15 AND pending + in_flight + failed = 0 FROM imgembed.status "
+                                           "WHERE table_name = 'public.products'").fetchone()[0], 180,
+                     "the application's rows embedded by the worker login")
+        alice_keys = {i for i in range(15) if tenants[i] == role("alice")}
+        with deployment.connect("alice") as alice:
+            assert _keys(alice, "SELECT id FROM imgembed.similar('products', 2::bigint, 20)") == alice_keys - {2}
+            assert _keys(alice, "SELECT id FROM imgembed.search_text('products', NULL::bigint, 'a red circle', 20, "
+                                "timeout_seconds => 60)") == alice_keys  # a new text, queued through the loopback
+            assert _keys(alice, "SELECT id FROM imgembed.recommend('products', ARRAY[2]::bigint[], 20)") == alice_keys - {2}
+            status = alice.execute("SELECT table_name, \"rows\" FROM imgembed.status WHERE is_default").fetchall()
+            assert ("public.products", len(alice_keys)) in status
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                alice.execute("SELECT * FROM imgembed.text_query")
+            alice.execute("INSERT INTO imgembed.interaction (user_id, tbl, item) VALUES ('a', 'products', '2')")
+        with deployment.connect("bob") as bob:
+            assert _keys(bob, "SELECT id FROM imgembed.similar('products', 3::bigint, 20)") <= set(range(1, 15, 2))
+            storage = bob.execute("SELECT imgembed.storage_table('products')").fetchone()[0]
+            assert _keys(bob, f"SELECT id FROM imgembed.{storage}") == set(range(1, 15, 2))
+            assert bob.execute("SELECT count(*) FROM imgembed.interaction").fetchone()[0] == 0
+        with deployment.connect("outsider") as outsider:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                outsider.execute("SELECT * FROM imgembed.similar('products', 2::bigint, 5)")
+            assert outsider.execute("SELECT count(*) FROM imgembed.status WHERE table_name = 'public.products'"
+                                    ).fetchone()[0] == 0
+    finally:
+        for process in processes:
+            process.terminate()
+        logs = "".join(process.communicate(timeout=60)[0] for process in processes)
+    assert "Traceback" not in logs, logs[-3000:]
