@@ -70,6 +70,7 @@ def search_figures(connection: psycopg.Connection, size: BenchSize, results: Res
                      ef, None, truths[ALL_ROWS], clustered)
         if number == 0:
             _filtered_figures(connection, results, search, truths[FILTERED], clustered, build)
+            _policy_figures(connection, results, search, truths[ALL_ROWS], clustered, build)
 
 
 def _filtered_figures(connection: psycopg.Connection, results: Results, search: Searcher, truth: list[list[int]],
@@ -86,6 +87,32 @@ def _filtered_figures(connection: psycopg.Connection, results: Results, search: 
                      ef, RARE_FILTER, truth, clustered)
     finally:
         connection.execute("RESET imgembed.exact_scan_rows")
+
+
+def _policy_figures(connection: psycopg.Connection, results: Results, search: Searcher, truth: list[list[int]],
+                    clustered: list[bool], build: str) -> None:
+    """What reading as a role costs, at ef_search 40: the figures above are a superuser's, who
+    passes row-level security by; a reader's searches check every candidate against the watched
+    table (the vector table's policy), and that table's own policy with it when it has one."""
+    connection.execute("DO $$ BEGIN CREATE ROLE bench_reader NOLOGIN IN ROLE imgembed_reader; "
+                       "EXCEPTION WHEN duplicate_object THEN END $$")
+    connection.execute("GRANT SELECT ON bench_search TO bench_reader")
+    cases = (("reader", "as a reader role (the vector table's policy)", False),
+             ("reader_policy", "as a reader role, bench_search with a row-level policy of its own", True))
+    try:
+        for suffix, what, own_policy in cases:
+            if own_policy:
+                connection.execute("ALTER TABLE bench_search ENABLE ROW LEVEL SECURITY")
+                connection.execute("CREATE POLICY tenant ON bench_search FOR SELECT USING (category <> 'hidden')")
+            connection.execute("SET ROLE bench_reader")
+            try:
+                _measure(results, search, f"search_{ALL_ROWS}_ef40_{suffix}", f"{ALL_ROWS}, {build}, ef_search=40, {what}",
+                         40, None, truth, clustered)
+            finally:
+                connection.execute("RESET ROLE")
+    finally:
+        connection.execute("DROP POLICY IF EXISTS tenant ON bench_search")
+        connection.execute("ALTER TABLE bench_search DISABLE ROW LEVEL SECURITY")
 
 
 def _load_vectors(connection: psycopg.Connection, dim: int, count: int) -> str:

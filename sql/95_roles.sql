@@ -95,15 +95,24 @@ DECLARE
     v_table text;
     v_link record;
 BEGIN
-    FOREACH v_table IN ARRAY ARRAY['job', 'intake', 'cluster_run', 'projection', 'anomaly_threshold',
-                                   'cluster_member', 'cluster_centre'] LOOP
+    FOREACH v_table IN ARRAY ARRAY['job', 'intake', 'cluster_run', 'anomaly_threshold', 'cluster_centre'] LOOP
         EXECUTE format('ALTER TABLE imgembed.%I ENABLE ROW LEVEL SECURITY', v_table);
         EXECUTE format('DROP POLICY IF EXISTS readable_tables ON imgembed.%I', v_table);
         EXECUTE format('CREATE POLICY readable_tables ON imgembed.%I FOR SELECT USING (imgembed._table_readable(%s))',
-                       v_table, CASE WHEN v_table LIKE 'cluster\_%' AND v_table <> 'cluster_run'
+                       v_table, CASE v_table WHEN 'cluster_centre'
                                      THEN '(SELECT r.watch_id FROM imgembed.cluster_run r WHERE r.id = run_id)'
                                      ELSE 'watch_id' END);
     END LOOP;
+    -- Cluster members and map coordinates name rows one by one: a role sees those it may read.
+    ALTER TABLE imgembed.cluster_member ENABLE ROW LEVEL SECURITY;
+    DROP POLICY IF EXISTS readable_tables ON imgembed.cluster_member;
+    DROP POLICY IF EXISTS visible_rows ON imgembed.cluster_member;
+    CREATE POLICY visible_rows ON imgembed.cluster_member FOR SELECT
+        USING (imgembed._row_visible((SELECT r.watch_id FROM imgembed.cluster_run r WHERE r.id = run_id), key));
+    ALTER TABLE imgembed.projection ENABLE ROW LEVEL SECURITY;
+    DROP POLICY IF EXISTS readable_tables ON imgembed.projection;
+    DROP POLICY IF EXISTS visible_rows ON imgembed.projection;
+    CREATE POLICY visible_rows ON imgembed.projection FOR SELECT USING (imgembed._row_visible(watch_id, key));
     -- Interactions (likes, purchases...) are each role's own.
     ALTER TABLE imgembed.interaction ENABLE ROW LEVEL SECURITY;
     DROP POLICY IF EXISTS own_rows ON imgembed.interaction;

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +110,8 @@ def test_a_dba_deployment_with_tenants(deployment: Deployment, redis_url: str) -
     with deployment.connect("writer") as writer:
         with writer.cursor() as cursor:
             cursor.executemany("INSERT INTO products VALUES (%s, %s, %s, %s)",
-                               [(i, shape.png_bytes(), shape.colour, tenants[i]) for i, shape in enumerate(shapes)])
+                               [(i, shape.png_bytes(), None if i % 4 in (2, 3) else shape.colour, tenants[i])
+                                for i, shape in enumerate(shapes)])
         writer.execute("UPDATE products SET photo = %s WHERE id = 0", (shapes[15].png_bytes(),))
         writer.execute("DELETE FROM products WHERE id = 15")
 
@@ -121,12 +123,37 @@ def test_a_dba_deployment_with_tenants(deployment: Deployment, redis_url: str) -
             wait_for(lambda: owner.execute("SELECT embedded = 15 AND pending + in_flight + failed = 0 FROM imgembed.status "
                                            "WHERE table_name = 'public.products'").fetchone()[0], 180,
                      "the application's rows embedded by the worker login")
+            # The owner's analyses: label prompts, known-good rows, a clustering run (by a worker).
+            owner.execute("INSERT INTO imgembed.label_prompt (label, prompt) VALUES ('red', 'a red shape'), "
+                          "('blue', 'a blue shape')")
+            common = Counter(shapes[i].colour for i in range(15) if i % 4 not in (2, 3)).most_common(1)[0][0]
+            owner.execute("SELECT imgembed.set_known_good('products', good_label => %s)", (common,))
+            owner.execute("SELECT imgembed.calibrate_anomalies('products')")
+            run = owner.execute("SELECT imgembed.cluster('products', 3)").fetchone()[0]
+            wait_for(lambda: owner.execute("SELECT status = 'done' FROM imgembed.cluster_run WHERE id = %s",
+                                           (run,)).fetchone()[0]
+                     and owner.execute("SELECT embedded = 2 FROM imgembed.status WHERE table_name = "
+                                       "'imgembed.label_prompt' AND is_default").fetchone()[0], 180,
+                     "the clustering run and the label prompts")
         alice_keys = {i for i in range(15) if tenants[i] == role("alice")}
         with deployment.connect("alice") as alice:
             assert _keys(alice, "SELECT id FROM imgembed.similar('products', 2::bigint, 20)") == alice_keys - {2}
             assert _keys(alice, "SELECT id FROM imgembed.search_text('products', NULL::bigint, 'a red circle', 20, "
                                 "timeout_seconds => 60)") == alice_keys  # a new text, queued through the loopback
             assert _keys(alice, "SELECT id FROM imgembed.recommend('products', ARRAY[2]::bigint[], 20)") == alice_keys - {2}
+            # Every other question answers from alice's rows alone.
+            pairs = alice.execute("SELECT a, b FROM imgembed.near_duplicates('products', max_distance => 2)").fetchall()
+            assert pairs and {int(key) for pair in pairs for key in pair} <= alice_keys
+            assert alice.execute("SELECT count(*) FROM imgembed.knn_label('products', 4::bigint)").fetchone()[0] >= 1
+            assert _keys(alice, "SELECT key FROM imgembed.predicted_labels WHERE table_name = 'public.products'"
+                         ) == {key for key in alice_keys if key % 4 == 2}
+            assert alice.execute("SELECT count(*) FROM imgembed.zero_shot('products', 4::bigint)").fetchone()[0] == 2
+            with pytest.raises(psycopg.Error, match="has no vector"):
+                alice.execute("SELECT * FROM imgembed.zero_shot('products', 5::bigint)")  # bob's
+            assert _keys(alice, "SELECT key FROM imgembed.anomalies WHERE table_name = 'public.products'") <= alice_keys
+            assert _keys(alice, "SELECT key FROM imgembed.cluster_member") == alice_keys
+            medoids = alice.execute("SELECT medoid_key FROM imgembed.cluster_summary").fetchall()
+            assert {int(row[0]) for row in medoids if row[0] is not None} <= alice_keys
             status = alice.execute("SELECT table_name, \"rows\" FROM imgembed.status WHERE is_default").fetchall()
             assert ("public.products", len(alice_keys)) in status
             with pytest.raises(psycopg.errors.InsufficientPrivilege):

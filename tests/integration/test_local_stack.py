@@ -3,12 +3,18 @@ other commands while it runs."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import psycopg
+import pytest
+
+from imgembed.local.redis import redis_reachable
 from imgembed.local.service import free_port
 from tests.conftest import REPO, TEST_MODEL, wait_for
 
@@ -32,7 +38,15 @@ def test_commands_find_the_stack_that_up_started(tmp_path: Path) -> None:
         assert found.returncode == 0, found.stderr
         assert "imgembed.image" in found.stdout and TEST_MODEL in found.stdout
         record = tmp_path / "data" / "running-stack.json"
-        assert record.stat().st_mode & 0o077 == 0  # its owner's alone
+        assert record.stat().st_mode & 0o077 == 0  # its owner's alone: it holds the passwords
+        urls = json.loads(record.read_text())
+        database, broker = urlsplit(urls["database_url"]), urlsplit(urls["redis_url"])
+        assert database.hostname == "127.0.0.1" and database.password and broker.password
+        with psycopg.connect(urls["database_url"]) as connection:  # with its password: in
+            assert connection.execute("SELECT 1").fetchone() == (1,)
+        with pytest.raises(psycopg.OperationalError, match="password"):  # without: refused
+            psycopg.connect(f"postgresql://postgres@127.0.0.1:{database.port}/imgembed", connect_timeout=10)
+        assert redis_reachable(urls["redis_url"]) and not redis_reachable(f"redis://127.0.0.1:{broker.port}/0")
     finally:
         up.send_signal(signal.SIGTERM)
         up.wait(60)

@@ -70,3 +70,14 @@ def test_search_text_without_a_worker_fails_clearly(shapes_table: psycopg.Connec
     with pytest.raises(psycopg.Error, match="no vector for text .* after 1 s") as raised:
         shapes_table.execute("SELECT * FROM imgembed.search_text('shapes', 'a green triangle', timeout_seconds => 1)")
     assert "worker" in (raised.value.diag.message_hint or "")
+
+
+def test_texts_queued_are_bounded(db: psycopg.Connection) -> None:
+    """No one can bury the workers in texts: a text is at most 1,000 characters, and at most 1,000
+    texts wait for a worker; a text asked for before still answers."""
+    with pytest.raises(psycopg.Error, match="at most 1,000"):
+        db.execute("SELECT imgembed.request_text(%s)", ("x" * 1001,))
+    db.execute("INSERT INTO imgembed.text_query (query) SELECT 'text ' || g FROM generate_series(1, 1000) g")
+    with pytest.raises(psycopg.Error, match="too many texts wait"):
+        db.execute("SELECT imgembed.request_text('one more')")
+    assert db.execute("SELECT imgembed.request_text('text 5')").fetchone()[0] > 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tomllib
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -48,3 +49,21 @@ def test_docker_compose_config() -> None:
         pytest.skip("no docker compose client on this machine")
     result = subprocess.run([docker, "compose", "config", "--quiet"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_compose_runs_nothing_as_the_superuser_after_setting_up() -> None:
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    users = {name: urlsplit(service["environment"]["DATABASE_URL"]).username
+             for name, service in services.items() if "DATABASE_URL" in service.get("environment", {})}
+    assert users == {"migrate": "imgembed_owner", "dispatcher": "embedder", "worker": "embedder",
+                     "worker-gpu": "embedder"}
+    assert "./docker/postgres-init.sh:/docker-entrypoint-initdb.d/10-imgembed.sh:ro" in services["postgres"]["volumes"]
+    init = (REPO / "docker" / "postgres-init.sh").read_text()
+    assert "CREATE ROLE imgembed_owner LOGIN CREATEROLE" in init and "SUPERUSER" not in init
+    assert "IN ROLE imgembed_worker" in init and "CREATE EXTENSION vector" in init
+    # Redis asks for its password, and every client gives it.
+    assert "--requirepass" in " ".join(services["redis"]["command"])
+    for name in ("migrate", "dispatcher", "worker", "worker-gpu"):
+        redis_url = services[name]["environment"]["REDIS_URL"]
+        assert urlsplit(redis_url).password, name
