@@ -24,8 +24,21 @@ def alembic_config(database_url: str) -> Config:
     return config
 
 
-def upgrade(database_url: str, revision: str = "head", *, sql_only: bool = False) -> None:
+def upgrade(database_url: str, revision: str = "head", *, sql_only: bool = False, register: bool = True,
+            model: str | None = None) -> None:
+    """Install or upgrade imgembed's schema, then, as ``imgembed migrate`` does, register a model:
+    ``model``, else the configured one (IMGEMBED_MODEL). The first model registered becomes the
+    default of every watched table; ``register=False`` leaves the registry alone."""
     command.upgrade(alembic_config(database_url), revision, sql=sql_only)
+    if sql_only or not register:
+        return
+    from imgembed.db import connect
+    from imgembed.models.registry import register_model
+    from imgembed.settings import load_settings
+
+    settings = load_settings()
+    with connect(database_url) as connection:
+        register_model(connection, model or settings.model, model_dir=settings.models_path)
 
 
 def downgrade(database_url: str, revision: str = "base", *, sql_only: bool = False) -> None:

@@ -37,10 +37,6 @@ def _text(_name: str, raw: str) -> str:
     return raw.strip()
 
 
-def _upper(_name: str, raw: str) -> str:
-    return raw.strip().upper()
-
-
 def _integer(minimum: int) -> Parser:
     def parse(name: str, raw: str) -> int:
         try:
@@ -224,7 +220,8 @@ class Settings:
     pg_shared_buffers_mb: int = _setting(
         "IMGEMBED_PG_SHARED_BUFFERS_MB", _default_shared_buffers_mb, _integer(1),
         "shared_buffers of the embedded PostgreSQL", default_help="a quarter of memory, 128-1024")
-    log_level: str = _setting("IMGEMBED_LOG_LEVEL", "INFO", _upper, "DEBUG, INFO, WARNING or ERROR")
+    log_level: str = _setting("IMGEMBED_LOG_LEVEL", "INFO", _one_of("DEBUG", "INFO", "WARNING", "ERROR", upper=True),
+                              "of imgembed's own log lines (the libraries' say only warnings)")
 
     def __post_init__(self) -> None:
         if self.model_dir is None:  # beside the other data unless set apart

@@ -22,7 +22,6 @@ from imgembed import migrate
 from imgembed.db import connect
 from imgembed.local.postgres import EmbeddedPostgres, postgres_bin_dir
 from imgembed.local.redis import PrivateRedis, redis_reachable
-from imgembed.models.registry import register_model
 
 REPO = Path(__file__).resolve().parents[1]
 TESTDATA = REPO.parent / "shared" / "testdata"
@@ -87,9 +86,7 @@ def template_database(pg_server: EmbeddedPostgres) -> str:
         admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE_DATABASE}")
         admin.execute(f"CREATE DATABASE {TEMPLATE_DATABASE}")
     url = pg_server.url(TEMPLATE_DATABASE)
-    migrate.upgrade(url)
-    with connect(url) as connection:
-        register_model(connection, TEST_MODEL)
+    migrate.upgrade(url, model=TEST_MODEL)
     return TEMPLATE_DATABASE
 
 

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import random
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,15 +20,21 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from imgembed.errors import ImgembedError
 from imgembed.models.names import ModelSpec, parse_model_spec
 from imgembed.settings import Settings
 from imgembed.worker.decode import decode_image
 from imgembed.worker.embedding import LoadedModel, load_model
+from imgembed.worker.image_error import ImageError
 from imgembed.worker.sources import ImageSource, read_source
 
 log = logging.getLogger(__name__)
 
 MAX_LOGIT_SCALE = math.log(100)
+
+
+class TrainingDataError(ImgembedError, ValueError):
+    """The pairs given cannot train anything: too few, or a source that cannot be read at all."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class FinetuneResult:
     recall_before: dict[str, float]
     recall_after: dict[str, float]
     losses: list[float] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)  # pairs left out, by the reason class
 
 
 def pairs_from_csv(path: Path) -> list[Pair]:
@@ -59,7 +67,7 @@ def pairs_from_csv(path: Path) -> list[Pair]:
         path_field = fields.get("path") or fields.get("uri") or fields.get("file")
         caption_field = fields.get("caption") or fields.get("text")
         if not path_field or not caption_field:
-            raise ValueError(f"{path}: needs a header with a path (or uri) column and a caption (or text) column")
+            raise TrainingDataError(f"{path}: needs a header with a path (or uri) column and a caption (or text) column")
         base = path.parent
         pairs = []
         for row in reader:
@@ -78,7 +86,7 @@ def pairs_from_table(connection: psycopg.Connection, table: str, image_column: s
         "AND NOT attisdropped", (table, image_column)
     ).fetchone()
     if kind is None:
-        raise ValueError(f"column {image_column!r} does not exist in table {table}")
+        raise TrainingDataError(f"column {image_column!r} does not exist in table {table}")
     schema_name, _, table_name = table.rpartition(".")
     relation = sql.Identifier(schema_name, table_name) if schema_name else sql.Identifier(table_name)
     statement = sql.SQL("SELECT {}, {} FROM {} WHERE {} IS NOT NULL AND {} IS NOT NULL").format(
@@ -97,6 +105,32 @@ def synthetic_pairs(count: int, seed: int = 0) -> list[Pair]:
 
     rng = random.Random(seed + 1)
     return [Pair(shape.caption_variant(rng), image=shape.image) for shape in random_shapes(count, seed=seed)]
+
+
+def readable_pairs(
+    pairs: Sequence[Pair], settings: Settings, pool: ThreadPoolExecutor, *, show_progress: bool = False
+) -> tuple[list[Pair], Counter[str]]:
+    """The pairs whose image reads and decodes, and a count of the others by reason class (the
+    same classes a failed row's error starts with). One bad row never stops a training run."""
+
+    def check(pair: Pair) -> str | None:
+        try:
+            pair.load(settings)
+        except ImageError as error:
+            log.info("skipping %s", error)
+            return error.reason
+        return None
+
+    readable: list[Pair] = []
+    skipped: Counter[str] = Counter()
+    outcomes = pool.map(check, pairs)
+    for pair, reason in tqdm(zip(pairs, outcomes), total=len(pairs), desc="reading images", unit="image",
+                             disable=not show_progress):
+        if reason is None:
+            readable.append(pair)
+        else:
+            skipped[reason] += 1
+    return readable, skipped
 
 
 def split_pairs(pairs: Sequence[Pair], holdout: float, seed: int) -> tuple[list[Pair], list[Pair]]:
@@ -233,15 +267,17 @@ def finetune(
     spec = parse_model_spec(model_name)
     if from_scratch:  # the architecture with seeded random weights
         spec = ModelSpec(name=spec.architecture, architecture=spec.architecture, pretrained=None)
-    if len(pairs) < 2:
-        raise ValueError(f"need at least 2 image+caption pairs, got {len(pairs)}")
-    model = load_model(spec, settings.device, model_dir=settings.models_path)
-    train_pairs, held_out = split_pairs(pairs, holdout, seed)
     with ThreadPoolExecutor(settings.decode_threads) as pool:
+        pairs, skipped = readable_pairs(pairs, settings, pool, show_progress=show_progress)
+        if len(pairs) < 2:
+            left_out = "".join(f"; {count} {reason}" for reason, count in skipped.most_common())
+            raise TrainingDataError(f"need at least 2 readable image+caption pairs, got {len(pairs)}{left_out}")
+        model = load_model(spec, settings.device, model_dir=settings.models_path)
+        train_pairs, held_out = split_pairs(pairs, holdout, seed)
         before = retrieval_recall(model, held_out, settings, pool)
         log.info("held-out recall before: %s", before)
         losses = train(model, train_pairs, settings, epochs=epochs, batch_size=min(batch_size, len(train_pairs)),
                        learning_rate=learning_rate, seed=seed, show_progress=show_progress)
         after = retrieval_recall(model, held_out, settings, pool)
     checkpoint = save_checkpoint(model, out)
-    return FinetuneResult(checkpoint, before, after, losses)
+    return FinetuneResult(checkpoint, before, after, losses, skipped)

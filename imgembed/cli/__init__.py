@@ -35,6 +35,9 @@ def _database_error(error: Exception) -> str | None:
         return None
     diag = error.diag
     hint = getattr(diag, "message_hint", None)
+    if hint is None and isinstance(error, psycopg.errors.InsufficientPrivilege):
+        hint = ("this login lacks that privilege: status, failures and searches need a role granted "
+                "imgembed_reader (a worker's login, in imgembed_worker, reads no table); changes need the owner")
     return (diag.message_primary or str(error)) + (f"\nhint: {hint}" if hint else "")
 
 

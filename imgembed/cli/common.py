@@ -27,13 +27,19 @@ def add_command(commands: argparse._SubParsersAction, name: str, handler: Handle
     return command
 
 
+# Loggers whose INFO lines are imgembed's own story (batches, claims, loads, services); the
+# libraries' INFO lines (OpenCLIP's configuration notes, Alembic's steps...) stay out.
+OWN_LOGGERS = ("imgembed", "celery")
+
+
 def setup_logging(settings: Settings) -> None:
     logging.basicConfig(
-        level=settings.log_level,
+        level=max(logging.WARNING, logging.getLevelName(settings.log_level)),
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(settings.log_level)
 
 
 def interrupt_on_sigterm() -> None:

@@ -1,10 +1,13 @@
-"""Commands on imgembed's schema and queue: migrate, status, retry."""
+"""Commands on imgembed's database: migrate, psql, status, retry."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 
-from imgembed.cli.common import add_command
+from imgembed.cli.common import UsageError, add_command
+from imgembed.errors import ImgembedError
 from imgembed.settings import Settings, require_database_url
 
 
@@ -17,15 +20,13 @@ def migrate(settings: Settings, args: argparse.Namespace) -> int:
         if not args.sql:
             print(f"imgembed downgraded to {args.downgrade}")
         return 0
-    migrations.upgrade(url, args.revision, sql_only=args.sql)
+    migrations.upgrade(url, args.revision, sql_only=args.sql, register=not args.no_model, model=settings.model)
     if args.sql:
         return 0
     from imgembed.db import connect
-    from imgembed.models.registry import default_model, register_model
+    from imgembed.models.registry import default_model
 
     with connect(url) as connection:
-        if not args.no_model:
-            register_model(connection, settings.model, model_dir=settings.models_path)
         print(f"imgembed migrated to {migrations.current_revision(url)}; default model: {default_model(connection)}")
     return 0
 
@@ -50,6 +51,25 @@ def retry(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _psql_program() -> str:
+    """psql from PATH, else the one the embedded PostgreSQL ships."""
+    found = shutil.which("psql")
+    if found:
+        return found
+    try:
+        from imgembed.local.postgres import postgres_bin_dir
+
+        return str(postgres_bin_dir() / "psql")
+    except ImgembedError:
+        raise UsageError("no psql on PATH: install PostgreSQL's client, or imgembed[local], which ships one") from None
+
+
+def psql(settings: Settings, args: argparse.Namespace) -> int:
+    program = _psql_program()
+    os.execv(program, [program, require_database_url(settings), *args.arguments])
+    return 0  # not reached: psql took this process's place
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     command = add_command(commands, "migrate", migrate, "Install or upgrade imgembed's schema in DATABASE_URL "
                           "(Alembic), and register IMGEMBED_MODEL.")
@@ -58,6 +78,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
                          help="downgrade to REVISION instead ('base' removes imgembed)")
     command.add_argument("--sql", action="store_true", help="print the SQL instead of running it (offline mode)")
     command.add_argument("--no-model", action="store_true", help="do not register IMGEMBED_MODEL")
+
+    command = add_command(commands, "psql", psql, "Open psql on DATABASE_URL (or on the stack `imgembed up` runs).")
+    command.add_argument("arguments", nargs=argparse.REMAINDER, help="passed on to psql, e.g. -c 'SELECT 1'")
 
     add_command(commands, "status", status,
                 "Print the backlog per watched table and model, throughput, live workers and failures.")

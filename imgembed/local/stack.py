@@ -18,7 +18,6 @@ from imgembed import migrate
 from imgembed.local.postgres import EmbeddedPostgres
 from imgembed.local.redis import PrivateRedis, redis_reachable
 from imgembed.local.service import ServiceError
-from imgembed.models.registry import register_model
 from imgembed.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,9 +35,7 @@ def ensure_database(server_url: str, name: str) -> None:
 def prepare_database(settings: Settings) -> None:
     """Migrate to head and register the configured model (default if none is yet)."""
     assert settings.database_url
-    migrate.upgrade(settings.database_url)
-    with psycopg.connect(settings.database_url, autocommit=True) as connection:
-        register_model(connection, settings.model, model_dir=settings.models_path)
+    migrate.upgrade(settings.database_url, model=settings.model)
 
 
 def child_environment(settings: Settings) -> dict[str, str]:

@@ -47,7 +47,8 @@ def list_models(connection: psycopg.Connection) -> list[tuple[object, ...]]:
         """
         SELECT m.name, m.architecture, coalesce(m.pretrained, '(seeded random)'), m.dim, m.is_default,
                coalesce(string_agg(format('%s%s (%s/%s)', s.table_name, CASE WHEN s.is_default THEN '*' ELSE '' END,
-                                          s.embedded, s."rows"), ', ' ORDER BY s.table_name), '-')
+                                          s.embedded, s."rows"), ', ' ORDER BY s.table_name)
+                            FILTER (WHERE s.table_name IS NOT NULL), '-')
           FROM imgembed.model m
           LEFT JOIN imgembed.status s ON s.model = m.name
                 AND s.table_name NOT IN ('imgembed.text_query', 'imgembed.label_prompt')

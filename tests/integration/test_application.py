@@ -147,7 +147,7 @@ def test_two_histories_in_one_database(fresh_database: Callable[[str | None], st
     url = fresh_database(None)
     app = make_app_history(tmp_path / "app_migrations", url)
     command.upgrade(app, "app1")
-    migrate.upgrade(url)
+    migrate.upgrade(url, model=TEST_MODEL)
     with connect(url) as connection:
         register_model(connection, TEST_MODEL)
         connection.execute("INSERT INTO products VALUES (1, 'x', 'shoes'), (2, 'y', NULL)")
@@ -169,6 +169,9 @@ def test_two_histories_in_one_database(fresh_database: Callable[[str | None], st
     with connect(url) as connection:
         assert connection.execute("SELECT count(*) FROM imgembed.watch WHERE table_name = 'public.products'").fetchone()[0] == 0
         assert connection.execute("SELECT count(*) FROM products").fetchone()[0] == 2
+        # The model it added is gone too, from the text tables and the registry, and the default stays.
+        assert connection.execute("SELECT name, is_default FROM imgembed.model").fetchall() == [(TEST_MODEL, True)]
+        assert connection.execute("SELECT DISTINCT model FROM imgembed.status").fetchall() == [(TEST_MODEL,)]
     command.upgrade(app, "head")
 
     migrate.downgrade(url, "base")
@@ -184,7 +187,7 @@ def test_offline_sql_builds_the_same_schema(
     fresh_database: Callable[[str | None], str], pg_server: EmbeddedPostgres, tmp_path: Path
 ) -> None:
     online, offline = fresh_database(None), fresh_database(None)
-    migrate.upgrade(online)
+    migrate.upgrade(online, register=False)
     result = subprocess.run([sys.executable, "-m", "imgembed", "migrate", "--sql"], cwd=REPO,
                             env={**os.environ, "DATABASE_URL": offline}, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -152,11 +152,13 @@ def test_cli_models_add_wait_list_and_finetune_register(db: psycopg.Connection, 
     run_cli(services, "models", "drop", "imgembed-tiny", "--table", "public.gallery")
     assert db.execute("SELECT count(*) FROM imgembed.status WHERE table_name = 'public.gallery'").fetchone()[0] == 1
 
+    db.execute("INSERT INTO gallery VALUES (1000, 'these bytes are no image', 'a row that cannot train')")
     checkpoint = tmp_path / "gallery.pt"
     tuned = run_cli(services, "finetune", "--table", "gallery", "--image-column", "image", "--text-column", "caption",
                     "--model", "imgembed-tiny", "--from-scratch", "--epochs", "2", "--batch-size", "8",
                     "--lr", "1e-3", "--out", str(checkpoint), "--register")
     assert "recall@1" in tuned.stdout and checkpoint.exists()
+    assert "skipped 1 pairs whose image could not be read (1 not an image)" in tuned.stdout
     name, sha256 = db.execute("SELECT name, sha256 FROM imgembed.model WHERE pretrained = %s", (str(checkpoint),)).fetchone()
     assert name == f"imgembed-tiny:{checkpoint}" and len(sha256) == 64
 
