@@ -130,7 +130,7 @@ def insert_latency(connection: psycopg.Connection, inserts: int, photo_dir: Path
     for i in range(inserts):
         connection.execute("INSERT INTO bench_latency VALUES (%s, %s)", (i, photo))  # autocommit: committed now
         committed = time.perf_counter()
-        while not connection.execute(f"SELECT 1 FROM imgembed.{storage} WHERE id = %s", (i,)).fetchone():
+        while not connection.execute(f"SELECT 1 FROM {storage} WHERE id = %s", (i,)).fetchone():
             time.sleep(0.002)
         latencies.append((time.perf_counter() - committed) * 1000)
         time.sleep(0.3)  # idle between inserts

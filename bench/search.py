@@ -34,7 +34,7 @@ def search_figures(connection: psycopg.Connection, size: BenchSize, results: Res
     load_started = time.perf_counter()
     storage = _load_vectors(connection, dim, count)
     load_seconds = time.perf_counter() - load_started
-    table_mb = connection.execute(f"SELECT pg_table_size('imgembed.{storage}') / 1e6").fetchone()[0]  # type: ignore[index]
+    table_mb = connection.execute(f"SELECT pg_table_size('{storage}') / 1e6").fetchone()[0]  # type: ignore[index]
     results.add("search_load", {"vectors": count, "dim": dim, "copy_s": load_seconds, "table_mb": float(table_mb)},
                 f"- loaded {count} x {dim}-dim vectors in {load_seconds:.1f} s ({table_mb:.0f} MB; searches re-rank "
                 "their candidates with these full-precision vectors)")
@@ -57,8 +57,8 @@ def search_figures(connection: psycopg.Connection, size: BenchSize, results: Res
         connection.execute("SELECT imgembed.rebuild_index('bench_search', m => %s, ef_construction => %s)",
                            (m, ef_construction))
         build_seconds = time.perf_counter() - build_started
-        connection.execute(f"ANALYZE imgembed.{storage}")
-        index_mb = connection.execute(f"SELECT pg_relation_size('imgembed.{storage}_hnsw') / 1e6").fetchone()[0]  # type: ignore[index]
+        connection.execute(f"ANALYZE {storage}")
+        index_mb = connection.execute(f"SELECT pg_relation_size('{storage}_hnsw') / 1e6").fetchone()[0]  # type: ignore[index]
         build = f"m={m}, ef_construction={ef_construction}"
         suffix = "" if number == 0 else f"_m{m}_efc{ef_construction}"
         results.add(f"search_build{suffix}", {"m": m, "ef_construction": ef_construction, "build_s": build_seconds,
@@ -132,9 +132,9 @@ def _load_vectors(connection: psycopg.Connection, dim: int, count: int) -> str:
     vectors = np.vstack([rng.normal(size=(count - half, dim)),
                          centres[rng.integers(0, 50, half)] + 0.5 * rng.normal(size=(half, dim))]).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    connection.execute(f"DROP INDEX imgembed.{storage}_hnsw")  # built after the load, as the README advises
+    connection.execute(f"DROP INDEX {storage}_hnsw")  # built after the load, as the README advises
     with connection.cursor() as cursor, cursor.copy(
-        f"COPY imgembed.{storage} (id, embedding, job_id) FROM STDIN WITH (FORMAT BINARY)"
+        f"COPY {storage} (id, embedding, job_id) FROM STDIN WITH (FORMAT BINARY)"
     ) as copy:
         copy.set_types(["bigint", "vector", "bigint"])
         for key in rng.permutation(count).tolist():
@@ -142,7 +142,7 @@ def _load_vectors(connection: psycopg.Connection, dim: int, count: int) -> str:
     # Both tables, as autovacuum would have by the time anyone searches them: without statistics
     # for bench_search, the planner answers a filtered search by scanning the matching rows, and
     # the figures "through the index" would depend on whether autovacuum had come by yet.
-    connection.execute(f"ANALYZE bench_search, imgembed.{storage}")
+    connection.execute(f"ANALYZE bench_search, {storage}")
     return storage
 
 

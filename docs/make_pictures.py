@@ -48,7 +48,7 @@ def main() -> int:
         storage = db.execute("SELECT imgembed.storage_table('parts')").fetchone()[0]
         rows = db.execute(
             f"SELECT p.id, e.embedding, p.photo, p.kind, m.cluster, p.good, a.is_anomaly "
-            f"FROM parts p JOIN imgembed.{storage} e ON e.id = p.id "
+            f"FROM parts p JOIN {storage} e ON e.id = p.id "
             f"JOIN imgembed.cluster_member m ON m.run_id = %s AND m.key = p.id::text "
             f"LEFT JOIN imgembed.anomalies a ON a.table_name = 'public.parts' AND a.key = p.id::text ORDER BY p.id",
             (run,)).fetchall()

@@ -93,8 +93,8 @@ def show_answers(connection: psycopg.Connection, ids_by_label: dict[str, list[in
     section("kNN labels for unlabelled images (imgembed.predicted_labels)", ["id", "predicted", "confidence", "truth"],
             connection.execute(
                 "SELECT p.key, p.label, round(p.confidence::numeric, 2), i.metadata->>'truth' "
-                "FROM imgembed.predicted_labels p JOIN imgembed.image i ON i.id = p.key::bigint "
-                "WHERE p.table_name = 'imgembed.image' AND i.metadata ? 'truth' ORDER BY p.key::bigint").fetchall())
+                "FROM imgembed.predicted_labels('imgembed.image', NULL::bigint) p JOIN imgembed.image i ON i.id = p.key "
+                "WHERE i.metadata ? 'truth' ORDER BY p.key").fetchall())
     liked = ids_by_label.get("yellow triangle", [])[:2] or [anchor]
     disliked = ids_by_label.get("green circle", [])[:1]
     section(f"Recommended for a user who liked {liked} and disliked {disliked}", ["id", "label", "score"],
@@ -113,7 +113,7 @@ def write_map(connection: psycopg.Connection, settings: Settings, model: str, ou
     storage = connection.execute("SELECT imgembed.storage_table('imgembed.image', %s)", (model,)).fetchone()[0]  # type: ignore[index]
     rows = connection.execute(
         f"SELECT i.content, i.uri, coalesce(i.label, i.metadata->>'truth'), e.embedding "  # noqa: S608 - catalog name
-        f"FROM imgembed.image i JOIN imgembed.{storage} e ON e.id = i.id ORDER BY i.id").fetchall()
+        f"FROM imgembed.image i JOIN {storage} e ON e.id = i.id ORDER BY i.id").fetchall()
     vectors = np.stack([as_array(row[3]) for row in rows])
     thumbnails = []
     for content, uri, _, _ in rows:

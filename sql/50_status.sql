@@ -111,11 +111,12 @@ LANGUAGE sql AS $$
     DELETE FROM imgembed.worker_heartbeat WHERE last_seen < now() - interval '1 day';
 $$;
 
--- The name (in schema imgembed) of the table holding a watched table's vectors for a model
--- (default: the table's default model), for queries that read vectors directly.
+-- The table holding a watched table's vectors for a model (default: the table's default model),
+-- for queries that read vectors directly: columns id (the key), embedding, job_id, embedded_at.
+-- As text it is qualified (imgembed.emb_3_1) unless imgembed is on the search path.
 CREATE OR REPLACE FUNCTION imgembed.storage_table(tbl regclass, model text DEFAULT NULL)
-RETURNS text
+RETURNS regclass
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    RETURN (imgembed._watch_model_of(imgembed._watch_of(tbl), model)).storage_table;
+    RETURN format('imgembed.%I', (imgembed._watch_model_of(imgembed._watch_of(tbl), model)).storage_table)::regclass;
 END $$;

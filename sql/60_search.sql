@@ -87,7 +87,8 @@ $$;
 -- otherwise the HNSW index (half precision) with pgvector's iterative scan (strict order) finds
 -- 2k candidates, re-ranked by their full-precision distance; if a filtered search still finds
 -- fewer than k rows, the exact scan answers instead. Distances are always full precision.
--- Keyset pagination: rows after (p_after_distance, p_after_id) in (distance, key) order.
+-- Ties are ordered by the key in its own type (13 before 111). Keyset pagination: rows after
+-- (p_after_distance, p_after_id) in that (distance, key) order; p_after_id is the key as text.
 CREATE OR REPLACE FUNCTION imgembed._knn(
     p_watch imgembed.watch,
     p_link imgembed.watch_model,
@@ -129,14 +130,14 @@ BEGIN
     -- One query, filled once per path with its ORDER BY (%6$s) and LIMIT (%7$s). The template is a
     -- constant and everything goes in through a single format(): a filter or label value holding
     -- '%' stays data.
-    v_template := 'SELECT (array_agg(q.id ORDER BY q.d, q.id))[1:$2], (array_agg(q.d ORDER BY q.d, q.id))[1:$2] FROM ('
-        ' SELECT e.id::text AS id, (e.embedding OPERATOR(@vector@.<=>) $1)::float8 AS d FROM imgembed.%1$I e %2$s'
+    v_template := 'SELECT (array_agg(q.id ORDER BY q.d, q.k))[1:$2], (array_agg(q.d ORDER BY q.d, q.k))[1:$2] FROM ('
+        ' SELECT e.id AS k, e.id::text AS id, (e.embedding OPERATOR(@vector@.<=>) $1)::float8 AS d FROM imgembed.%1$I e %2$s'
         ' WHERE e.id::text <> ALL ($3) AND (%3$s) AND (%4$s) AND (%5$s) ORDER BY %6$s LIMIT %7$s) q';
     v_join := CASE WHEN v_filter IS NULL AND p_condition IS NULL THEN ''
                    ELSE format('JOIN %s s ON s.%I = e.id', p_watch.tbl, p_watch.key_column) END;
     v_after := CASE WHEN p_after_distance IS NULL THEN 'true'
                     ELSE '(e.embedding OPERATOR(@vector@.<=>) $1) > $5 OR ((e.embedding OPERATOR(@vector@.<=>) $1) = $5 '
-                         'AND e.id::text > $6)' END;
+                         || format('AND e.id > $6::%s)', p_watch.key_type) END;
 
     PERFORM set_config('hnsw.ef_search', greatest(coalesce(p_ef_search, imgembed._ef_search()), 1)::text, true);
     -- A very selective filter: scanning its few matching rows exactly is both faster and exact.
@@ -158,7 +159,7 @@ BEGIN
     IF p_exact OR ((v_filter IS NOT NULL OR p_condition IS NOT NULL) AND coalesce(cardinality(v_ids), 0) < p_k) THEN
         -- "+ 0" keeps the planner off the index: an exact scan in (distance, key) order.
         EXECUTE format(v_template, p_link.storage_table, v_join, coalesce(v_filter, 'true'), coalesce(p_condition, 'true'),
-                       v_after, '(e.embedding OPERATOR(@vector@.<=>) $1) + 0, e.id::text', '$2')
+                       v_after, '(e.embedding OPERATOR(@vector@.<=>) $1) + 0, e.id', '$2')
            INTO v_ids, v_distances
           USING p_query, p_k, coalesce(p_exclude, '{}'), p_filter, p_after_distance, p_after_id;
     END IF;
@@ -166,18 +167,19 @@ BEGIN
     RETURN QUERY SELECT u.id, u.d FROM unnest(v_ids, v_distances) WITH ORDINALITY AS u(id, d, n) ORDER BY u.n;
 END $$;
 
--- The k images most similar to one row (itself excluded), nearest first. Keys keep their type.
+-- The k images most similar to one row (itself excluded), nearest first. Keys come back in the
+-- type of the key given (anycompatible: after_id => 105 goes with key => 42::bigint).
 CREATE OR REPLACE FUNCTION imgembed.similar(
     tbl regclass,
-    key anyelement,
+    key anycompatible,
     k integer DEFAULT 10,
     model text DEFAULT NULL,
     filter jsonb DEFAULT NULL,
     ef_search integer DEFAULT NULL,
     exact boolean DEFAULT false,
     after_distance double precision DEFAULT NULL,
-    after_id anyelement DEFAULT NULL
-) RETURNS TABLE (id anyelement, distance double precision)
+    after_id anycompatible DEFAULT NULL
+) RETURNS TABLE (id anycompatible, distance double precision)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_watch imgembed.watch := imgembed._watch_of(tbl);
@@ -191,7 +193,8 @@ BEGIN
 END $$;
 
 -- The k rows nearest to any vector of the model's dimension. Keys come back as text; the
--- overload with a key_type argument (e.g. NULL::bigint) returns them in that type.
+-- overload with a key_type argument (e.g. NULL::bigint) returns them in that type, and takes
+-- after_id in it too.
 CREATE OR REPLACE FUNCTION imgembed.similar_to_vector(
     tbl regclass,
     vec @vector@.vector,
@@ -214,7 +217,7 @@ END $$;
 
 CREATE OR REPLACE FUNCTION imgembed.similar_to_vector(
     tbl regclass,
-    key_type anyelement,
+    key_type anycompatible,
     vec @vector@.vector,
     k integer DEFAULT 10,
     model text DEFAULT NULL,
@@ -222,19 +225,20 @@ CREATE OR REPLACE FUNCTION imgembed.similar_to_vector(
     ef_search integer DEFAULT NULL,
     exact boolean DEFAULT false,
     after_distance double precision DEFAULT NULL,
-    after_id text DEFAULT NULL
-) RETURNS TABLE (id anyelement, distance double precision)
+    after_id anycompatible DEFAULT NULL
+) RETURNS TABLE (id anycompatible, distance double precision)
 LANGUAGE plpgsql AS $$
 BEGIN
     RETURN QUERY EXECUTE format(
         'SELECT r.id::%s, r.distance FROM imgembed.similar_to_vector($1, $2, $3, $4, $5, $6, $7, $8, $9) r',
         pg_typeof(key_type))
-    USING tbl, vec, k, model, filter, ef_search, exact, after_distance, after_id;
+    USING tbl, vec, k, model, filter, ef_search, exact, after_distance, after_id::text;
 END $$;
 
--- Pairs of rows whose images are near-identical (cosine distance <= max_distance), each pair once.
--- Each row's per_item nearest neighbours are examined (HNSW), so a group larger than per_item
--- identical images yields only part of its pairs: raise per_item for such data.
+-- Pairs of rows whose images are near-identical (cosine distance <= max_distance), each pair once,
+-- nearest first, then by key. Each row's per_item nearest neighbours are examined (HNSW), so a
+-- group larger than per_item identical images yields only part of its pairs: raise per_item for
+-- such data. Keys come back as text; the overload with a key_type argument returns them typed.
 CREATE OR REPLACE FUNCTION imgembed.near_duplicates(
     tbl regclass,
     max_distance double precision DEFAULT 0.02,
@@ -246,6 +250,12 @@ DECLARE
     v_watch imgembed.watch := imgembed._watch_of(tbl);
     v_link imgembed.watch_model := imgembed._watch_model_of(v_watch, model);
 BEGIN
+    IF max_distance IS NULL THEN  -- near_duplicates('t', NULL::bigint) lands here: bigint casts to a distance
+        RAISE EXCEPTION 'max_distance is NULL'
+            USING HINT = 'for keys in their own type give the type and the distance: '
+                         'near_duplicates(''products'', NULL::bigint, 0.02)',
+                  ERRCODE = 'null_value_not_allowed';
+    END IF;
     RETURN QUERY EXECUTE format(
         'SELECT p.a::text, p.b::text, p.d FROM ('
         ' SELECT DISTINCT ON (least(e.id, n.id), greatest(e.id, n.id))'
@@ -258,4 +268,19 @@ BEGIN
         ' ORDER BY p.d, p.a, p.b',
         v_link.storage_table, (SELECT dim FROM imgembed.model WHERE model.id = v_link.model_id))
     USING max_distance, per_item;
+END $$;
+
+CREATE OR REPLACE FUNCTION imgembed.near_duplicates(
+    tbl regclass,
+    key_type anyelement,
+    max_distance double precision DEFAULT 0.02,
+    model text DEFAULT NULL,
+    per_item integer DEFAULT 10
+) RETURNS TABLE (a anyelement, b anyelement, distance double precision)
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN QUERY EXECUTE format(
+        'SELECT p.a::%1$s, p.b::%1$s, p.distance FROM imgembed.near_duplicates($1, $2, $3, $4) p ORDER BY 3, 1, 2',
+        pg_typeof(key_type))
+    USING tbl, max_distance, model, per_item;
 END $$;

@@ -126,7 +126,7 @@ BEGIN
 END $$;
 
 -- Images matching a text, nearest first. Keys come back as text; the overload with a key_type
--- argument (e.g. NULL::bigint) returns them in that type.
+-- argument (e.g. NULL::bigint) returns them in that type, and takes after_id in it too.
 CREATE OR REPLACE FUNCTION imgembed.search_text(
     tbl regclass,
     query text,
@@ -153,7 +153,7 @@ END $$;
 
 CREATE OR REPLACE FUNCTION imgembed.search_text(
     tbl regclass,
-    key_type anyelement,
+    key_type anycompatible,
     query text,
     k integer DEFAULT 10,
     model text DEFAULT NULL,
@@ -162,23 +162,51 @@ CREATE OR REPLACE FUNCTION imgembed.search_text(
     ef_search integer DEFAULT NULL,
     exact boolean DEFAULT false,
     after_distance double precision DEFAULT NULL,
-    after_id text DEFAULT NULL
-) RETURNS TABLE (id anyelement, distance double precision)
+    after_id anycompatible DEFAULT NULL
+) RETURNS TABLE (id anycompatible, distance double precision)
 LANGUAGE plpgsql AS $$
 BEGIN
     RETURN QUERY EXECUTE format(
         'SELECT r.id::%s, r.distance FROM imgembed.search_text($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) r',
         pg_typeof(key_type))
-    USING tbl, query, k, model, filter, timeout_seconds, ef_search, exact, after_distance, after_id;
+    USING tbl, query, k, model, filter, timeout_seconds, ef_search, exact, after_distance, after_id::text;
+END $$;
+
+-- The labels (among p_labels, or all) with a prompt whose vector under the model is missing or
+-- about to change (queued, running or failed), with the error of a failed one.
+CREATE OR REPLACE FUNCTION imgembed._pending_prompt_labels(p_storage text, p_model_id integer, p_labels text[])
+RETURNS TABLE (label text, error text)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_prompt_watch_id integer := (imgembed._watch_of('imgembed.label_prompt'::regclass)).id;
+BEGIN
+    RETURN QUERY EXECUTE format(
+        'SELECT p.label, min(j.last_error) FILTER (WHERE j.status = ''failed'')'
+        '  FROM imgembed.label_prompt p'
+        '  LEFT JOIN imgembed.job j ON j.watch_id = $2 AND j.key = p.id::text AND j.status <> ''pending'''
+        '                          AND j.model_id = $3'
+        ' WHERE ($1::text[] IS NULL OR p.label = ANY ($1))'
+        '   AND (j.id IS NOT NULL OR NOT EXISTS (SELECT 1 FROM imgembed.%I e WHERE e.id = p.id)'
+        '        OR EXISTS (SELECT 1 FROM imgembed.job q WHERE q.watch_id = $2 AND q.model_id = $3'
+        '                     AND q.key = p.id::text AND q.status = ''pending'')'
+        '        OR EXISTS (SELECT 1 FROM imgembed.intake i WHERE i.watch_id = $2'
+        '                     AND (i.model_id IS NULL OR i.model_id = $3) AND p.id::text = ANY (i.keys)))'
+        ' GROUP BY p.label ORDER BY p.label',
+        p_storage)
+    USING p_labels, v_prompt_watch_id, p_model_id;
 END $$;
 
 -- Zero-shot labels for one row: each label's prompts (imgembed.label_prompt) are averaged, and
 -- labels are ranked by cosine similarity to the image; probability is CLIP's softmax (scale 100).
+-- Every prompt counts: while a prompt of a label is still being embedded it waits (up to
+-- timeout_seconds), then refuses, naming the labels still pending; a prompt that failed to embed
+-- is an error at once.
 CREATE OR REPLACE FUNCTION imgembed.zero_shot(
     tbl regclass,
     key anyelement,
     model text DEFAULT NULL,
-    labels text[] DEFAULT NULL
+    labels text[] DEFAULT NULL,
+    timeout_seconds double precision DEFAULT 5
 ) RETURNS TABLE (label text, similarity double precision, probability double precision)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -187,25 +215,48 @@ DECLARE
     v_prompt_watch imgembed.watch := imgembed._watch_of('imgembed.label_prompt'::regclass);
     v_prompt_storage text;
     v_image @vector@.vector := imgembed._require_vector(v_watch, v_link, key::text);
+    v_deadline timestamptz := clock_timestamp() + make_interval(secs => coalesce(timeout_seconds, 0));
+    v_pending text[];
+    v_failed text;
 BEGIN
     SELECT wm.storage_table INTO v_prompt_storage FROM imgembed.watch_model wm
      WHERE wm.watch_id = v_prompt_watch.id AND wm.model_id = v_link.model_id;
-    IF v_prompt_storage IS NOT NULL THEN
-        RETURN QUERY EXECUTE format(
-            'WITH per_label AS ('
-            '  SELECT p.label, 1 - (@vector@.l2_normalize(@vector@.avg(e.embedding)) OPERATOR(@vector@.<=>) $1)::float8 AS similarity'
-            '    FROM imgembed.label_prompt p JOIN imgembed.%I e ON e.id = p.id'
-            '   WHERE $2::text[] IS NULL OR p.label = ANY ($2)'
-            '   GROUP BY p.label),'
-            ' scaled AS (SELECT l.label, l.similarity,'
-            '                   exp(100 * (l.similarity - max(l.similarity) OVER ())) AS weight FROM per_label l)'
-            ' SELECT x.label, x.similarity, x.weight / sum(x.weight) OVER ()'
-            '   FROM scaled x ORDER BY x.similarity DESC, x.label',
-            v_prompt_storage)
-        USING v_image, labels;
+    IF v_prompt_storage IS NULL THEN
+        RAISE EXCEPTION 'model % does not embed label prompts', (SELECT m.name FROM imgembed.model m WHERE m.id = v_link.model_id)
+            USING HINT = 'a model embeds texts once it is registered (imgembed models add)', ERRCODE = 'undefined_object';
     END IF;
+    LOOP
+        SELECT array_agg(p.label ORDER BY p.label), min(p.label || ': ' || p.error)
+          INTO v_pending, v_failed
+          FROM imgembed._pending_prompt_labels(v_prompt_storage, v_link.model_id, labels) p;
+        EXIT WHEN v_pending IS NULL;
+        IF v_failed IS NOT NULL THEN
+            RAISE EXCEPTION 'a prompt of label % could not be embedded', v_failed
+                USING HINT = 'fix or delete the prompt in imgembed.label_prompt (imgembed.failures lists it)',
+                      ERRCODE = 'object_not_in_prerequisite_state';
+        END IF;
+        IF clock_timestamp() >= v_deadline THEN
+            RAISE EXCEPTION 'prompts of labels % are not embedded yet (after % s)', array_to_string(v_pending, ', '),
+                            timeout_seconds
+                USING HINT = 'is an imgembed worker running? (imgembed worker; see imgembed.status)',
+                      ERRCODE = 'query_canceled';
+        END IF;
+        PERFORM pg_sleep(0.05);
+    END LOOP;
+    RETURN QUERY EXECUTE format(
+        'WITH per_label AS ('
+        '  SELECT p.label, 1 - (@vector@.l2_normalize(@vector@.avg(e.embedding)) OPERATOR(@vector@.<=>) $1)::float8 AS similarity'
+        '    FROM imgembed.label_prompt p JOIN imgembed.%I e ON e.id = p.id'
+        '   WHERE $2::text[] IS NULL OR p.label = ANY ($2)'
+        '   GROUP BY p.label),'
+        ' scaled AS (SELECT l.label, l.similarity,'
+        '                   exp(100 * (l.similarity - max(l.similarity) OVER ())) AS weight FROM per_label l)'
+        ' SELECT x.label, x.similarity, x.weight / sum(x.weight) OVER ()'
+        '   FROM scaled x ORDER BY x.similarity DESC, x.label',
+        v_prompt_storage)
+    USING v_image, labels;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'no label prompt has a vector for this model yet'
+        RAISE EXCEPTION 'no label prompt%', CASE WHEN labels IS NULL THEN '' ELSE format(' for labels %s', labels) END
             USING HINT = 'insert rows into imgembed.label_prompt (label, prompt) and let a worker embed them',
                   ERRCODE = 'no_data_found';
     END IF;

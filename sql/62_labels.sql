@@ -69,37 +69,65 @@ BEGIN
     RETURN QUERY SELECT * FROM imgembed._vote(v_watch, imgembed._watch_model_of(v_watch, model), vec, k, '{}', exact);
 END $$;
 
+-- One table's embedded, unlabelled rows (key order) with the label their p_k nearest labelled
+-- neighbours vote for, under the table's default model.
+CREATE OR REPLACE FUNCTION imgembed._table_predicted_labels(p_watch imgembed.watch, p_k integer)
+RETURNS TABLE (key text, model text, label text, confidence double precision)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_link imgembed.watch_model;
+    v_key text;
+    v_vector @vector@.vector;
+BEGIN
+    SELECT * INTO v_link FROM imgembed.watch_model wm WHERE wm.watch_id = p_watch.id AND wm.is_default;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    SELECT m.name INTO model FROM imgembed.model m WHERE m.id = v_link.model_id;
+    FOR v_key, v_vector IN EXECUTE format(
+        'SELECT e.id::text, e.embedding FROM imgembed.%I e JOIN %s s ON s.%I = e.id WHERE s.%I IS NULL ORDER BY e.id',
+        v_link.storage_table, p_watch.tbl, p_watch.key_column, p_watch.label_column)
+    LOOP
+        key := v_key;
+        SELECT v.label, v.confidence INTO label, confidence
+          FROM imgembed._vote(p_watch, v_link, v_vector, p_k, ARRAY[v_key], false) v LIMIT 1;
+        RETURN NEXT;
+    END LOOP;
+END $$;
+
 CREATE OR REPLACE FUNCTION imgembed._predicted_labels(p_k integer DEFAULT 5)
 RETURNS TABLE (table_name text, key text, model text, label text, confidence double precision)
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_watch imgembed.watch;
-    v_link imgembed.watch_model;
-    v_key text;
-    v_vector @vector@.vector;
 BEGIN
     FOR v_watch IN SELECT * FROM imgembed.watch w WHERE w.label_column IS NOT NULL AND has_table_privilege(w.tbl, 'SELECT')
                     ORDER BY w.table_name LOOP
-        SELECT * INTO v_link FROM imgembed.watch_model wm WHERE wm.watch_id = v_watch.id AND wm.is_default;
-        CONTINUE WHEN NOT FOUND;
-        FOR v_key, v_vector IN EXECUTE format(
-            'SELECT e.id::text, e.embedding FROM imgembed.%I e JOIN %s s ON s.%I = e.id WHERE s.%I IS NULL ORDER BY 1',
-            v_link.storage_table, v_watch.tbl, v_watch.key_column, v_watch.label_column)
-        LOOP
-            table_name := v_watch.table_name;
-            key := v_key;
-            SELECT m.name INTO model FROM imgembed.model m WHERE m.id = v_link.model_id;
-            SELECT v.label, v.confidence INTO label, confidence
-              FROM imgembed._vote(v_watch, v_link, v_vector, p_k, ARRAY[v_key], false) v LIMIT 1;
-            RETURN NEXT;
-        END LOOP;
+        RETURN QUERY SELECT v_watch.table_name, p.* FROM imgembed._table_predicted_labels(v_watch, p_k) p;
     END LOOP;
 END $$;
 
 -- Every embedded, unlabelled row of every watched table with a label column, with the label its
--- 5 nearest labelled neighbours vote for (NULL when no row is labelled yet).
+-- 5 nearest labelled neighbours vote for (NULL when no row is labelled yet). The view spans
+-- tables, so keys are text: the function of the same name gives one table's keys in their type.
 CREATE OR REPLACE VIEW imgembed.predicted_labels AS
 SELECT * FROM imgembed._predicted_labels(5);
+
+-- One table's predicted labels with keys in its own type: predicted_labels('faces', NULL::text).
+CREATE OR REPLACE FUNCTION imgembed.predicted_labels(tbl regclass, key_type anyelement, k integer DEFAULT 5)
+RETURNS TABLE (key anyelement, model text, label text, confidence double precision)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_watch imgembed.watch := imgembed._watch_of(tbl);
+BEGIN
+    IF v_watch.label_column IS NULL THEN
+        RAISE EXCEPTION 'table % has no label column', v_watch.table_name
+            USING HINT = 'watch it with label_column => ''your_label_column''', ERRCODE = 'undefined_column';
+    END IF;
+    RETURN QUERY EXECUTE format('SELECT p.key::%s, p.model, p.label, p.confidence '
+                                'FROM imgembed._table_predicted_labels($1, $2) p', pg_typeof(key_type))
+    USING v_watch, k;
+END $$;
 
 -- Few-shot labels by prototype: the label whose mean labelled vector is nearest (Euclidean, as
 -- scikit-learn's NearestCentroid), working with one example per label. margin: how much nearer

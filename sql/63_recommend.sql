@@ -80,7 +80,8 @@ END $$;
 
 -- Recommendations from imgembed.interaction: positive weights are likes, negative weights
 -- dislikes (each side normalised, dislikes count half); every item the user already interacted
--- with is excluded. Keys come back as text.
+-- with is excluded. Keys come back as text; the overload with a key_type argument (e.g.
+-- NULL::bigint) returns them in that type.
 CREATE OR REPLACE FUNCTION imgembed.recommend_for_user(
     tbl regclass,
     user_id text,
@@ -119,6 +120,21 @@ BEGIN
     RETURN QUERY SELECT r.id, r.score FROM imgembed._recommend(
         v_watch, imgembed._watch_model_of(v_watch, model), v_positives, v_positive_weights,
         v_negatives, v_negative_weights, v_seen, k, filter, false) r;
+END $$;
+
+CREATE OR REPLACE FUNCTION imgembed.recommend_for_user(
+    tbl regclass,
+    key_type anyelement,
+    user_id text,
+    k integer DEFAULT 10,
+    model text DEFAULT NULL,
+    filter jsonb DEFAULT NULL
+) RETURNS TABLE (id anyelement, score double precision)
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN QUERY EXECUTE format(
+        'SELECT r.id::%s, r.score FROM imgembed.recommend_for_user($1, $2, $3, $4, $5) r', pg_typeof(key_type))
+    USING tbl, user_id, k, model, filter;
 END $$;
 
 -- The same without negatives.

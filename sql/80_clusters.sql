@@ -1,7 +1,8 @@
 -- Clustering runs: requested in SQL, performed by a worker (scikit-learn), results in SQL.
 
--- Ask for a clustering of a table's vectors: k clusters, or k chosen by silhouette when NULL.
--- Returns the run id; imgembed.cluster_run shows its status.
+-- Ask for a clustering of a table's vectors: k-means with k clusters, or k chosen by silhouette
+-- when NULL; HDBSCAN chooses its clusters itself (k must be NULL). Returns the run id;
+-- imgembed.cluster_run shows its status.
 CREATE OR REPLACE FUNCTION imgembed.cluster(
     tbl regclass,
     k integer DEFAULT NULL,
@@ -17,6 +18,10 @@ BEGIN
     IF method NOT IN ('kmeans', 'minibatch_kmeans', 'hdbscan') THEN
         RAISE EXCEPTION 'unknown clustering method %', method
             USING HINT = 'use kmeans, minibatch_kmeans or hdbscan', ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF k IS NOT NULL AND method = 'hdbscan' THEN
+        RAISE EXCEPTION 'hdbscan finds the number of clusters itself: k must be NULL'
+            USING HINT = 'leave k out, or use method => ''kmeans'' for k clusters', ERRCODE = 'invalid_parameter_value';
     END IF;
     IF k IS NOT NULL AND k < 2 THEN
         RAISE EXCEPTION 'k must be at least 2, got %', k USING ERRCODE = 'invalid_parameter_value';
@@ -131,7 +136,9 @@ BEGIN
     END LOOP;
 END $$;
 
--- One row per cluster of every finished run: size, most central row, and the labels inside it.
+-- One row per cluster of every finished run: size, most central row, and the labels inside it
+-- (label_mix: label -> count, NULL when the table has no label column). The view spans tables, so
+-- medoid keys are text: the function of the same name gives one table's in their type.
 CREATE OR REPLACE VIEW imgembed.cluster_summary AS
 SELECT * FROM imgembed._cluster_summary();
 
@@ -145,15 +152,56 @@ DECLARE
     v_run imgembed.cluster_run;
     v_link imgembed.watch_model;
 BEGIN
-    SELECT * INTO v_run FROM imgembed.cluster_run r
-     WHERE r.watch_id = v_watch.id AND r.status = 'done' AND (nearest_cluster.run_id IS NULL OR r.id = nearest_cluster.run_id)
-     ORDER BY r.id DESC LIMIT 1;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'table % has no finished clustering run', v_watch.table_name
-            USING HINT = 'run SELECT imgembed.cluster(table) and let a worker finish it', ERRCODE = 'no_data_found';
-    END IF;
+    v_run := imgembed._finished_run(v_watch, nearest_cluster.run_id);
     SELECT * INTO v_link FROM imgembed.watch_model wm WHERE wm.watch_id = v_watch.id AND wm.model_id = v_run.model_id;
     RETURN QUERY
     SELECT v_run.id, c.cluster, (c.centre::@vector@.vector OPERATOR(@vector@.<=>) imgembed._require_vector(v_watch, v_link, key::text))::float8 AS d
       FROM imgembed.cluster_centre c WHERE c.run_id = v_run.id ORDER BY 3 LIMIT 1;
+END $$;
+
+-- A finished run of a table: the one named, else the latest.
+CREATE OR REPLACE FUNCTION imgembed._finished_run(p_watch imgembed.watch, p_run_id bigint)
+RETURNS imgembed.cluster_run
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_run imgembed.cluster_run;
+BEGIN
+    SELECT * INTO v_run FROM imgembed.cluster_run r
+     WHERE r.watch_id = p_watch.id AND r.status = 'done' AND (p_run_id IS NULL OR r.id = p_run_id)
+     ORDER BY r.id DESC LIMIT 1;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'table % has no finished clustering run%', p_watch.table_name,
+                        coalesce(format(' with id %s', p_run_id), '')
+            USING HINT = 'run SELECT imgembed.cluster(table) and let a worker finish it', ERRCODE = 'no_data_found';
+    END IF;
+    RETURN v_run;
+END $$;
+
+-- One table's cluster members with keys in its own type (imgembed.cluster_member spans tables and
+-- keeps keys as text): cluster_member('products', NULL::bigint), latest finished run unless one
+-- is named; by cluster, then nearest its centre first.
+CREATE OR REPLACE FUNCTION imgembed.cluster_member(tbl regclass, key_type anyelement, run_id bigint DEFAULT NULL)
+RETURNS TABLE (run bigint, key anyelement, cluster integer, distance double precision)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_run imgembed.cluster_run := imgembed._finished_run(imgembed._watch_of(tbl), run_id);
+BEGIN
+    RETURN QUERY EXECUTE format('SELECT m.run_id, m.key::%1$s, m.cluster, m.distance FROM imgembed.cluster_member m '
+                                'WHERE m.run_id = $1 ORDER BY m.cluster, m.distance, m.key::%1$s', pg_typeof(key_type))
+    USING v_run.id;
+END $$;
+
+-- One table's cluster summary with the medoid in the key's own type: cluster_summary('products',
+-- NULL::bigint), latest finished run unless one is named.
+CREATE OR REPLACE FUNCTION imgembed.cluster_summary(tbl regclass, key_type anyelement, run_id bigint DEFAULT NULL)
+RETURNS TABLE (run bigint, model text, method text, cluster integer, size integer, medoid_key anyelement,
+               label_mix jsonb)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_run imgembed.cluster_run := imgembed._finished_run(imgembed._watch_of(tbl), run_id);
+BEGIN
+    RETURN QUERY EXECUTE format('SELECT s.run_id, s.model, s.method, s.cluster, s.size, s.medoid_key::%s, s.label_mix '
+                                'FROM imgembed.cluster_summary s WHERE s.run_id = $1 ORDER BY s.cluster',
+                                pg_typeof(key_type))
+    USING v_run.id;
 END $$;

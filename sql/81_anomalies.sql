@@ -96,32 +96,61 @@ BEGIN
     RETURN v_threshold;
 END $$;
 
+-- One table's rows not marked good, with their score under the default model and the calibrated
+-- threshold; highest scores first. Nothing before calibrate_anomalies() has run for that model.
+CREATE OR REPLACE FUNCTION imgembed._table_anomalies(p_watch imgembed.watch)
+RETURNS TABLE (key text, model text, score double precision, threshold double precision, is_anomaly boolean)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_link imgembed.watch_model;
+    v_limit imgembed.anomaly_threshold;
+BEGIN
+    SELECT * INTO v_link FROM imgembed.watch_model wm WHERE wm.watch_id = p_watch.id AND wm.is_default;
+    SELECT * INTO v_limit FROM imgembed.anomaly_threshold t WHERE t.watch_id = p_watch.id AND t.model_id = v_link.model_id;
+    IF v_limit IS NULL THEN
+        RETURN;
+    END IF;
+    RETURN QUERY EXECUTE format(
+        'SELECT x.id, m.name, x.score, $3, x.score > $3 FROM ('
+        '  SELECT e.id AS k, e.id::text AS id, imgembed._anomaly_score($1, $2, e.id::text, e.embedding, $4, false) AS score'
+        '    FROM imgembed.%I e JOIN %s s ON s.%I = e.id WHERE NOT coalesce(%s, false)) x'
+        '  CROSS JOIN imgembed.model m WHERE m.id = $5 ORDER BY x.score DESC, x.k',
+        v_link.storage_table, p_watch.tbl, p_watch.key_column, imgembed._good_sql(p_watch))
+    USING p_watch, v_link, v_limit.threshold, v_limit.k, v_link.model_id;
+END $$;
+
 CREATE OR REPLACE FUNCTION imgembed._anomalies()
 RETURNS TABLE (table_name text, key text, model text, score double precision, threshold double precision,
                is_anomaly boolean)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_watch imgembed.watch;
-    v_link imgembed.watch_model;
-    v_limit imgembed.anomaly_threshold;
 BEGIN
     FOR v_watch IN SELECT * FROM imgembed.watch w
                     WHERE num_nonnulls(w.good_column, w.good_label) = 1 AND has_table_privilege(w.tbl, 'SELECT')
                     ORDER BY w.table_name LOOP
-        SELECT * INTO v_link FROM imgembed.watch_model wm WHERE wm.watch_id = v_watch.id AND wm.is_default;
-        SELECT * INTO v_limit FROM imgembed.anomaly_threshold t WHERE t.watch_id = v_watch.id AND t.model_id = v_link.model_id;
-        CONTINUE WHEN v_limit IS NULL;
-        RETURN QUERY EXECUTE format(
-            'SELECT $4, x.id, m.name, x.score, $5, x.score > $5 FROM ('
-            '  SELECT e.id::text AS id, imgembed._anomaly_score($1, $2, e.id::text, e.embedding, $3, false) AS score'
-            '    FROM imgembed.%I e JOIN %s s ON s.%I = e.id WHERE NOT coalesce(%s, false)) x'
-            '  CROSS JOIN imgembed.model m WHERE m.id = $6 ORDER BY x.score DESC',
-            v_link.storage_table, v_watch.tbl, v_watch.key_column, imgembed._good_sql(v_watch))
-        USING v_watch, v_link, v_limit.k, v_watch.table_name, v_limit.threshold, v_link.model_id;
+        RETURN QUERY SELECT v_watch.table_name, a.* FROM imgembed._table_anomalies(v_watch) a;
     END LOOP;
 END $$;
 
 -- Every row not marked good, in every table with known-good rows and a calibrated threshold:
--- its score and whether it is over the threshold. Highest scores first.
+-- its score and whether it is over the threshold. Highest scores first. The view spans tables, so
+-- keys are text: the function of the same name gives one table's keys in their type.
 CREATE OR REPLACE VIEW imgembed.anomalies AS
 SELECT * FROM imgembed._anomalies();
+
+-- One table's anomaly scores with keys in its own type: anomalies('parts', NULL::bigint).
+CREATE OR REPLACE FUNCTION imgembed.anomalies(tbl regclass, key_type anyelement)
+RETURNS TABLE (key anyelement, model text, score double precision, threshold double precision, is_anomaly boolean)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_watch imgembed.watch := imgembed._watch_of(tbl);
+BEGIN
+    IF num_nonnulls(v_watch.good_column, v_watch.good_label) = 0 THEN
+        RAISE EXCEPTION 'table % has no known-good rows', v_watch.table_name
+            USING HINT = 'mark them with imgembed.set_known_good()', ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    RETURN QUERY EXECUTE format('SELECT a.key::%s, a.model, a.score, a.threshold, a.is_anomaly '
+                                'FROM imgembed._table_anomalies($1) a', pg_typeof(key_type))
+    USING v_watch;
+END $$;

@@ -41,8 +41,19 @@ def _database_error(error: Exception) -> str | None:
     return (diag.message_primary or str(error)) + (f"\nhint: {hint}" if hint else "")
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line; everything after `psql` goes to psql as it is (its options included)."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if arguments[:1] == ["psql"] and not set(arguments[1:2]) & {"-h", "--help"}:
+        parsed = parser.parse_args(["psql"])
+        parsed.arguments = arguments[1:]
+        return parsed
+    return parser.parse_args(arguments)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     try:
         settings = load_settings()
         setup_logging(settings)

@@ -48,6 +48,19 @@ def _say_if_the_model_cannot_load(settings: Settings) -> None:
         print(f"imgembed up: {problem}. Rows will wait until it loads.", file=sys.stderr)
 
 
+def _say_which_tables_keep_another_model(settings: Settings) -> None:
+    """A changed IMGEMBED_MODEL is the default of new watches only: say how existing tables move."""
+    from imgembed.db import connect
+    from imgembed.models.registry import tables_on_other_models
+
+    with connect(settings.database_url or "") as connection:
+        others = tables_on_other_models(connection, settings.model)
+    for table, model in others:
+        print(f"  {table} keeps its model {model}; to move it to {settings.model}: imgembed models add "
+              f"{settings.model} --table {table} --wait, then imgembed models use {table} {settings.model}, "
+              f"then imgembed models drop {model} --table {table}")
+
+
 def up(settings: Settings, args: argparse.Namespace) -> int:
     from imgembed.local.record import clear_record, write_record
     from imgembed.local.stack import local_stack
@@ -57,8 +70,9 @@ def up(settings: Settings, args: argparse.Namespace) -> int:
     with local_stack(settings) as stack:
         write_record(settings.data_dir, stack.settings.database_url or "", stack.settings.redis_url or "")
         print(f"imgembed is up.\n  DATABASE_URL={stack.settings.database_url}\n  REDIS_URL={stack.settings.redis_url}")
-        print(f"  model: {stack.settings.model}\nConnect with: psql {stack.settings.database_url}\n"
+        print(f"  model: {stack.settings.model}\nConnect with: imgembed psql\n"
               "Other imgembed commands on this host find it by themselves. Ctrl-C stops everything.")
+        _say_which_tables_keep_another_model(stack.settings)
         try:
             while not (dead := stack.exited()):
                 time.sleep(1)

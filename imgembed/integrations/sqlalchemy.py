@@ -10,6 +10,7 @@
 
 Each helper returns a table-valued function alias whose ``id`` column has the mapped class's key
 type; ``distance`` (or ``score``, or ``label`` / ``votes`` / ``confidence``) come beside it.
+``vector_of`` is a scalar whose value comes back as a numpy array (``NumpyVector``).
 """
 
 from __future__ import annotations
@@ -18,15 +19,27 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import sqlalchemy as sa
 from pgvector.sqlalchemy import HALFVEC, SPARSEVEC, VECTOR, Vector  # re-exported for applications
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, REGCLASS
 from sqlalchemy.sql.functions import Function
 
 __all__ = [
-    "HALFVEC", "SPARSEVEC", "VECTOR", "Vector",
-    "similar", "similar_to_vector", "search_text", "knn_label", "classify", "recommend",
+    "HALFVEC", "SPARSEVEC", "VECTOR", "Vector", "NumpyVector",
+    "similar", "similar_to_vector", "search_text", "knn_label", "classify", "recommend", "recommend_for_user",
+    "near_duplicates", "vector_of",
 ]
+
+
+class NumpyVector(sa.types.TypeDecorator[Any]):
+    """pgvector's column type, read as a float32 numpy array (pgvector's own reads a list)."""
+
+    impl = VECTOR
+    cache_ok = True
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> np.ndarray | None:
+        return None if value is None else np.asarray(value, dtype=np.float32)
 
 
 def _table(mapped: Any) -> sa.Table:
@@ -118,3 +131,27 @@ def recommend(mapped: Any, positives: Sequence[Any], negatives: Sequence[Any] = 
                      sa.cast(sa.literal(list(negatives), array_type), array_type), k, _text(model),
                      _filter(filter), bool(exact))
     return function.table_valued(sa.column("id", key_type), sa.column("score", sa.Float)).alias("recommend")
+
+
+def recommend_for_user(mapped: Any, user_id: str, k: int = 10, *, model: str | None = None,
+                       filter: dict[str, Any] | None = None) -> sa.TableValuedAlias:
+    key_type = _key_type(mapped)
+    function = _call("recommend_for_user", _regclass(mapped), sa.cast(sa.null(), key_type), _text(user_id), k,
+                     _text(model), _filter(filter))
+    return function.table_valued(sa.column("id", key_type), sa.column("score", sa.Float)).alias("recommend_for_user")
+
+
+def near_duplicates(mapped: Any, max_distance: float = 0.02, *, model: str | None = None,
+                    per_item: int = 10) -> sa.TableValuedAlias:
+    key_type = _key_type(mapped)
+    function = _call("near_duplicates", _regclass(mapped), sa.cast(sa.null(), key_type),
+                     sa.cast(sa.literal(max_distance), sa.Float), _text(model), per_item)
+    return function.table_valued(
+        sa.column("a", key_type), sa.column("b", key_type), sa.column("distance", sa.Float)
+    ).alias("near_duplicates")
+
+
+def vector_of(mapped: Any, key: Any, *, model: str | None = None) -> sa.ColumnElement[Any]:
+    """One row's stored vector (NULL before a worker has embedded it), loaded as a numpy array."""
+    return sa.func.imgembed.vector_of(_regclass(mapped), sa.cast(sa.literal(key), _key_type(mapped)), _text(model),
+                                      type_=NumpyVector())

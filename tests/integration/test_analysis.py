@@ -70,6 +70,15 @@ def test_cluster_runs_on_a_worker(grouped_table: tuple[psycopg.Connection, np.nd
                          (run_id,)).fetchall()
     assert sorted(row[1] for row in summary) == [50, 50, 50, 50]
     assert all(len(row[3]) == 1 for row in summary)  # each cluster holds one group's label
+    # One table's members and summary with keys in its own type (integer), the latest run by default.
+    typed = db.execute("SELECT run, key, cluster FROM imgembed.cluster_member('parts', NULL::integer)").fetchall()
+    assert {key: cluster for _, key, cluster in typed} == members and {run for run, _, _ in typed} == {run_id}
+    medoids = db.execute("SELECT medoid_key FROM imgembed.cluster_summary('parts', NULL::integer)").fetchall()
+    assert sorted(row[0] for row in medoids) == sorted(int(row[2]) for row in summary)
+    with pytest.raises(psycopg.Error, match="no finished clustering run with id 12345"):
+        db.execute("SELECT * FROM imgembed.cluster_member('parts', NULL::integer, 12345)")
+    with pytest.raises(psycopg.Error, match="hdbscan finds the number of clusters itself"):
+        db.execute("SELECT imgembed.cluster('parts', 8, 'hdbscan')")
 
     # A row inserted after the run gets its cluster from the nearest centre.
     db.execute("INSERT INTO parts VALUES (999, 'x', NULL, NULL)")
@@ -103,6 +112,8 @@ def test_anomaly_scores_equal_scikit_learn(grouped_table: tuple[psycopg.Connecti
     flagged = dict(db.execute("SELECT key::int, is_anomaly FROM imgembed.anomalies WHERE table_name = 'public.parts'").fetchall())
     assert set(flagged) == set(range(len(truth))) - set(good.tolist())
     assert all(flagged[i] for i in flagged if truth[i] != 0)
+    typed = db.execute("SELECT key, is_anomaly FROM imgembed.anomalies('parts', NULL::integer)").fetchall()
+    assert dict(typed) == flagged
     with pytest.raises(psycopg.Error, match="boolean"):
         db.execute("SELECT imgembed.set_known_good('parts', good_column => 'kind')")
 
@@ -132,6 +143,11 @@ def test_map_png_html_and_stored_coordinates(
                                 cwd=REPO, env=services.env(), capture_output=True, text=True, timeout=240)
         assert result.returncode == 0, result.stderr[-2000:]
         assert db.execute("SELECT count(*) FROM imgembed.projection WHERE method = %s", (method,)).fetchone()[0] == len(truth)
+        typed = db.execute("SELECT key, made_with FROM imgembed.projection('parts', NULL::integer)").fetchall()
+        assert [key for key, _ in typed] == list(range(len(truth))) and {made for _, made in typed} == {method}
+    assert db.execute("SELECT count(*) FROM imgembed.projection('parts', NULL::integer, 'pca')").fetchone()[0] == len(truth)
+    with pytest.raises(psycopg.Error, match="has no map made with umap"):
+        db.execute("SELECT * FROM imgembed.projection('parts', NULL::integer, 'umap')")
     with Image.open(out) as picture:
         assert picture.size == (1400 + 260, 1400)
     page = out.with_suffix(".html")

@@ -228,11 +228,11 @@ def test_sqlalchemy_helpers_match_the_sql_functions(database_url: str) -> None:
         db.execute("SELECT imgembed.watch('catalogue', 'photo', label_column => 'kind')")
         storage = db.execute("SELECT imgembed.storage_table('catalogue')").fetchone()[0]
         with db.cursor() as cursor:
-            cursor.executemany(f"INSERT INTO imgembed.{storage} VALUES (%s, %s, 0)", [(i, vectors[i]) for i in range(120)])
+            cursor.executemany(f"INSERT INTO {storage} VALUES (%s, %s, 0)", [(i, vectors[i]) for i in range(120)])
         # A text whose vector is already stored: search_text answers without a worker.
         text_id = db.execute("SELECT imgembed.request_text('something')").fetchone()[0]
         text_storage = db.execute("SELECT imgembed.storage_table('imgembed.text_query')").fetchone()[0]
-        db.execute(f"INSERT INTO imgembed.{text_storage} VALUES (%s, %s, 0)", (text_id, vectors[7]))
+        db.execute(f"INSERT INTO {text_storage} VALUES (%s, %s, 0)", (text_id, vectors[7]))
         raw = {
             "similar": db.execute("SELECT id, distance FROM imgembed.similar('catalogue', 3::bigint, 5, exact => true)").fetchall(),
             "vector": db.execute("SELECT id::bigint, distance FROM imgembed.similar_to_vector('catalogue', %s, 5, exact => true)",
@@ -242,6 +242,11 @@ def test_sqlalchemy_helpers_match_the_sql_functions(database_url: str) -> None:
             "recommend": db.execute("SELECT id, score FROM imgembed.recommend('catalogue', ARRAY[3, 4]::bigint[], "
                                     "ARRAY[5]::bigint[], 5, exact => true)").fetchall(),
         }
+        db.execute("INSERT INTO imgembed.interaction (user_id, tbl, item) VALUES ('ann', 'catalogue', '3')")
+        raw["for_user"] = db.execute("SELECT id::bigint, score FROM imgembed.recommend_for_user('catalogue', 'ann', 5)"
+                                     ).fetchall()
+        raw["duplicates"] = db.execute("SELECT a::bigint, b::bigint FROM imgembed.near_duplicates('catalogue', 1.0)"
+                                       ).fetchall()
 
     with Session(engine) as session:
         hits = sqla.similar(Product, 3, k=5, exact=True)
@@ -262,4 +267,10 @@ def test_sqlalchemy_helpers_match_the_sql_functions(database_url: str) -> None:
         filtered = sqla.similar(Product, 3, k=5, filter={"kind": "a"})
         kinds = session.execute(sa.select(Product.kind).join(filtered, Product.id == filtered.c.id)).scalars().all()
         assert kinds and set(kinds) == {"a"}
+        for_user = sqla.recommend_for_user(Product, "ann", k=5)
+        assert_same_hits(session.execute(sa.select(for_user.c.id, for_user.c.score)).all(), raw["for_user"])
+        duplicates = sqla.near_duplicates(Product, 1.0)
+        assert session.execute(sa.select(duplicates.c.a, duplicates.c.b)).all() == raw["duplicates"]
+        stored = session.execute(sa.select(sqla.vector_of(Product, 4))).scalar_one()
+        assert isinstance(stored, np.ndarray) and np.allclose(stored, vectors[4], atol=1e-6)
     engine.dispose()

@@ -154,6 +154,20 @@ def test_a_dba_deployment_with_tenants(deployment: Deployment, redis_url: str) -
             assert _keys(alice, "SELECT key FROM imgembed.cluster_member") == alice_keys
             medoids = alice.execute("SELECT medoid_key FROM imgembed.cluster_summary").fetchall()
             assert {int(row[0]) for row in medoids if row[0] is not None} <= alice_keys
+            # The same questions of one table, keys in its own type, joined to it without a cast.
+            typed = {
+                "cluster_member": "SELECT p.id FROM imgembed.cluster_member('products', NULL::bigint) m "
+                                  "JOIN products p ON p.id = m.key",
+                "predicted_labels": "SELECT p.id FROM imgembed.predicted_labels('products', NULL::bigint) l "
+                                    "JOIN products p ON p.id = l.key",
+                "near_duplicates": "SELECT p.id FROM imgembed.near_duplicates('products', NULL::bigint, 2) d "
+                                   "JOIN products p ON p.id = d.a",
+            }
+            assert _keys(alice, typed["cluster_member"]) == alice_keys
+            assert _keys(alice, typed["predicted_labels"]) == {key for key in alice_keys if key % 4 == 2}
+            assert _keys(alice, typed["near_duplicates"]) <= alice_keys
+            assert alice.execute("SELECT pg_typeof(medoid_key)::text FROM imgembed.cluster_summary('products', "
+                                 "NULL::bigint) LIMIT 1").fetchone()[0] == "bigint"
             status = alice.execute("SELECT table_name, \"rows\" FROM imgembed.status WHERE is_default").fetchall()
             assert ("public.products", len(alice_keys)) in status
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
@@ -162,8 +176,12 @@ def test_a_dba_deployment_with_tenants(deployment: Deployment, redis_url: str) -
         with deployment.connect("bob") as bob:
             assert _keys(bob, "SELECT id FROM imgembed.similar('products', 3::bigint, 20)") <= set(range(1, 15, 2))
             storage = bob.execute("SELECT imgembed.storage_table('products')").fetchone()[0]
-            assert _keys(bob, f"SELECT id FROM imgembed.{storage}") == set(range(1, 15, 2))
+            assert _keys(bob, f"SELECT id FROM {storage}") == set(range(1, 15, 2))
             assert bob.execute("SELECT count(*) FROM imgembed.interaction").fetchone()[0] == 0
+        # The worker's login reads no table: `imgembed status` says which role it needs, in one line.
+        status = _imgembed(deployment, "embedder", redis_url, "status")
+        said = status.communicate(timeout=120)[0]
+        assert status.returncode == 1 and "imgembed_reader" in said and "Traceback" not in said, said
         with deployment.connect("outsider") as outsider:
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 outsider.execute("SELECT * FROM imgembed.similar('products', 2::bigint, 5)")

@@ -124,9 +124,9 @@ def test_nothing_lost_under_faults(
 
         storage = check.execute("SELECT imgembed.storage_table('stress')").fetchone()[0]
         rows = dict(check.execute("SELECT id, image FROM stress").fetchall())
-        vectors = dict(check.execute(f"SELECT id, embedding FROM imgembed.{storage}").fetchall())
+        vectors = dict(check.execute(f"SELECT id, embedding FROM {storage}").fetchall())
         assert set(vectors) == set(rows), "every row has a vector and no deleted row has one"
-        assert check.execute(f"SELECT count(*) = count(DISTINCT id) FROM imgembed.{storage}").fetchone()[0]
+        assert check.execute(f"SELECT count(*) = count(DISTINCT id) FROM {storage}").fetchone()[0]
 
     # Each vector is the embedding of the row's current image, not of an older version.
     model = load_model(parse_model_spec(TEST_MODEL), "cpu")

@@ -37,6 +37,10 @@ def test_commands_find_the_stack_that_up_started(tmp_path: Path) -> None:
         found = status()
         assert found.returncode == 0, found.stderr
         assert "imgembed.image" in found.stdout and TEST_MODEL in found.stdout
+        prompt = subprocess.run([sys.executable, "-m", "imgembed", "psql", "-A", "-t", "-c",
+                                 "SELECT name FROM imgembed.model"], cwd=REPO, env=environment,
+                                capture_output=True, text=True, timeout=60)
+        assert prompt.returncode == 0 and prompt.stdout.split() == [TEST_MODEL], prompt.stderr
         record = tmp_path / "data" / "running-stack.json"
         assert record.stat().st_mode & 0o077 == 0  # its owner's alone: it holds the passwords
         urls = json.loads(record.read_text())
@@ -78,3 +82,19 @@ def test_up_says_in_one_line_that_the_model_cannot_be_had(tmp_path: Path) -> Non
     assert len(said) == 1 and "imgembed models pull ViT-B-32:laion2b_s34b_b79k" in said[0], text[-3000:]
     assert text.index(said[0]) < text.index("imgembed is up")
     assert "Retrying" not in text and "Traceback" not in text, text[-3000:]
+
+    # Started again with a model it has: the tables keep theirs, and up says how to move each.
+    environment["IMGEMBED_MODEL"] = TEST_MODEL
+    again = tmp_path / "up-again.log"
+    with again.open("w") as output:
+        up = subprocess.Popen([sys.executable, "-m", "imgembed", "up"], cwd=REPO, env=environment, stdout=output,
+                              stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "imgembed is up" in again.read_text(), 180, "`imgembed up` to start again")
+        wait_for(lambda: "keeps its model" in again.read_text(), 30, "the advice on the tables' model")
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(60)
+    assert (f"imgembed.image keeps its model ViT-B-32:laion2b_s34b_b79k; to move it to {TEST_MODEL}: imgembed models "
+            f"add {TEST_MODEL} --table imgembed.image --wait, then imgembed models use imgembed.image {TEST_MODEL}"
+            ) in again.read_text()

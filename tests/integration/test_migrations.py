@@ -26,7 +26,10 @@ def watched_shop_with_vectors(connection: psycopg.Connection, rows: int, seed: i
     connection.execute("CREATE TABLE shop (id bigint PRIMARY KEY, photo bytea, kind text)")
     connection.execute("INSERT INTO shop SELECT g, 'x', 'k' || (g %% 3) FROM generate_series(0, %s) g", (rows - 1,))
     connection.execute("SELECT imgembed.watch('shop', 'photo', label_column => 'kind', model => 'old-512')")
-    storage = connection.execute("SELECT imgembed.storage_table('shop')").fetchone()[0]
+    storage = connection.execute(  # the vector table's bare name, at every revision
+        "SELECT wm.storage_table FROM imgembed.watch_model wm JOIN imgembed.watch w ON w.id = wm.watch_id "
+        "WHERE w.tbl = 'shop'::regclass AND wm.is_default"
+    ).fetchone()[0]
     with connection.cursor() as cursor, cursor.copy(
         f"COPY imgembed.{storage} (id, embedding, job_id) FROM STDIN WITH (FORMAT BINARY)"
     ) as copy:
@@ -202,6 +205,9 @@ RELEASED_REVISION_FILES = {
     "0005_private_rows.py": "d9b43ed2e7a9a8c3a43a064efc01813e8c6b3c6b8d66d8187bed37b27facfa6f",
     "0005_private_rows.sql": "4300cf650379ff542379f66d7c33f41d95e2a03e716e728f52d786bf904e57ef",
     "0005_private_rows_down.sql": "913138189ee9f8ace41548092013559aef29641edbe9db642be0ca1e9a11489e",
+    "0006_typed_keys.py": "dd657f6ed91990312d1353b0ecb6042b63f54acaa31bdf3e916cccc8563ed743",
+    "0006_typed_keys.sql": "ffcca4a17e0aac28c8766ab7d1adeaab33570b8435c9b3435cb1d90ebfdb8048",
+    "0006_typed_keys_down.sql": "672fa40798409649045d31abfd3c47b2de49a284300c9d728a120b057d41090b",
 }
 RELEASED_0001 = REPO / "tests" / "fixtures" / "imgembed-0001-as-released.sql.gz"
 
@@ -225,7 +231,10 @@ def _populate(url: str) -> None:
 
 def _contents(url: str) -> dict[str, list[tuple[object, ...]]]:
     with connect(url) as connection:
-        storage = connection.execute("SELECT imgembed.storage_table('shop')").fetchone()[0]
+        storage = connection.execute(  # the vector table's bare name, at every revision
+            "SELECT wm.storage_table FROM imgembed.watch_model wm JOIN imgembed.watch w ON w.id = wm.watch_id "
+            "WHERE w.tbl = 'shop'::regclass AND wm.is_default"
+        ).fetchone()[0]
         return {
             "vectors": connection.execute(f"SELECT id, embedding::text FROM imgembed.{storage} ORDER BY id").fetchall(),
             "shop": connection.execute("SELECT * FROM shop ORDER BY id").fetchall(),

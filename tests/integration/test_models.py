@@ -63,7 +63,7 @@ def test_backfill_switch_and_drop(db: psycopg.Connection, services: Services, da
     wait_for(lambda: settled(db, SECOND_MODEL, 160) and settled(db, "imgembed-tiny", 160), 180, "both models complete")
     for model, dim in (("imgembed-tiny", 64), (SECOND_MODEL, 32)):
         count, distinct, dims = db.execute(
-            f"SELECT count(*), count(DISTINCT id), min(vector_dims(embedding)) FROM imgembed.{storage(db, model)}"
+            f"SELECT count(*), count(DISTINCT id), min(vector_dims(embedding)) FROM {storage(db, model)}"
         ).fetchone()
         assert (count, distinct, dims) == (160, 160, dim), model
 
@@ -100,7 +100,7 @@ def test_backfill_switch_and_drop(db: psycopg.Connection, services: Services, da
         db.execute("SELECT imgembed.drop_model('gallery', %s)", (SECOND_MODEL,))
     old_storage = storage(db, "imgembed-tiny")
     db.execute("SELECT imgembed.drop_model('gallery', 'imgembed-tiny')")
-    assert db.execute("SELECT to_regclass(%s)", (f"imgembed.{old_storage}",)).fetchone()[0] is None
+    assert db.execute("SELECT to_regclass(%s)", (f"{old_storage}",)).fetchone()[0] is None
     assert db.execute("SELECT count(*) FROM imgembed.job j JOIN imgembed.model m ON m.id = j.model_id "
                       "JOIN imgembed.watch w ON w.id = j.watch_id "
                       "WHERE m.name = 'imgembed-tiny' AND w.table_name = 'public.gallery'").fetchone()[0] == 0

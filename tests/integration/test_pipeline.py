@@ -78,13 +78,13 @@ def test_bytea_paths_and_file_uris_all_get_unit_vectors(db: psycopg.Connection, 
         assert backlog(db, table) == (50 if table == "public.items" else 100, 0, 0, 0)
         dims, low, high = db.execute(
             f"SELECT min(vector_dims(embedding)), min(vector_norm(embedding)), max(vector_norm(embedding)) "
-            f"FROM imgembed.{storage_of(db, table)}"
+            f"FROM {storage_of(db, table)}"
         ).fetchone()
         assert dims == TINY_DIM
         assert low == pytest.approx(1.0, abs=1e-4) and high == pytest.approx(1.0, abs=1e-4)
     # Results join back to the user's own rows and key type.
     joined = db.execute(
-        f"SELECT count(*) FROM items i JOIN imgembed.{storage_of(db, 'public.items')} e ON e.id = i.id"
+        f"SELECT count(*) FROM items i JOIN {storage_of(db, 'public.items')} e ON e.id = i.id"
     ).fetchone()[0]
     assert joined == 50
     some_key = db.execute("SELECT id FROM items LIMIT 1").fetchone()[0]
@@ -108,7 +108,7 @@ def test_odd_images_embed_or_fail_alone(db: psycopg.Connection, services: Servic
     _, worker = start_pipeline(services)
     wait_until_settled(db, "public.odd", len(manifest))
 
-    embedded = {row[0] for row in db.execute(f"SELECT id FROM imgembed.{storage_of(db, 'public.odd')}")}
+    embedded = {row[0] for row in db.execute(f"SELECT id FROM {storage_of(db, 'public.odd')}")}
     failures = dict(db.execute("SELECT key, last_error FROM imgembed.failures WHERE table_name = 'public.odd'").fetchall())
     for name, row in manifest.items():
         if row["pillow_result"] == "ok":
@@ -131,7 +131,7 @@ def test_odd_images_embed_or_fail_alone(db: psycopg.Connection, services: Servic
     # The worker survived all of that and still embeds.
     assert worker.poll() is None
     db.execute("INSERT INTO odd VALUES ('after.jpg', %s)", ((ODD_IMAGES / "hopper.jpg").read_bytes(),))
-    wait_for(lambda: db.execute(f"SELECT count(*) FROM imgembed.{storage_of(db, 'public.odd')} WHERE id = 'after.jpg'")
+    wait_for(lambda: db.execute(f"SELECT count(*) FROM {storage_of(db, 'public.odd')} WHERE id = 'after.jpg'")
              .fetchone()[0] == 1, EMBED_TIMEOUT, "a new image embedded after the odd ones")
 
 
@@ -146,7 +146,7 @@ def test_update_delete_truncate(db: psycopg.Connection, services: Services) -> N
     storage = storage_of(db, "public.pics")
 
     def vector_text(key: int) -> str | None:
-        row = db.execute(f"SELECT embedding::text, job_id FROM imgembed.{storage} WHERE id = %s", (key,)).fetchone()
+        row = db.execute(f"SELECT embedding::text, job_id FROM {storage} WHERE id = %s", (key,)).fetchone()
         return row[0] if row else None
 
     before = vector_text(0)
@@ -160,7 +160,7 @@ def test_update_delete_truncate(db: psycopg.Connection, services: Services) -> N
     db.execute("DELETE FROM pics WHERE id = 1")
     assert vector_text(1) is None
     db.execute("TRUNCATE pics")
-    assert db.execute(f"SELECT count(*) FROM imgembed.{storage}").fetchone()[0] == 0
+    assert db.execute(f"SELECT count(*) FROM {storage}").fetchone()[0] == 0
 
 
 def test_rows_inserted_while_dispatcher_is_down_are_embedded(db: psycopg.Connection, services: Services) -> None:
@@ -199,7 +199,7 @@ def test_worker_killed_mid_batch_loses_nothing(db: psycopg.Connection, services:
     wait_until_settled(db, "public.photos", total)
 
     storage = storage_of(db, "public.photos")
-    assert db.execute(f"SELECT count(*), count(DISTINCT id) FROM imgembed.{storage}").fetchone() == (total, total)
+    assert db.execute(f"SELECT count(*), count(DISTINCT id) FROM {storage}").fetchone() == (total, total)
     assert db.execute("SELECT count(*) FROM imgembed.job").fetchone()[0] == 0
     assert dispatcher.poll() is None
 
@@ -327,7 +327,7 @@ def test_unwatch_while_jobs_are_in_flight(db: psycopg.Connection, services: Serv
     wait_for(lambda: worker_log().count("nothing owned any more") >= 5, 60, "the claims of `waiting` skipped")
     wait_for(lambda: db.execute("SELECT count(*) FROM imgembed.job").fetchone()[0] == 0, 60, "no job left")
     for storage in storages.values():
-        assert db.execute("SELECT to_regclass(%s)", (f"imgembed.{storage}",)).fetchone()[0] is None
+        assert db.execute("SELECT to_regclass(%s)", (f"{storage}",)).fetchone()[0] is None
     assert db.execute("SELECT count(*) FROM imgembed.watch WHERE table_name IN ('public.waiting', 'public.working')"
                       ).fetchone()[0] == 0
     assert worker.poll() is None and dispatcher.poll() is None

@@ -102,7 +102,7 @@ def test_worker_role_runs_the_pipeline_without_reading_user_tables(
 def test_reader_role_searches_but_changes_nothing(shop: tuple[psycopg.Connection, str, str], database_url: str) -> None:
     db, reader, _ = shop
     storage = db.execute("SELECT imgembed.storage_table('products')").fetchone()[0]
-    db.execute(f"INSERT INTO imgembed.{storage} SELECT g, array_fill(g::real + 1, ARRAY[64])::vector, 0 "
+    db.execute(f"INSERT INTO {storage} SELECT g, array_fill(g::real + 1, ARRAY[64])::vector, 0 "
                "FROM generate_series(0, 11) g")
     with login_as(database_url, reader) as connection:
         assert len(connection.execute("SELECT * FROM imgembed.similar('products', 1::bigint, 3)").fetchall()) == 3
@@ -116,6 +116,6 @@ def test_reader_role_searches_but_changes_nothing(shop: tuple[psycopg.Connection
             "claim_cluster_run(60, 5)", "worker_beat('w', 1, 'cpu', ARRAY['m'], 0, '[]')",
             "requeue_claim(gen_random_uuid(), ARRAY[1::bigint], 'x', 0)")]
         assert_refused(connection, ["DELETE FROM products", "UPDATE products SET secret = 'x'",
-                                    f"INSERT INTO imgembed.{storage} VALUES (99, array_fill(1::real, ARRAY[64])::vector, 0)",
+                                    f"INSERT INTO {storage} VALUES (99, array_fill(1::real, ARRAY[64])::vector, 0)",
                                     *[statement for statement in table_statements(db, reads=False)
                                       if statement not in OWN_INTERACTIONS], *CHANGING_CALLS, *worker_calls])

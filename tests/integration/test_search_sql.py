@@ -29,7 +29,7 @@ def make_vectors(count: int, seed: int = 0) -> np.ndarray:
 
 def load_vectors(db: psycopg.Connection, table: str, keys: list[object], vectors: np.ndarray) -> None:
     with db.cursor() as cursor, cursor.copy(
-        f"COPY imgembed.{storage_of(db, table)} (id, embedding, job_id) FROM STDIN"
+        f"COPY {storage_of(db, table)} (id, embedding, job_id) FROM STDIN"
     ) as copy:
         for key, vector in zip(keys, vectors):
             copy.write_row((key, "[" + ",".join(f"{x:.8f}" for x in vector) + "]", 0))
@@ -82,7 +82,7 @@ def test_rebuild_index_with_other_settings(library: tuple[psycopg.Connection, np
     """rebuild_index() replaces the index with one of the given m and ef_construction; it reads the
     table in physical order whatever the session's synchronize_seqscans, and leaves that alone."""
     db, vectors = library
-    index = storage_of(db, "public.items") + "_hnsw"
+    index = storage_of(db, "public.items").removeprefix("imgembed.") + "_hnsw"
     db.execute("SET synchronize_seqscans = on")
     db.execute("SELECT imgembed.rebuild_index('items', m => 24, ef_construction => 100)")
     definition = db.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s", (index,)).fetchone()[0]
@@ -121,7 +121,7 @@ def test_keyset_pagination_walks_the_same_order(library: tuple[psycopg.Connectio
         else:
             page = db.execute(
                 "SELECT id, distance FROM imgembed.similar('items', 1::bigint, 10, exact => true, "
-                "after_distance => %s, after_id => %s::bigint)", (after[0], after[1])
+                "after_distance => %s, after_id => %s)", (after[0], after[1])  # any integer type
             ).fetchall()
         pages.extend(page)
         after = (page[-1][1], page[-1][0])
@@ -138,6 +138,48 @@ def test_similar_to_vector_typed_and_text_keys(library: tuple[psycopg.Connection
     ).fetchall()
     assert as_text[0][0] == "42" and typed[0][0] == 42
     assert [int(row[0]) for row in as_text] == [row[0] for row in typed]
+
+
+def test_keys_keep_their_type_and_ties_order_by_it(db: psycopg.Connection) -> None:
+    """Rows 13, 111 and 1000 hold the same vector: they tie on distance and come in key order (13
+    before 111, as numbers), typed or as text, through the index or exactly, page after page."""
+    db.execute("CREATE TABLE tied (id bigint PRIMARY KEY, photo bytea)")
+    db.execute("INSERT INTO tied SELECT g, 'x' FROM unnest(ARRAY[5, 13, 111, 1000]) g")
+    db.execute("SELECT imgembed.watch('tied', 'photo')")
+    same, other = unit(np.ones((1, DIM)))[0], unit(np.arange(1.0, DIM + 1)[None, :])[0]
+    load_vectors(db, "public.tied", [5, 13, 111, 1000], np.vstack([other, same, same, same]))
+    query = "[" + ",".join(map(str, same)) + "]"
+    for exact in (True, False):
+        typed = db.execute("SELECT id FROM imgembed.similar_to_vector('tied', NULL::bigint, %s::vector, 3, exact => %s)",
+                           (query, exact)).fetchall()
+        assert [row[0] for row in typed] == [13, 111, 1000]
+        as_text = db.execute("SELECT id FROM imgembed.similar_to_vector('tied', %s::vector, 3, exact => %s)",
+                             (query, exact)).fetchall()
+        assert [row[0] for row in as_text] == ["13", "111", "1000"]
+    assert [row[0] for row in db.execute("SELECT id FROM imgembed.similar('tied', 13::bigint, 2)")] == [111, 1000]
+
+    first = db.execute("SELECT id, distance FROM imgembed.similar('tied', 5::bigint, 2, exact => true)").fetchall()
+    assert [row[0] for row in first] == [13, 111]
+    rest = db.execute("SELECT id FROM imgembed.similar('tied', 5::bigint, 2, exact => true, after_distance => %s, "
+                      "after_id => %s)", (first[-1][1], first[-1][0])).fetchall()
+    assert [row[0] for row in rest] == [1000]
+    rest = db.execute("SELECT id FROM imgembed.similar_to_vector('tied', NULL::bigint, %s::vector, 2, exact => true, "
+                      "after_distance => 0, after_id => 13)", (query,)).fetchall()
+    assert [row[0] for row in rest] == [111, 1000]
+
+    pairs = db.execute("SELECT a, b FROM imgembed.near_duplicates('tied', NULL::bigint, 0.001)").fetchall()
+    assert pairs == [(13, 111), (13, 1000), (111, 1000)]
+    assert db.execute("SELECT pg_typeof(a)::text FROM imgembed.near_duplicates('tied', NULL::bigint, 0.001) LIMIT 1"
+                      ).fetchone()[0] == "bigint"
+    with pytest.raises(psycopg.Error, match="max_distance is NULL") as raised:
+        db.execute("SELECT * FROM imgembed.near_duplicates('tied', NULL::bigint)")
+    assert "NULL::bigint, 0.02" in (raised.value.diag.message_hint or "")
+
+    storage = db.execute("SELECT imgembed.storage_table('tied')").fetchone()[0]
+    assert storage.startswith("imgembed.emb_")
+    assert db.execute("SELECT count(*) FROM imgembed.storage_table('tied') t JOIN pg_class c ON c.oid = t"
+                      ).fetchone()[0] == 1
+    assert db.execute(f"SELECT count(*) FROM {storage}").fetchone()[0] == 4
 
 
 def test_knn_labels_match_scikit_learn(db: psycopg.Connection) -> None:
@@ -218,6 +260,9 @@ def test_recommendations(library: tuple[psycopg.Connection, np.ndarray]) -> None
                                 for row in for_user], atol=1e-5)
     assert [row[1] for row in for_user] == sorted((row[1] for row in for_user), reverse=True)
     assert len({int(row[0]) for row in for_user} & set(expected_scores)) >= 36  # through the index: recall >= 0.9
+    typed = db.execute("SELECT r.id, i.category FROM imgembed.recommend_for_user('items', NULL::bigint, 'ann', 40) r "
+                       "JOIN items i ON i.id = r.id").fetchall()
+    assert [row[0] for row in typed] == [int(row[0]) for row in for_user]
     with pytest.raises(psycopg.Error, match="no positive interaction"):
         db.execute("SELECT * FROM imgembed.recommend_for_user('items', 'nobody')")
 
@@ -244,7 +289,15 @@ def test_zero_shot_ranks_prompts_by_cosine(library: tuple[psycopg.Connection, np
     ids = dict(db.execute("SELECT prompt, id FROM imgembed.label_prompt").fetchall())
     prompt_keys = [ids[f"{label} {n}"] for label, sources in prompts.items() for n, _ in enumerate(sources)]
     prompt_vectors = vectors[[s for sources in prompts.values() for s in sources]]
+    # Prompts waiting for a worker: zero_shot waits for them, then refuses, naming their labels.
+    with pytest.raises(psycopg.Error, match="prompts of labels car, cat, dog are not embedded yet"):
+        db.execute("SELECT * FROM imgembed.zero_shot('items', 200::bigint, timeout_seconds => 0.2)")
     load_vectors(db, "imgembed.label_prompt", prompt_keys, prompt_vectors)
+    with pytest.raises(psycopg.Error, match="not embedded yet"):  # vectors, but their jobs are still queued
+        db.execute("SELECT * FROM imgembed.zero_shot('items', 200::bigint, timeout_seconds => 0)")
+    db.execute("SELECT imgembed.expand_intake(1000)")
+    db.execute("DELETE FROM imgembed.job WHERE watch_id = (SELECT id FROM imgembed.watch "
+               "WHERE tbl = 'imgembed.label_prompt'::regclass)")  # as a worker that wrote them would
 
     rows = db.execute("SELECT label, similarity, probability FROM imgembed.zero_shot('items', 200::bigint)").fetchall()
     means = {label: unit(vectors[sources].mean(axis=0, keepdims=True))[0] for label, sources in prompts.items()}
@@ -252,6 +305,19 @@ def test_zero_shot_ranks_prompts_by_cosine(library: tuple[psycopg.Connection, np
     assert [row[0] for row in rows] == expected
     assert rows[0][0] == "dog" and rows[0][1] == pytest.approx(1.0, abs=1e-5)
     assert sum(row[2] for row in rows) == pytest.approx(1.0)
+    assert [row[0] for row in db.execute("SELECT label FROM imgembed.zero_shot('items', 200::bigint, labels => "
+                                         "ARRAY['cat', 'car'])")] == [label for label in expected if label != "dog"]
+
+    # A new prompt counts from the start: its label is pending, never silently left out.
+    db.execute("INSERT INTO imgembed.label_prompt (label, prompt) VALUES ('bird', 'a bird')")
+    with pytest.raises(psycopg.Error, match="prompts of labels bird are not embedded yet"):
+        db.execute("SELECT * FROM imgembed.zero_shot('items', 200::bigint, timeout_seconds => 0)")
+    db.execute("SELECT imgembed.expand_intake(1000)")
+    db.execute("UPDATE imgembed.job SET status = 'failed', last_error = 'unreadable: the text went missing' "
+               "WHERE key = (SELECT id::text FROM imgembed.label_prompt WHERE label = 'bird') "
+               "AND watch_id = (SELECT id FROM imgembed.watch WHERE tbl = 'imgembed.label_prompt'::regclass)")
+    with pytest.raises(psycopg.Error, match="a prompt of label bird: unreadable: the text went missing"):
+        db.execute("SELECT * FROM imgembed.zero_shot('items', 200::bigint)")
 
 
 @pytest.mark.parametrize(
@@ -286,7 +352,7 @@ def test_models_above_2000_dimensions_use_a_halfvec_index(db: psycopg.Connection
     db.execute("CREATE TABLE wide (id integer PRIMARY KEY, photo bytea)")
     db.execute("INSERT INTO wide SELECT g, 'x' FROM generate_series(1, 50) g")
     db.execute("SELECT imgembed.watch('wide', 'photo', model => 'wide-test')")
-    index = db.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s", (storage_of(db, "public.wide") + "_hnsw",)).fetchone()[0]
+    index = db.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s", (storage_of(db, "public.wide").removeprefix("imgembed.") + "_hnsw",)).fetchone()[0]
     assert "halfvec(2500)" in index and "halfvec_cosine_ops" in index
     rng = np.random.default_rng(1)
     vectors = unit(rng.normal(size=(50, 2500)))

@@ -66,14 +66,14 @@ def test_delete_and_truncate_remove_vectors(products: psycopg.Connection) -> Non
     products.execute("SELECT imgembed.watch('products', 'photo')")
     storage = storage_of(products, "public.products")
     vector = "[" + ",".join(["0.125"] * 64) + "]"
-    products.execute(f"INSERT INTO imgembed.{storage} (id, embedding, job_id) VALUES (1, %s, 1)", (vector,))
+    products.execute(f"INSERT INTO {storage} (id, embedding, job_id) VALUES (1, %s, 1)", (vector,))
     assert products.execute("SELECT imgembed.vector_of('products'::regclass, 1::bigint)").fetchone()[0] is not None
     products.execute("DELETE FROM products WHERE id = 1")
-    assert products.execute(f"SELECT count(*) FROM imgembed.{storage}").fetchone()[0] == 0
+    assert products.execute(f"SELECT count(*) FROM {storage}").fetchone()[0] == 0
     products.execute("INSERT INTO products VALUES (1, 'a', 'again')")
-    products.execute(f"INSERT INTO imgembed.{storage} (id, embedding, job_id) VALUES (1, %s, 9)", (vector,))
+    products.execute(f"INSERT INTO {storage} (id, embedding, job_id) VALUES (1, %s, 9)", (vector,))
     products.execute("TRUNCATE products")
-    assert products.execute(f"SELECT count(*) FROM imgembed.{storage}").fetchone()[0] == 0
+    assert products.execute(f"SELECT count(*) FROM {storage}").fetchone()[0] == 0
     assert jobs(products) == []
 
 
@@ -116,14 +116,14 @@ def test_text_and_uuid_keys_keep_their_type(db: psycopg.Connection, key_type: st
     storage = storage_of(db, "public.docs")
     stored_type = db.execute(
         "SELECT format_type(atttypid, NULL) FROM pg_attribute WHERE attrelid = %s::regclass AND attname = 'id'",
-        (f"imgembed.{storage}",),
+        (f"{storage}",),
     ).fetchone()[0]
     assert stored_type == key_type
     db.execute("INSERT INTO docs VALUES (%s, '/images/a.jpg')", (key,))
     assert jobs(db) == [key]
     vector = "[" + ",".join(["0.125"] * 64) + "]"
-    db.execute(f"INSERT INTO imgembed.{storage} (id, embedding, job_id) VALUES (%s, %s, 1)", (key, vector))
-    joined = db.execute(f"SELECT d.id::text FROM docs d JOIN imgembed.{storage} e ON e.id = d.id").fetchall()
+    db.execute(f"INSERT INTO {storage} (id, embedding, job_id) VALUES (%s, %s, 1)", (key, vector))
+    joined = db.execute(f"SELECT d.id::text FROM docs d JOIN {storage} e ON e.id = d.id").fetchall()
     assert joined == [(key,)]
     assert db.execute(f"SELECT imgembed.vector_of('docs', %s::{key_type}) IS NOT NULL", (key,)).fetchone()[0]
 
@@ -131,9 +131,9 @@ def test_text_and_uuid_keys_keep_their_type(db: psycopg.Connection, key_type: st
 def test_unwatch_drops_vectors_and_triggers_but_not_the_table(products: psycopg.Connection) -> None:
     products.execute("SELECT imgembed.watch('products', 'photo')")
     storage = storage_of(products, "public.products")
-    assert products.execute("SELECT to_regclass(%s) IS NOT NULL", (f"imgembed.{storage}",)).fetchone()[0]
+    assert products.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{storage}",)).fetchone()[0]
     products.execute("SELECT imgembed.unwatch('products')")
-    assert products.execute("SELECT to_regclass(%s) IS NULL", (f"imgembed.{storage}",)).fetchone()[0]
+    assert products.execute("SELECT to_regclass(%s) IS NULL", (f"{storage}",)).fetchone()[0]
     assert products.execute("SELECT count(*) FROM products").fetchone()[0] == 2
     assert products.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'products'::regclass").fetchone()[0] == 0
     assert products.execute("SELECT count(*) FROM imgembed.watch_model wm JOIN imgembed.watch w ON w.id = wm.watch_id "

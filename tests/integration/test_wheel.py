@@ -203,7 +203,7 @@ def test_core_install_migrates_dispatches_and_reports_while_the_full_install_emb
         connection.execute("INSERT INTO imgembed.image (content, label) VALUES (%s, 'shape')",
                            (random_shapes(1, seed=3)[0].png_bytes(),))
         storage = connection.execute("SELECT imgembed.storage_table('imgembed.image')").fetchone()[0]
-        wait_for(lambda: connection.execute(f"SELECT count(*) FROM imgembed.{storage}").fetchone()[0] == 1, 240,
+        wait_for(lambda: connection.execute(f"SELECT count(*) FROM {storage}").fetchone()[0] == 1, 240,
                  "the installed worker's vector")
     assert "imgembed.image" in run(installed_core, "imgembed", "status").stdout
     outputs = {}
