@@ -40,7 +40,7 @@ def finetune_command(settings: Settings, args: argparse.Namespace) -> int:
     if result.skipped:
         reasons = ", ".join(f"{count} {reason}" for reason, count in result.skipped.most_common())
         print(f"skipped {sum(result.skipped.values())} pairs whose image could not be read ({reasons}); "
-              "IMGEMBED_LOG_LEVEL=INFO names each")
+              "each is named above")
     before, after = result.recall_before, result.recall_after
     print(f"held-out image->text recall@1: {before['recall@1']:.3f} -> {after['recall@1']:.3f}   "
           f"recall@5: {before['recall@5']:.3f} -> {after['recall@5']:.3f}")
