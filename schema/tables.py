@@ -43,6 +43,13 @@ watch = sa.Table(
     sa.Column("good_column", sa.Text),
     sa.Column("good_label", sa.Text),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    # The same columns by number (pg_attribute.attnum): the watch follows their renames (revision 0007).
+    sa.Column("key_attnum", sa.SmallInteger),
+    sa.Column("content_attnum", sa.SmallInteger),
+    sa.Column("uri_attnum", sa.SmallInteger),
+    sa.Column("text_attnum", sa.SmallInteger),
+    sa.Column("label_attnum", sa.SmallInteger),
+    sa.Column("good_attnum", sa.SmallInteger),
     sa.CheckConstraint("num_nonnulls(content_column, uri_column, text_column) >= 1", name="watch_has_input_column"),
 )
 

@@ -1,20 +1,27 @@
 -- Catalog helpers: models, watched tables, names of per-(table, model) vector tables.
 -- Every function here is (re)pinned to a fixed search_path by 90_pin_search_path.sql.
 
--- The watch row of a table, or a clear error when the table is not watched.
+-- The watch row of a table as it is named now, or a clear error when the table is not watched
+-- (or changed so that the watch cannot follow: imgembed.watch_problems).
 CREATE OR REPLACE FUNCTION imgembed._watch_of(p_tbl regclass)
 RETURNS imgembed.watch
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_watch imgembed.watch;
 BEGIN
-    SELECT * INTO v_watch FROM imgembed.watch WHERE tbl = p_tbl;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'table % is not watched by imgembed', p_tbl
-            USING HINT = 'call imgembed.watch(''schema.table'', ''image_column'') first',
-                  ERRCODE = 'undefined_object';
+    SELECT * INTO v_watch FROM imgembed._live_watch WHERE tbl = p_tbl;
+    IF FOUND THEN
+        RETURN v_watch;
     END IF;
-    RETURN v_watch;
+    SELECT * INTO v_watch FROM imgembed.watch WHERE tbl = p_tbl;
+    IF FOUND THEN
+        RAISE EXCEPTION 'table % changed since it was watched: %', p_tbl, imgembed._watch_problem(v_watch)
+            USING HINT = 'imgembed doctor --fix (or SELECT * FROM imgembed.repair_watches()) repairs the watch',
+                  ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    RAISE EXCEPTION 'table % is not watched by imgembed', p_tbl
+        USING HINT = 'call imgembed.watch(''schema.table'', ''image_column'') first',
+              ERRCODE = 'undefined_object';
 END $$;
 
 -- The model a call should use on a watched table: the named one, else the table's default.
@@ -118,7 +125,7 @@ BEGIN
         UPDATE imgembed.model SET is_default = true WHERE id = v_model.id;
         -- Watched tables that have no model yet (e.g. imgembed.image after migrating) start now.
         FOR v_watch IN
-            SELECT w.* FROM imgembed.watch w
+            SELECT w.* FROM imgembed._live_watch w
              WHERE NOT EXISTS (SELECT 1 FROM imgembed.watch_model wm WHERE wm.watch_id = w.id)
         LOOP
             PERFORM imgembed._attach_model(v_watch, v_model, true);
@@ -215,7 +222,8 @@ $$;
 CREATE OR REPLACE FUNCTION imgembed._table_readable(p_watch_id integer)
 RETURNS boolean
 LANGUAGE sql STABLE AS $$
-    SELECT coalesce((SELECT has_table_privilege(w.tbl, 'SELECT') FROM imgembed.watch w WHERE w.id = p_watch_id), false)
+    SELECT coalesce((SELECT has_table_privilege(w.tbl, 'SELECT') FROM imgembed._live_watch w WHERE w.id = p_watch_id),
+                    false)
 $$;
 
 -- Whether the calling role sees this row of the watched table (privileges and row-level security).
@@ -226,7 +234,7 @@ DECLARE
     v_watch imgembed.watch;
     v_visible boolean;
 BEGIN
-    SELECT * INTO v_watch FROM imgembed.watch WHERE id = p_watch_id;
+    SELECT * INTO v_watch FROM imgembed._live_watch WHERE id = p_watch_id;
     IF NOT FOUND OR NOT has_table_privilege(v_watch.tbl, 'SELECT') THEN
         RETURN false;
     END IF;

@@ -83,8 +83,8 @@ BEGIN
     PERFORM imgembed._notify_jobs(v_queued);
     -- Text queries and label prompts are embedded by every model an image table uses.
     IF p_watch.text_column IS NULL THEN
-        PERFORM imgembed._attach_model(text_watch, p_model, false)
-           FROM imgembed.watch text_watch WHERE text_watch.text_column IS NOT NULL;
+        PERFORM imgembed._attach_model(ROW(text_watch.*)::imgembed.watch, p_model, false)
+           FROM imgembed._live_watch text_watch WHERE text_watch.text_column IS NOT NULL;
     END IF;
     RETURN v_link;
 END $$;
@@ -195,13 +195,20 @@ BEGIN
     END IF;
 
     INSERT INTO imgembed.watch (tbl, table_name, key_column, key_type, content_column, uri_column, text_column,
-                                label_column)
-    VALUES (p_tbl,
-            (SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE c.oid = p_tbl),
-            v_key_column,
-            CASE v_key_type WHEN 'character varying' THEN 'text' ELSE v_key_type END,
-            p_content_column, p_uri_column, p_text_column, p_label_column)
+                                label_column, key_attnum, content_attnum, uri_attnum, text_attnum, label_attnum)
+    SELECT p_tbl,
+           (SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.oid = p_tbl),
+           v_key_column,
+           CASE v_key_type WHEN 'character varying' THEN 'text' ELSE v_key_type END,
+           p_content_column, p_uri_column, p_text_column, p_label_column,
+           -- by number too: the watch follows renames (08_live_watch.sql)
+           max(a.attnum) FILTER (WHERE a.attname = v_key_column),
+           max(a.attnum) FILTER (WHERE a.attname = p_content_column),
+           max(a.attnum) FILTER (WHERE a.attname = p_uri_column),
+           max(a.attnum) FILTER (WHERE a.attname = p_text_column),
+           max(a.attnum) FILTER (WHERE a.attname = p_label_column)
+      FROM pg_attribute a WHERE a.attrelid = p_tbl AND a.attnum > 0 AND NOT a.attisdropped
     RETURNING * INTO v_watch;
 
     EXECUTE format('CREATE TRIGGER imgembed_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS imgembed_new '
@@ -254,20 +261,16 @@ BEGIN
 END $$;
 
 -- Stop watching a table: drop its triggers, its vectors and its jobs. The table itself is untouched.
+-- Works on a watch the table's changes broke too (imgembed.watch_problems).
 CREATE OR REPLACE FUNCTION imgembed.unwatch(tbl regclass)
 RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_watch imgembed.watch := imgembed._watch_of(tbl);
-    v_storage text;
-    v_trigger text;
+    v_watch imgembed.watch;
 BEGIN
-    FOREACH v_trigger IN ARRAY ARRAY['imgembed_insert', 'imgembed_update', 'imgembed_delete', 'imgembed_truncate'] LOOP
-        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', v_trigger, tbl);
-    END LOOP;
-    FOR v_storage IN SELECT storage_table FROM imgembed.watch_model WHERE watch_id = v_watch.id LOOP
-        EXECUTE format('DROP TABLE IF EXISTS imgembed.%I', v_storage);
-    END LOOP;
-    PERFORM imgembed._delete_jobs(v_watch.id);
-    DELETE FROM imgembed.watch WHERE id = v_watch.id;
+    SELECT * INTO v_watch FROM imgembed.watch w WHERE w.tbl = unwatch.tbl;
+    IF NOT FOUND THEN
+        v_watch := imgembed._watch_of(tbl);  -- says it is not watched
+    END IF;
+    PERFORM imgembed._drop_watch(v_watch);
 END $$;

@@ -2,7 +2,7 @@
 -- job per changed row and model, and send at most one constant NOTIFY per statement (PostgreSQL
 -- folds identical notifications of a transaction into one).
 -- TG_ARGV[0] is the watch id. Transition tables are only visible in the trigger function itself,
--- so the SQL is built by helpers and executed here.
+-- so the SQL is built by helpers and executed here, with the columns' names of the moment.
 
 CREATE OR REPLACE FUNCTION imgembed._on_insert()
 RETURNS trigger
@@ -11,7 +11,10 @@ DECLARE
     v_watch imgembed.watch;
     v_queued bigint;
 BEGIN
-    SELECT * INTO v_watch FROM imgembed.watch WHERE id = TG_ARGV[0]::integer;
+    SELECT * INTO v_watch FROM imgembed._live_watch WHERE id = TG_ARGV[0]::integer;
+    IF NOT FOUND THEN  -- the table changed beyond what the watch follows: writes go on (watch_problems)
+        RETURN NULL;
+    END IF;
     EXECUTE imgembed._enqueue_sql(v_watch, 'imgembed_new n');
     GET DIAGNOSTICS v_queued = ROW_COUNT;
     PERFORM imgembed._notify_jobs(v_queued);
@@ -26,7 +29,10 @@ DECLARE
     v_queued bigint;
     v_statement text;
 BEGIN
-    SELECT * INTO v_watch FROM imgembed.watch WHERE id = TG_ARGV[0]::integer;
+    SELECT * INTO v_watch FROM imgembed._live_watch WHERE id = TG_ARGV[0]::integer;
+    IF NOT FOUND THEN  -- the table changed beyond what the watch follows: writes go on (watch_problems)
+        RETURN NULL;
+    END IF;
     -- Rows whose key vanished (key changed) or whose image was cleared: forget them.
     FOREACH v_statement IN ARRAY imgembed._forget_sql(
         v_watch,
@@ -52,7 +58,10 @@ DECLARE
     v_watch imgembed.watch;
     v_statement text;
 BEGIN
-    SELECT * INTO v_watch FROM imgembed.watch WHERE id = TG_ARGV[0]::integer;
+    SELECT * INTO v_watch FROM imgembed._live_watch WHERE id = TG_ARGV[0]::integer;
+    IF NOT FOUND THEN  -- the table changed beyond what the watch follows: writes go on (watch_problems)
+        RETURN NULL;
+    END IF;
     FOREACH v_statement IN ARRAY imgembed._forget_sql(v_watch, 'imgembed_old o') LOOP
         EXECUTE v_statement;
     END LOOP;

@@ -137,7 +137,7 @@ DECLARE
     v_watch imgembed.watch;
 BEGIN
     FOR v_watch IN
-        SELECT w.* FROM imgembed.watch w
+        SELECT w.* FROM imgembed._live_watch w
          WHERE w.id IN (SELECT j.watch_id FROM imgembed.job j WHERE j.claim_id = p_claim)
     LOOP
         RETURN QUERY EXECUTE format(
@@ -184,7 +184,7 @@ BEGIN
 
     FOR v_target IN
         SELECT w.tbl, w.key_column, w.key_type, w.id AS watch_id, wm.storage_table
-          FROM imgembed.watch w
+          FROM imgembed._live_watch w
           JOIN imgembed.watch_model wm ON wm.watch_id = w.id
          WHERE (w.id, wm.model_id) IN (SELECT j.watch_id, j.model_id FROM imgembed.job j WHERE j.id = ANY (v_owned))
     LOOP

@@ -20,8 +20,8 @@ DECLARE
 BEGIN
     FOR v_link IN
         SELECT w.id AS watch_id, w.tbl, w.table_name, m.id AS model_id, m.name, wm.is_default, wm.storage_table,
-               imgembed._has_image_sql(w, 's') AS has_image
-          FROM imgembed.watch w
+               imgembed._has_image_sql(ROW(w.*)::imgembed.watch, 's') AS has_image
+          FROM imgembed._live_watch w
           JOIN imgembed.watch_model wm ON wm.watch_id = w.id
           JOIN imgembed.model m ON m.id = wm.model_id
          WHERE has_table_privilege(w.tbl, 'SELECT')  -- a role sees the tables it may read
@@ -62,7 +62,7 @@ SELECT * FROM imgembed._status_rows();
 CREATE OR REPLACE VIEW imgembed.failures WITH (security_barrier) AS
 SELECT w.table_name, j.key, m.name AS model, j.attempts, j.last_error, j.updated_at AS failed_at
   FROM imgembed.job j
-  JOIN imgembed.watch w ON w.id = j.watch_id
+  JOIN imgembed._live_watch w ON w.id = j.watch_id
   JOIN imgembed.model m ON m.id = j.model_id
  WHERE j.status = 'failed' AND has_table_privilege(w.tbl, 'SELECT') AND imgembed._row_visible(w.id, j.key);
 

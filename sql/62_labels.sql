@@ -101,7 +101,7 @@ LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_watch imgembed.watch;
 BEGIN
-    FOR v_watch IN SELECT * FROM imgembed.watch w WHERE w.label_column IS NOT NULL AND has_table_privilege(w.tbl, 'SELECT')
+    FOR v_watch IN SELECT * FROM imgembed._live_watch w WHERE w.label_column IS NOT NULL AND has_table_privilege(w.tbl, 'SELECT')
                     ORDER BY w.table_name LOOP
         RETURN QUERY SELECT v_watch.table_name, p.* FROM imgembed._table_predicted_labels(v_watch, p_k) p;
     END LOOP;

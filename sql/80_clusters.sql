@@ -120,7 +120,7 @@ DECLARE
 BEGIN
     FOR v_run IN
         SELECT r.id, w.*, w.id AS watch_id, m.name AS model_name, r.method AS run_method
-          FROM imgembed.cluster_run r JOIN imgembed.watch w ON w.id = r.watch_id JOIN imgembed.model m ON m.id = r.model_id
+          FROM imgembed.cluster_run r JOIN imgembed._live_watch w ON w.id = r.watch_id JOIN imgembed.model m ON m.id = r.model_id
          WHERE r.status = 'done' AND has_table_privilege(w.tbl, 'SELECT') ORDER BY r.id
     LOOP
         RETURN QUERY EXECUTE format(

@@ -25,7 +25,9 @@ BEGIN
         RAISE EXCEPTION 'table % has no label column for good_label', v_watch.table_name
             USING HINT = 'watch it with label_column => ..., or use good_column', ERRCODE = 'undefined_column';
     END IF;
-    UPDATE imgembed.watch w SET good_column = set_known_good.good_column, good_label = set_known_good.good_label
+    UPDATE imgembed.watch w SET good_column = set_known_good.good_column, good_label = set_known_good.good_label,
+           good_attnum = (SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = w.tbl
+                            AND a.attname = set_known_good.good_column AND NOT a.attisdropped)
      WHERE w.id = v_watch.id;
 END $$;
 
@@ -126,7 +128,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_watch imgembed.watch;
 BEGIN
-    FOR v_watch IN SELECT * FROM imgembed.watch w
+    FOR v_watch IN SELECT * FROM imgembed._live_watch w
                     WHERE num_nonnulls(w.good_column, w.good_label) = 1 AND has_table_privilege(w.tbl, 'SELECT')
                     ORDER BY w.table_name LOOP
         RETURN QUERY SELECT v_watch.table_name, a.* FROM imgembed._table_anomalies(v_watch) a;

@@ -51,6 +51,28 @@ def retry(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def doctor(settings: Settings, args: argparse.Namespace) -> int:
+    from imgembed.db import connect
+
+    with connect(require_database_url(settings)) as connection:
+        problems = connection.execute(
+            "SELECT table_name, problem, repair FROM imgembed.watch_problems ORDER BY watch_id").fetchall()
+        followed = connection.execute(
+            "SELECT count(*) FROM pg_event_trigger WHERE evtname IN ('imgembed_ddl_end', 'imgembed_sql_drop') "
+            "AND evtenabled <> 'D'").fetchone()[0]  # type: ignore[index]
+        if not problems:
+            print("every watch matches its table")
+        for table, problem, repair in problems:
+            print(f"{table}: {problem}; --fix will {repair}")
+        if args.fix:
+            for line in connection.execute("SELECT * FROM imgembed.repair_watches()").fetchall():
+                print(f"repaired {line[0]}")
+    if followed < 2:
+        print("note: this database has no imgembed event triggers (a superuser installs them with `imgembed "
+              "migrate`): run `imgembed doctor --fix` after dropping or retyping a watched table's columns")
+    return 1 if problems and not args.fix else 0
+
+
 def _psql_program() -> str:
     """psql from PATH, else the one the embedded PostgreSQL ships."""
     found = shutil.which("psql")
@@ -84,6 +106,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
 
     add_command(commands, "status", status,
                 "Print the backlog per watched table and model, throughput, live workers and failures.")
+
+    command = add_command(commands, "doctor", doctor, "Check that every watch still matches its table (columns "
+                          "dropped or retyped, tables dropped) and, with --fix, repair what does not.")
+    command.add_argument("--fix", action="store_true", help="repair: stop the watches whose table or image column "
+                         "is gone, watch again those whose column changed type")
 
     command = add_command(commands, "retry", retry,
                           "Queue failed jobs again (all, one table's, or those whose error contains REASON).")

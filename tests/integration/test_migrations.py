@@ -208,6 +208,9 @@ RELEASED_REVISION_FILES = {
     "0006_typed_keys.py": "dd657f6ed91990312d1353b0ecb6042b63f54acaa31bdf3e916cccc8563ed743",
     "0006_typed_keys.sql": "ffcca4a17e0aac28c8766ab7d1adeaab33570b8435c9b3435cb1d90ebfdb8048",
     "0006_typed_keys_down.sql": "672fa40798409649045d31abfd3c47b2de49a284300c9d728a120b057d41090b",
+    "0007_schema_changes.py": "4b9be478b0ec5b2a9b8beb495494aaac4c0319319c7de89ac3d6ccaa37512b21",
+    "0007_schema_changes.sql": "5ea9a6dd037088c6a1f428d7bde93f6611a1dded6eb005b855572301434ea9dd",
+    "0007_schema_changes_down.sql": "98d14058ef5710d65715180aef1347b96ab0cefa46d7d6e08628c7cb2e015e89",
 }
 RELEASED_0001 = REPO / "tests" / "fixtures" / "imgembed-0001-as-released.sql.gz"
 

@@ -1,0 +1,263 @@
+"""The application changes its own schema under a watch, with real dispatcher and worker processes.
+Each case ends with the same check: every row has exactly the vector of its current image, nothing
+else has one, and imgembed.status answers for every table."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+
+from imgembed.db import as_array
+from imgembed.models.names import parse_model_spec
+from imgembed.settings import load_settings
+from imgembed.training.synthetic import random_shapes
+from imgembed.worker.decode import decode_image
+from imgembed.worker.embedding import LoadedModel, load_model
+from tests.conftest import REPO, TEST_MODEL, Services, wait_for
+
+IMAGES = [shape.png_bytes() for shape in random_shapes(12, seed=21)]
+
+
+@pytest.fixture(scope="module")
+def model() -> LoadedModel:
+    return load_model(parse_model_spec(TEST_MODEL), "cpu")
+
+
+def expected_vector(model: LoadedModel, image: bytes) -> np.ndarray:
+    pixels = model.preprocess(decode_image(image, load_settings({}), model.input_size)).unsqueeze(0)
+    return model.embed_pixels(pixels)[0]
+
+
+def settled(db: psycopg.Connection, table: str) -> None:
+    wait_for(lambda: db.execute("SELECT embedded = \"rows\" AND pending + in_flight + failed = 0 FROM imgembed.status "
+                                "WHERE table_name = %s AND is_default", (table,)).fetchone() == (True,),
+             180, f"{table} embedded")
+
+
+def assert_exact(db: psycopg.Connection, model: LoadedModel, table: str, key: str, image: str) -> None:
+    """Every row has the vector of its current image, and nothing else has one; status answers."""
+    settled(db, table)
+    rows = {k: Path(v).read_bytes() if isinstance(v, str) else bytes(v)
+            for k, v in db.execute(f"SELECT {key}, {image} FROM {table} WHERE {image} IS NOT NULL").fetchall()}
+    storage = db.execute("SELECT imgembed.storage_table(%s)", (table,)).fetchone()[0]
+    vectors = dict(db.execute(f"SELECT id, embedding FROM {storage}").fetchall())
+    assert set(vectors) == set(rows)
+    wrong = [k for k, picture in rows.items()
+             if not np.allclose(as_array(vectors[k]), expected_vector(model, picture), atol=1e-4)]
+    assert wrong == []
+    assert_status_answers(db)
+
+
+def assert_status_answers(db: psycopg.Connection) -> None:
+    tables = {row[0] for row in db.execute("SELECT table_name FROM imgembed.status").fetchall()}
+    assert "imgembed.image" in tables
+    db.execute("SELECT * FROM imgembed.failures").fetchall()
+    db.execute("SELECT * FROM imgembed.predicted_labels").fetchall()
+
+
+def make_table(db: psycopg.Connection, name: str, rows: int, *, label: bool = True) -> None:
+    db.execute(f"CREATE TABLE {name} (id bigint PRIMARY KEY, photo bytea, kind text)")
+    with db.cursor() as cursor:
+        cursor.executemany(f"INSERT INTO {name} VALUES (%s, %s, %s)",
+                           [(i, IMAGES[i % len(IMAGES)], f"k{i % 3}") for i in range(rows)])
+    db.execute("SELECT imgembed.watch(%s, 'photo', label_column => %s)", (name, "kind" if label else None))
+
+
+def doctor(services: Services, *arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "imgembed", "doctor", *arguments], cwd=REPO, env=services.env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_renames_are_followed_and_drops_end_the_watch(db: psycopg.Connection, services: Services,
+                                                       model: LoadedModel) -> None:
+    make_table(db, "products", 20)
+    make_table(db, "bystander", 5)
+    services.start("dispatch")
+    services.start("worker")
+    settled(db, "public.products")
+
+    # Renames of the image, key and label columns, of the table and of its schema: followed.
+    db.execute("ALTER TABLE products RENAME COLUMN photo TO picture")
+    db.execute("ALTER TABLE products RENAME COLUMN id TO pid")
+    db.execute("ALTER TABLE products RENAME COLUMN kind TO category")
+    db.execute("CREATE SCHEMA shop")
+    db.execute("ALTER TABLE products RENAME TO goods")
+    db.execute("ALTER TABLE goods SET SCHEMA shop")
+    with db.cursor() as cursor:
+        cursor.executemany("INSERT INTO shop.goods VALUES (%s, %s, %s)", [(i, IMAGES[i % 7], "k1") for i in range(20, 30)])
+    db.execute("UPDATE shop.goods SET picture = %s WHERE pid = 3", (IMAGES[11],))
+    db.execute("DELETE FROM shop.goods WHERE pid = 5")
+    db.execute("UPDATE shop.goods SET category = 'k2' WHERE pid = 4")  # not re-embedded
+    assert_exact(db, model, "shop.goods", "pid", "picture")
+    assert db.execute("SELECT count(*) FROM imgembed.knn_label('shop.goods', 3::bigint)").fetchone()[0] >= 1
+    assert db.execute("SELECT table_name, key_column, content_column, label_column FROM imgembed.watch "
+                      "WHERE tbl = 'shop.goods'::regclass").fetchone() == ("shop.goods", "pid", "picture", "category")
+
+    # A key or image column of another type is refused at ALTER time, saying what to do.
+    with pytest.raises(psycopg.Error, match="unwatch"):
+        db.execute("ALTER TABLE shop.goods ALTER COLUMN picture TYPE text USING encode(picture, 'hex')")
+    with pytest.raises(psycopg.Error, match="policy"):
+        db.execute("ALTER TABLE shop.goods ALTER COLUMN pid TYPE text")
+
+    # A dropped label column: the watch forgets it, labels say there is none.
+    db.execute("ALTER TABLE shop.goods DROP COLUMN category")
+    with pytest.raises(psycopg.Error, match="has no label column"):
+        db.execute("SELECT * FROM imgembed.knn_label('shop.goods', 3::bigint)")
+    assert_exact(db, model, "shop.goods", "pid", "picture")
+
+    # A dropped image column ends the watch: vectors, jobs and triggers go; the table's writes go on.
+    storage = db.execute("SELECT imgembed.storage_table('shop.goods')").fetchone()[0]
+    db.execute("INSERT INTO shop.goods VALUES (40, %s)", (IMAGES[0],))  # queued, then dropped with the column
+    db.execute("ALTER TABLE shop.goods DROP COLUMN picture")
+    db.execute("INSERT INTO shop.goods VALUES (41)")
+    assert db.execute("SELECT to_regclass(%s)", (storage,)).fetchone()[0] is None
+    assert db.execute("SELECT count(*) FROM imgembed.watch WHERE table_name = 'shop.goods'").fetchone()[0] == 0
+    assert db.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'shop.goods'::regclass").fetchone()[0] == 0
+
+    # DROP TABLE needs unwatch or CASCADE (a vector table's policy depends on it); with CASCADE the
+    # watch goes with it and nothing else is disturbed.
+    make_table(db, "doomed", 4)
+    settled(db, "public.doomed")
+    with pytest.raises(psycopg.Error, match="depend"):
+        db.execute("DROP TABLE doomed")
+    doomed_storage = db.execute("SELECT imgembed.storage_table('doomed')").fetchone()[0]
+    db.execute("DROP TABLE doomed CASCADE")
+    assert db.execute("SELECT to_regclass(%s)", (doomed_storage,)).fetchone()[0] is None
+    assert db.execute("SELECT count(*) FROM imgembed.watch_problems").fetchone()[0] == 0
+    db.execute("INSERT INTO bystander VALUES (100, %s, 'k0')", (IMAGES[3],))
+    assert_exact(db, model, "public.bystander", "id", "photo")
+    assert db.execute("SELECT count(*) FROM imgembed.job").fetchone()[0] == 0
+
+
+def test_without_event_triggers_writes_go_on_and_doctor_repairs(db: psycopg.Connection, services: Services,
+                                                                 model: LoadedModel, tmp_path: Path) -> None:
+    """Where no superuser installed the event triggers: a broken watch never breaks the table's
+    writes nor any other table; `imgembed doctor` says what changed and --fix repairs it."""
+    db.execute("DROP EVENT TRIGGER imgembed_ddl_end")
+    db.execute("DROP EVENT TRIGGER imgembed_sql_drop")
+    make_table(db, "products", 12)
+    make_table(db, "bystander", 5)
+    services.start("dispatch")
+    services.start("worker")
+    settled(db, "public.products")
+
+    db.execute("ALTER TABLE products RENAME COLUMN photo TO picture")  # followed without event triggers
+    db.execute("INSERT INTO products VALUES (50, %s, 'k1')", (IMAGES[9],))
+    assert_exact(db, model, "public.products", "id", "picture")
+    assert "every watch matches its table" in doctor(services).stdout
+
+    # The images move to files: the image column becomes a location. Until repaired the watch is
+    # left out of everything, and the table's writes go on.
+    locations = {}
+    for key in [*range(12), 50, 60]:
+        locations[key] = tmp_path / f"{key}.png"
+        locations[key].write_bytes(IMAGES[(key + 1) % len(IMAGES)])
+    db.execute("ALTER TABLE products ALTER COLUMN picture TYPE text USING NULL")
+    with db.cursor() as cursor:
+        cursor.executemany("UPDATE products SET picture = %s WHERE id = %s",
+                           [(str(path), key) for key, path in locations.items() if key != 60])
+    db.execute("INSERT INTO products VALUES (60, %s, 'k2')", (str(locations[60]),))
+    assert_status_answers(db)
+    assert "public.products" not in {row[0] for row in db.execute("SELECT table_name FROM imgembed.status")}
+    # A dropped table (CASCADE) leaves a watch without a table: every other table still answers.
+    make_table(db, "doomed", 3)
+    db.execute("DROP TABLE doomed CASCADE")
+    assert_status_answers(db)
+    db.execute("INSERT INTO bystander VALUES (100, %s, 'k0')", (IMAGES[3],))
+    assert_exact(db, model, "public.bystander", "id", "photo")
+
+    report = doctor(services)
+    assert report.returncode == 1, report.stderr
+    assert "public.products: image column picture is now text, was bytea; --fix will watch it again" in report.stdout
+    assert "public.doomed: table public.doomed was dropped; --fix will stop watching it" in report.stdout
+    assert "no imgembed event triggers" in report.stdout
+    fixed = doctor(services, "--fix")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert "repaired public.doomed" in fixed.stdout and "repaired public.products" in fixed.stdout
+    assert db.execute("SELECT count(*) FROM imgembed.watch_problems").fetchone()[0] == 0
+    assert db.execute("SELECT uri_column, label_column FROM imgembed.watch WHERE tbl = 'products'::regclass"
+                      ).fetchone() == ("picture", "kind")
+    assert_exact(db, model, "public.products", "id", "picture")  # every row embedded again, from its file
+
+
+def test_copy_upserts_merge_key_updates_and_big_statements(db: psycopg.Connection, services: Services,
+                                                           model: LoadedModel) -> None:
+    db.execute("CREATE TABLE items (id bigint PRIMARY KEY, photo bytea, note text)")
+    db.execute("SELECT imgembed.watch('items', 'photo')")
+    services.start("dispatch")
+    services.start("worker")
+    with db.cursor() as cursor, cursor.copy("COPY items (id, photo, note) FROM STDIN") as copy:
+        for i in range(30):
+            copy.write_row((i, IMAGES[i % len(IMAGES)], "copied"))
+    assert_exact(db, model, "public.items", "id", "photo")
+    storage = db.execute("SELECT imgembed.storage_table('items')").fetchone()[0]
+    before = dict(db.execute(f"SELECT id, job_id FROM {storage}").fetchall())
+
+    # Upsert: rows 0-9 get the image they have (nothing to do), 10-19 another one, 100-104 are new.
+    with db.cursor() as cursor:
+        cursor.executemany(
+            "INSERT INTO items VALUES (%s, %s, 'upserted') ON CONFLICT (id) DO UPDATE SET photo = excluded.photo, "
+            "note = excluded.note",
+            [(i, IMAGES[i % len(IMAGES)] if i < 10 else IMAGES[(i + 5) % len(IMAGES)], ) for i in
+             [*range(20), *range(100, 105)]])
+    db.execute(
+        "MERGE INTO items t USING (VALUES (20::bigint, %s::bytea), (21, %s), (200, %s)) AS s(id, photo) ON t.id = s.id "
+        "WHEN MATCHED AND s.id = 21 THEN DELETE WHEN MATCHED THEN UPDATE SET photo = s.photo "
+        "WHEN NOT MATCHED THEN INSERT (id, photo) VALUES (s.id, s.photo)", (IMAGES[1], IMAGES[2], IMAGES[3]))
+    db.execute("UPDATE items SET id = id + 1000 WHERE id BETWEEN 22 AND 24")  # new keys: old vectors go
+    assert_exact(db, model, "public.items", "id", "photo")
+    after = dict(db.execute(f"SELECT id, job_id FROM {storage}").fetchall())
+    assert all(after[i] == before[i] for i in range(10)), "an unchanged image is not embedded again"
+    assert all(after[i] != before[i] for i in range(10, 20))
+
+    # Statements of 100,000 rows: queued and forgotten in one go (rows without an image cost nothing).
+    db.execute("INSERT INTO items SELECT g, CASE WHEN g %% 1000 = 0 THEN %s::bytea END, 'bulk' "
+               "FROM generate_series(10000, 109999) g", (IMAGES[6],))
+    db.execute("UPDATE items SET note = 'touched' WHERE id >= 10000")
+    assert_exact(db, model, "public.items", "id", "photo")
+    db.execute("DELETE FROM items WHERE id >= 10000")
+    assert_exact(db, model, "public.items", "id", "photo")
+
+
+def test_awkward_names_and_keys(db: psycopg.Connection, services: Services, model: LoadedModel) -> None:
+    db.execute('CREATE SCHEMA "My Shop"')
+    db.execute('CREATE TABLE "My Shop"."Product Photos" ("Key" text PRIMARY KEY, "The Photo" bytea, '
+               '"Other Photo" bytea, "Label!" text)')
+    keys = ["it's", "with space", "ünïcødé ✓", "semi;colon", 'quote"d', "%s %I"]
+    with db.cursor() as cursor:
+        cursor.executemany('INSERT INTO "My Shop"."Product Photos" VALUES (%s, %s, NULL, %s)',
+                           [(key, IMAGES[i], "odd" if i % 2 else None) for i, key in enumerate(keys)])
+    table = '"My Shop"."Product Photos"'
+    db.execute("SELECT imgembed.watch(%s, 'The Photo', label_column => 'Label!')", (table,))
+    services.start("dispatch")
+    services.start("worker")
+    assert_exact(db, model, table, '"Key"', '"The Photo"')
+    similar = db.execute("SELECT id FROM imgembed.similar(%s, %s::text, 10)", (table, "it's")).fetchall()
+    assert {row[0] for row in similar} == set(keys) - {"it's"}
+    filtered = db.execute("SELECT id FROM imgembed.similar(%s, %s::text, 10, filter => '{\"Label!\": \"odd\"}')",
+                          (table, "it's")).fetchall()
+    assert {row[0] for row in filtered} == {key for i, key in enumerate(keys) if i % 2}
+    assert db.execute("SELECT count(*) FROM imgembed.knn_label(%s, %s::text, 3)", (table, "%s %I")).fetchone()[0] == 1
+    with pytest.raises(psycopg.Error, match="already watched with another image column"):
+        db.execute("SELECT imgembed.watch(%s, 'Other Photo')", (table,))
+    db.execute('UPDATE "My Shop"."Product Photos" SET "The Photo" = %s WHERE "Key" = %s', (IMAGES[10], "ünïcødé ✓"))
+    assert_exact(db, model, table, '"Key"', '"The Photo"')
+
+
+def test_two_migrations_started_at_once(fresh_database, services: Services) -> None:  # type: ignore[no-untyped-def]
+    url = fresh_database(None)
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute("CREATE EXTENSION vector")
+    environment = {**services.env(), "DATABASE_URL": url}
+    runs = [subprocess.Popen([sys.executable, "-m", "imgembed", "migrate"], cwd=REPO, env=environment,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    with psycopg.connect(url) as connection:
+        assert connection.execute("SELECT count(*) FROM imgembed.model").fetchone()[0] == 1
+        assert connection.execute("SELECT count(*) FROM imgembed.watch").fetchone()[0] == 3
