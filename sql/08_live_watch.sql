@@ -94,7 +94,11 @@ SELECT w.id AS watch_id,
   LEFT JOIN pg_class c ON c.oid = w.tbl
   LEFT JOIN pg_namespace n ON n.oid = c.relnamespace
  CROSS JOIN LATERAL (SELECT imgembed._watch_problem(w) AS problem) p
- WHERE p.problem IS NOT NULL;
+ WHERE p.problem IS NOT NULL
+UNION ALL
+SELECT l.id, l.table_name, p.problem, p.repair
+  FROM imgembed._live_watch l
+ CROSS JOIN LATERAL imgembed._partition_problems(ROW(l.*)::imgembed.watch) p;
 
 -- Forget a watch whose table is gone or no longer usable: its vectors, jobs and triggers.
 CREATE OR REPLACE FUNCTION imgembed._drop_watch(p_watch imgembed.watch)
@@ -102,16 +106,11 @@ RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     v_storage text;
-    v_trigger text;
 BEGIN
     -- Jobs first: a worker finishing one holds its row lock, and then wants the vector table; taking
     -- the vector tables first would deadlock with it.
     PERFORM imgembed._delete_jobs(p_watch.id);
-    IF EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = p_watch.tbl) THEN
-        FOREACH v_trigger IN ARRAY ARRAY['imgembed_insert', 'imgembed_update', 'imgembed_delete', 'imgembed_truncate'] LOOP
-            EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', v_trigger, p_watch.tbl);
-        END LOOP;
-    END IF;
+    PERFORM imgembed._drop_triggers(t.t) FROM imgembed._triggered_tables(p_watch.id) AS t(t);
     FOR v_storage IN SELECT wm.storage_table FROM imgembed.watch_model wm WHERE wm.watch_id = p_watch.id LOOP
         EXECUTE format('DROP TABLE IF EXISTS imgembed.%I', v_storage);
     END LOOP;
@@ -137,8 +136,12 @@ DECLARE
     v_good text;
 BEGIN
     FOR v_watch IN SELECT * FROM imgembed.watch ORDER BY id LOOP
-        SELECT p.problem, p.repair INTO v_problem, v_repair FROM imgembed.watch_problems p WHERE p.watch_id = v_watch.id;
+        v_problem := imgembed._watch_problem(v_watch);
+        SELECT p.repair INTO v_repair FROM imgembed.watch_problems p WHERE p.watch_id = v_watch.id AND p.problem = v_problem;
         IF v_problem IS NULL THEN
+            -- Its partition tree: triggers on every partition, none on tables that left it.
+            RETURN QUERY SELECT format('%s: %s', v_watch.table_name, m)
+                           FROM imgembed._sync_partitions(ROW(v_watch.*)::imgembed.watch) m;
             -- Followed renames: the recorded names catch up (messages and dumps read them).
             UPDATE imgembed.watch w SET table_name = l.table_name, key_column = l.key_column,
                    content_column = l.content_column, uri_column = l.uri_column, text_column = l.text_column,

@@ -211,15 +211,9 @@ BEGIN
       FROM pg_attribute a WHERE a.attrelid = p_tbl AND a.attnum > 0 AND NOT a.attisdropped
     RETURNING * INTO v_watch;
 
-    EXECUTE format('CREATE TRIGGER imgembed_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS imgembed_new '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION imgembed._on_insert(%s)', p_tbl, v_watch.id);
-    EXECUTE format('CREATE TRIGGER imgembed_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS imgembed_old '
-                   'NEW TABLE AS imgembed_new FOR EACH STATEMENT EXECUTE FUNCTION imgembed._on_update(%s)',
-                   p_tbl, v_watch.id);
-    EXECUTE format('CREATE TRIGGER imgembed_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS imgembed_old '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION imgembed._on_delete(%s)', p_tbl, v_watch.id);
-    EXECUTE format('CREATE TRIGGER imgembed_truncate AFTER TRUNCATE ON %s '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION imgembed._on_truncate(%s)', p_tbl, v_watch.id);
+    -- On the table, and on every partition of it: a write fires the triggers of the table it names.
+    PERFORM imgembed._install_triggers(v_watch.id, p_tbl, false);
+    PERFORM imgembed._install_triggers(v_watch.id, p.p, true) FROM imgembed._partitions(p_tbl) AS p(p);
 
     IF p_model IS NULL THEN
         SELECT * INTO v_model FROM imgembed.model WHERE is_default;

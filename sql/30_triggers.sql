@@ -81,3 +81,22 @@ BEGIN
     END LOOP;
     RETURN NULL;
 END $$;
+
+-- TRUNCATE of one partition (before it happens, while its rows are still there): its rows'
+-- vectors and jobs go, the other partitions' stay.
+CREATE OR REPLACE FUNCTION imgembed._on_truncate_partition()
+RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_watch imgembed.watch;
+    v_statement text;
+BEGIN
+    SELECT * INTO v_watch FROM imgembed._live_watch WHERE id = TG_ARGV[0]::integer;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    FOREACH v_statement IN ARRAY imgembed._forget_sql(v_watch, format('%s o', TG_RELID::regclass)) LOOP
+        EXECUTE v_statement;
+    END LOOP;
+    RETURN NULL;
+END $$;

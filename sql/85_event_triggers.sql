@@ -5,7 +5,8 @@
 -- imgembed.repair_watches()) does the same afterwards, and a DBA may install them (the NOTICE
 -- below says how). Until repaired, a broken watch is left out of everything else.
 
--- After ALTER TABLE on a watched table: refuse a retyped key or image column, follow the rest.
+-- After ALTER TABLE on a watched table (or CREATE TABLE of a partition of one): refuse a retyped
+-- key or image column, follow the rest (a new, attached or detached partition included).
 CREATE OR REPLACE FUNCTION imgembed._on_ddl_end()
 RETURNS event_trigger
 LANGUAGE plpgsql AS $$
@@ -16,6 +17,10 @@ BEGIN
     FOR v_watch IN
         SELECT w.* FROM imgembed.watch w
          WHERE w.tbl::oid IN (SELECT c.objid FROM pg_event_trigger_ddl_commands() c
+                               WHERE c.classid = 'pg_class'::regclass
+                              UNION  -- a partition's ancestors (none for a table outside a partition tree)
+                              SELECT a.relid FROM pg_event_trigger_ddl_commands() c
+                               CROSS JOIN LATERAL pg_partition_ancestors(c.objid) a
                                WHERE c.classid = 'pg_class'::regclass)
     LOOP
         v_problem := imgembed._watch_problem(v_watch);
@@ -46,20 +51,19 @@ END $$;
 DO $$
 BEGIN
     IF (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user) THEN
-        IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'imgembed_ddl_end') THEN
-            CREATE EVENT TRIGGER imgembed_ddl_end ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
-                EXECUTE FUNCTION imgembed._on_ddl_end();
-        END IF;
-        IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'imgembed_sql_drop') THEN
-            CREATE EVENT TRIGGER imgembed_sql_drop ON sql_drop
-                WHEN TAG IN ('ALTER TABLE', 'DROP TABLE', 'DROP SCHEMA', 'DROP OWNED')
-                EXECUTE FUNCTION imgembed._on_sql_drop();
-        END IF;
+        -- Made again at every upgrade, so that they fire on the commands this release follows.
+        DROP EVENT TRIGGER IF EXISTS imgembed_ddl_end;
+        DROP EVENT TRIGGER IF EXISTS imgembed_sql_drop;
+        CREATE EVENT TRIGGER imgembed_ddl_end ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')
+            EXECUTE FUNCTION imgembed._on_ddl_end();
+        CREATE EVENT TRIGGER imgembed_sql_drop ON sql_drop
+            WHEN TAG IN ('ALTER TABLE', 'DROP TABLE', 'DROP SCHEMA', 'DROP OWNED')
+            EXECUTE FUNCTION imgembed._on_sql_drop();
     ELSIF (SELECT count(*) FROM pg_event_trigger WHERE evtname IN ('imgembed_ddl_end', 'imgembed_sql_drop')) < 2 THEN
         RAISE NOTICE 'imgembed: event triggers need a superuser, so changes to watched tables are not followed at '
                      'once: after dropping or retyping a watched table''s columns, run `imgembed doctor --fix`. '
                      'A superuser may install them in this database: CREATE EVENT TRIGGER imgembed_ddl_end ON '
-                     'ddl_command_end WHEN TAG IN (''ALTER TABLE'') EXECUTE FUNCTION imgembed._on_ddl_end(); '
+                     'ddl_command_end WHEN TAG IN (''ALTER TABLE'', ''CREATE TABLE'') EXECUTE FUNCTION imgembed._on_ddl_end(); '
                      'CREATE EVENT TRIGGER imgembed_sql_drop ON sql_drop WHEN TAG IN (''ALTER TABLE'', '
                      '''DROP TABLE'', ''DROP SCHEMA'', ''DROP OWNED'') EXECUTE FUNCTION imgembed._on_sql_drop();';
     END IF;

@@ -261,3 +261,69 @@ def test_two_migrations_started_at_once(fresh_database, services: Services) -> N
     with psycopg.connect(url) as connection:
         assert connection.execute("SELECT count(*) FROM imgembed.model").fetchone()[0] == 1
         assert connection.execute("SELECT count(*) FROM imgembed.watch").fetchone()[0] == 3
+
+
+def partitioned(db: psycopg.Connection) -> None:
+    db.execute("CREATE TABLE parts (id bigint PRIMARY KEY, photo bytea) PARTITION BY RANGE (id)")
+    db.execute("CREATE TABLE parts_0 PARTITION OF parts FOR VALUES FROM (0) TO (100)")
+    db.execute("CREATE TABLE parts_1 PARTITION OF parts FOR VALUES FROM (100) TO (200) PARTITION BY RANGE (id)")
+    db.execute("CREATE TABLE parts_1a PARTITION OF parts_1 FOR VALUES FROM (100) TO (200)")
+    with db.cursor() as cursor:
+        cursor.executemany("INSERT INTO parts VALUES (%s, %s)", [(i, IMAGES[i % 12]) for i in [*range(5), *range(100, 105)]])
+    db.execute("SELECT imgembed.watch('parts', 'photo')")
+
+
+def change_partitions(db: psycopg.Connection) -> None:
+    """Writes into partitions directly, new and attached partitions, TRUNCATE of one, DETACH."""
+    with db.cursor() as cursor:
+        cursor.executemany("INSERT INTO parts_0 VALUES (%s, %s)", [(i, IMAGES[i % 12]) for i in range(10, 15)])
+        cursor.executemany("INSERT INTO parts_1a VALUES (%s, %s)", [(i, IMAGES[i % 12]) for i in range(110, 113)])
+        cursor.executemany("INSERT INTO parts_1 VALUES (%s, %s)", [(i, IMAGES[i % 12]) for i in range(120, 122)])
+    db.execute("UPDATE parts_1a SET photo = %s WHERE id = 110", (IMAGES[0],))
+    db.execute("DELETE FROM parts_0 WHERE id = 10")
+    db.execute("CREATE TABLE parts_2 PARTITION OF parts FOR VALUES FROM (200) TO (300)")
+    db.execute("INSERT INTO parts_2 VALUES (200, %s), (201, %s)", (IMAGES[1], IMAGES[2]))
+    db.execute("CREATE TABLE parts_3 (id bigint PRIMARY KEY, photo bytea)")
+    db.execute("INSERT INTO parts_3 VALUES (300, %s), (301, %s)", (IMAGES[3], IMAGES[4]))
+    db.execute("ALTER TABLE parts ATTACH PARTITION parts_3 FOR VALUES FROM (300) TO (400)")
+    db.execute("CREATE TABLE parts_4 PARTITION OF parts FOR VALUES FROM (400) TO (500)")
+    db.execute("INSERT INTO parts_4 VALUES (400, %s)", (IMAGES[5],))
+
+
+def finish_partitions(db: psycopg.Connection, model: LoadedModel) -> None:
+    assert_exact(db, model, "public.parts", "id", "photo")
+    db.execute("TRUNCATE parts_2")  # that partition's vectors go, the others stay
+    db.execute("ALTER TABLE parts DETACH PARTITION parts_4")  # its rows leave the watch with their vectors
+
+
+def test_partitioned_tables(db: psycopg.Connection, services: Services, model: LoadedModel) -> None:
+    partitioned(db)
+    services.start("dispatch")
+    services.start("worker")
+    change_partitions(db)
+    finish_partitions(db, model)
+    assert_exact(db, model, "public.parts", "id", "photo")
+    assert db.execute("SELECT count(*) FROM imgembed.watch_problems").fetchone()[0] == 0
+    db.execute("INSERT INTO parts_4 VALUES (401, %s)", (IMAGES[6],))  # no longer watched: nothing queued
+    assert db.execute("SELECT count(*) FROM imgembed.intake").fetchone()[0] == 0
+    assert db.execute("SELECT count(*) FROM imgembed.job").fetchone()[0] == 0
+
+
+def test_partitioned_tables_without_event_triggers(db: psycopg.Connection, services: Services,
+                                                   model: LoadedModel) -> None:
+    db.execute("DROP EVENT TRIGGER imgembed_ddl_end")
+    db.execute("DROP EVENT TRIGGER imgembed_sql_drop")
+    partitioned(db)
+    services.start("dispatch")
+    services.start("worker")
+    change_partitions(db)
+    report = doctor(services).stdout
+    assert "partition public.parts_2 has no imgembed triggers" in report and "public.parts_3" in report, report
+    assert "watch_problems" not in report
+    fixed = doctor(services, "--fix")
+    assert fixed.returncode == 0 and "did: give it the triggers" in fixed.stdout, fixed.stdout + fixed.stderr
+    finish_partitions(db, model)
+    assert "public.parts_4 left the partition tree" in doctor(services).stdout
+    doctor(services, "--fix")
+    assert_exact(db, model, "public.parts", "id", "photo")
+    assert db.execute("SELECT count(*) FROM imgembed.watch_problems").fetchone()[0] == 0
