@@ -50,6 +50,7 @@ watch = sa.Table(
     sa.Column("text_attnum", sa.SmallInteger),
     sa.Column("label_attnum", sa.SmallInteger),
     sa.Column("good_attnum", sa.SmallInteger),
+    sa.Column("tbl_oid", pg.OID),  # the table's OID when watched: another one means it was restored (0008)
     sa.CheckConstraint("num_nonnulls(content_column, uri_column, text_column) >= 1", name="watch_has_input_column"),
 )
 

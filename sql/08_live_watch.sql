@@ -6,13 +6,22 @@
 -- status or writes break; imgembed.watch_problems lists it and imgembed.repair_watches() (the
 -- event triggers of 85_event_triggers.sql, or `imgembed doctor --fix`) repairs it.
 
--- The name of a live column (NULL once dropped); a watch made before revision 0007 keeps its name.
+-- The name of a live column by its number (NULL once dropped); without a number (a watch made
+-- before revision 0007, or a table restored from a dump: _attnum) by the name recorded.
 CREATE OR REPLACE FUNCTION imgembed._column_name(p_tbl regclass, p_attnum smallint, p_stored text)
 RETURNS text
 LANGUAGE sql STABLE AS $$
-    SELECT CASE WHEN p_attnum IS NULL THEN p_stored
-                ELSE (SELECT a.attname::text COLLATE "default" FROM pg_attribute a
-                       WHERE a.attrelid = p_tbl AND a.attnum = p_attnum AND NOT a.attisdropped) END
+    SELECT a.attname::text COLLATE "default" FROM pg_attribute a
+     WHERE a.attrelid = p_tbl AND NOT a.attisdropped AND a.attnum > 0
+       AND CASE WHEN p_attnum IS NULL THEN a.attname = p_stored ELSE a.attnum = p_attnum END
+$$;
+
+-- A column number of a watch, when it still numbers the watched table's columns: not once the table
+-- was recreated under the same name (restored from a dump, which may number columns anew).
+CREATE OR REPLACE FUNCTION imgembed._attnum(p_watch imgembed.watch, p_attnum smallint)
+RETURNS smallint
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN p_watch.tbl_oid = p_watch.tbl::oid THEN p_attnum END
 $$;
 
 -- The type of a live column, as watch() records it (varchar as text).
@@ -31,14 +40,15 @@ LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_key text;
     v_image text;
-    v_image_attnum smallint := coalesce(p_watch.content_attnum, p_watch.uri_attnum, p_watch.text_attnum);
+    v_image_attnum smallint := imgembed._attnum(p_watch, coalesce(p_watch.content_attnum, p_watch.uri_attnum,
+                                                                  p_watch.text_attnum));
     v_image_stored text := coalesce(p_watch.content_column, p_watch.uri_column, p_watch.text_column);
     v_type text;
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = p_watch.tbl) THEN
         RETURN format('table %s was dropped', p_watch.table_name);
     END IF;
-    v_key := imgembed._column_name(p_watch.tbl, p_watch.key_attnum, p_watch.key_column);
+    v_key := imgembed._column_name(p_watch.tbl, imgembed._attnum(p_watch, p_watch.key_attnum), p_watch.key_column);
     IF v_key IS NULL THEN
         RETURN format('key column %s was dropped', p_watch.key_column);
     END IF;
@@ -64,15 +74,15 @@ END $$;
 CREATE OR REPLACE VIEW imgembed._live_watch AS
 SELECT w.id, w.tbl,
        format('%I.%I', n.nspname, c.relname) COLLATE "default" AS table_name,
-       imgembed._column_name(w.tbl, w.key_attnum, w.key_column) AS key_column,
+       imgembed._column_name(w.tbl, imgembed._attnum(w, w.key_attnum), w.key_column) AS key_column,
        w.key_type,
-       imgembed._column_name(w.tbl, w.content_attnum, w.content_column) AS content_column,
-       imgembed._column_name(w.tbl, w.uri_attnum, w.uri_column) AS uri_column,
-       imgembed._column_name(w.tbl, w.text_attnum, w.text_column) AS text_column,
-       imgembed._column_name(w.tbl, w.label_attnum, w.label_column) AS label_column,
-       imgembed._column_name(w.tbl, w.good_attnum, w.good_column) AS good_column,
+       imgembed._column_name(w.tbl, imgembed._attnum(w, w.content_attnum), w.content_column) AS content_column,
+       imgembed._column_name(w.tbl, imgembed._attnum(w, w.uri_attnum), w.uri_column) AS uri_column,
+       imgembed._column_name(w.tbl, imgembed._attnum(w, w.text_attnum), w.text_column) AS text_column,
+       imgembed._column_name(w.tbl, imgembed._attnum(w, w.label_attnum), w.label_column) AS label_column,
+       imgembed._column_name(w.tbl, imgembed._attnum(w, w.good_attnum), w.good_column) AS good_column,
        w.good_label, w.created_at,
-       w.key_attnum, w.content_attnum, w.uri_attnum, w.text_attnum, w.label_attnum, w.good_attnum
+       w.key_attnum, w.content_attnum, w.uri_attnum, w.text_attnum, w.label_attnum, w.good_attnum, w.tbl_oid
   FROM imgembed.watch w
   JOIN pg_class c ON c.oid = w.tbl
   JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -136,6 +146,23 @@ DECLARE
     v_good text;
 BEGIN
     FOR v_watch IN SELECT * FROM imgembed.watch ORDER BY id LOOP
+        IF v_watch.tbl_oid IS DISTINCT FROM v_watch.tbl::oid AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = v_watch.tbl)
+           AND imgembed._watch_problem(v_watch) IS NULL THEN
+            -- Recreated (restored from a dump): found by name, numbered again.
+            UPDATE imgembed.watch w
+               SET tbl_oid = w.tbl::oid,
+                   key_attnum = (SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = w.tbl AND a.attname = l.key_column),
+                   content_attnum = (SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = w.tbl AND a.attname = l.content_column),
+                   uri_attnum = (SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = w.tbl AND a.attname = l.uri_column),
+                   text_attnum = (SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = w.tbl AND a.attname = l.text_column),
+                   label_attnum = (SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = w.tbl AND a.attname = l.label_column),
+                   good_attnum = (SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = w.tbl AND a.attname = l.good_column)
+              FROM imgembed._live_watch l
+             WHERE w.id = v_watch.id AND l.id = w.id
+            RETURNING w.* INTO v_watch;
+            RETURN NEXT format('%s: the table was made anew (restored from a dump?): its columns, found by name, '
+                               'are numbered again', v_watch.table_name);
+        END IF;
         v_problem := imgembed._watch_problem(v_watch);
         SELECT p.repair INTO v_repair FROM imgembed.watch_problems p WHERE p.watch_id = v_watch.id AND p.problem = v_problem;
         IF v_problem IS NULL THEN
@@ -163,10 +190,12 @@ BEGIN
             CONTINUE;
         END IF;
         -- Watched again as it is now, with its label column and models, the default first.
-        v_image := imgembed._column_name(v_watch.tbl, coalesce(v_watch.content_attnum, v_watch.uri_attnum),
-                                         coalesce(v_watch.content_column, v_watch.uri_column));
-        v_label := imgembed._column_name(v_watch.tbl, v_watch.label_attnum, v_watch.label_column);
-        v_good := imgembed._column_name(v_watch.tbl, v_watch.good_attnum, v_watch.good_column);
+        v_image := imgembed._column_name(v_watch.tbl, imgembed._attnum(v_watch, coalesce(v_watch.content_attnum,
+                                         v_watch.uri_attnum)), coalesce(v_watch.content_column, v_watch.uri_column));
+        v_label := imgembed._column_name(v_watch.tbl, imgembed._attnum(v_watch, v_watch.label_attnum),
+                                         v_watch.label_column);
+        v_good := imgembed._column_name(v_watch.tbl, imgembed._attnum(v_watch, v_watch.good_attnum),
+                                        v_watch.good_column);
         SELECT m.name INTO v_default FROM imgembed.watch_model wm JOIN imgembed.model m ON m.id = wm.model_id
          WHERE wm.watch_id = v_watch.id AND wm.is_default;
         SELECT array_agg(m.name ORDER BY m.id) INTO v_models FROM imgembed.watch_model wm

@@ -195,7 +195,7 @@ BEGIN
     END IF;
 
     INSERT INTO imgembed.watch (tbl, table_name, key_column, key_type, content_column, uri_column, text_column,
-                                label_column, key_attnum, content_attnum, uri_attnum, text_attnum, label_attnum)
+                                label_column, key_attnum, content_attnum, uri_attnum, text_attnum, label_attnum, tbl_oid)
     SELECT p_tbl,
            (SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE c.oid = p_tbl),
@@ -207,7 +207,8 @@ BEGIN
            max(a.attnum) FILTER (WHERE a.attname = p_content_column),
            max(a.attnum) FILTER (WHERE a.attname = p_uri_column),
            max(a.attnum) FILTER (WHERE a.attname = p_text_column),
-           max(a.attnum) FILTER (WHERE a.attname = p_label_column)
+           max(a.attnum) FILTER (WHERE a.attname = p_label_column),
+           p_tbl::oid
       FROM pg_attribute a WHERE a.attrelid = p_tbl AND a.attnum > 0 AND NOT a.attisdropped
     RETURNING * INTO v_watch;
 

@@ -211,6 +211,9 @@ RELEASED_REVISION_FILES = {
     "0007_schema_changes.py": "4b9be478b0ec5b2a9b8beb495494aaac4c0319319c7de89ac3d6ccaa37512b21",
     "0007_schema_changes.sql": "5ea9a6dd037088c6a1f428d7bde93f6611a1dded6eb005b855572301434ea9dd",
     "0007_schema_changes_down.sql": "98d14058ef5710d65715180aef1347b96ab0cefa46d7d6e08628c7cb2e015e89",
+    "0008_restored_tables.py": "52a99629239f2ba1835ec6f1b5b25ee16b764d84e62af71bb89eac4c8f4d11c7",
+    "0008_restored_tables.sql": "f1c86dcb92f99b810534d0026af6d15e0f62832174b29927734a27063684658f",
+    "0008_restored_tables_down.sql": "7c86256cc532a5ff4aa1b57212cd21fd026e0e35f77caafb8de242f2367126ff",
 }
 RELEASED_0001 = REPO / "tests" / "fixtures" / "imgembed-0001-as-released.sql.gz"
 

@@ -12,7 +12,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from imgembed.db import as_array
+from imgembed.db import as_array, connect
 from imgembed.models.names import parse_model_spec
 from imgembed.settings import load_settings
 from imgembed.training.synthetic import random_shapes
@@ -327,3 +327,55 @@ def test_partitioned_tables_without_event_triggers(db: psycopg.Connection, servi
     doctor(services, "--fix")
     assert_exact(db, model, "public.parts", "id", "photo")
     assert db.execute("SELECT count(*) FROM imgembed.watch_problems").fetchone()[0] == 0
+
+
+def test_dump_and_restore(db: psycopg.Connection, services: Services, model: LoadedModel,
+                          fresh_database, redis_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """pg_dump of an application database with imgembed, its vectors and a queue still to work
+    through, restored into a new database: other OIDs, and columns numbered anew (the table had a
+    dropped column, which a dump does not keep). Watches, triggers, vectors and the queue go on."""
+    from imgembed.local.postgres import postgres_bin_dir
+
+    db.execute("CREATE TABLE shelf (id bigint PRIMARY KEY, gone text, photo bytea, kind text)")
+    db.execute("ALTER TABLE shelf DROP COLUMN gone")
+    with db.cursor() as cursor:
+        cursor.executemany("INSERT INTO shelf VALUES (%s, %s, %s)", [(i, IMAGES[i % 12], f"k{i % 2}") for i in range(10)])
+    db.execute("SELECT imgembed.watch('shelf', 'photo', label_column => 'kind')")
+    workers = [services.start("dispatch"), services.start("worker")]
+    settled(db, "public.shelf")
+    for process in workers:
+        services.stop(process)
+    db.execute("INSERT INTO shelf VALUES (10, %s, 'k0'), (11, %s, 'k1')", (IMAGES[10], IMAGES[11]))  # still queued
+
+    dump = tmp_path / "app.dump"
+    subprocess.run([str(postgres_bin_dir() / "pg_dump"), "-Fc", "-f", str(dump), services.database_url],
+                   check=True, capture_output=True, timeout=120)
+    restored_url = fresh_database(None)
+    restore = subprocess.run([str(postgres_bin_dir() / "pg_restore"), "-d", restored_url, str(dump)],
+                             capture_output=True, text=True, timeout=300)
+    assert restore.returncode == 0, restore.stderr[-3000:]
+
+    restored_services = Services(restored_url, redis_url, tmp_path / "restored")
+    (tmp_path / "restored").mkdir()
+    try:
+        with connect(restored_url) as restored:
+            numbers = restored.execute("SELECT w.content_attnum, a.attnum FROM imgembed.watch w JOIN pg_attribute a "
+                                       "ON a.attrelid = w.tbl AND a.attname = 'photo' WHERE w.tbl = 'shelf'::regclass"
+                                       ).fetchone()
+            assert numbers[0] != numbers[1]  # the column moved: the watch finds it by name
+            restored_services.start("dispatch")
+            restored_services.start("worker")
+            restored.execute("INSERT INTO shelf VALUES (12, %s, 'k0')", (IMAGES[2],))
+            restored.execute("UPDATE shelf SET photo = %s WHERE id = 1", (IMAGES[9],))
+            assert_exact(restored, model, "public.shelf", "id", "photo")
+            assert restored.execute("SELECT count(*) FROM imgembed.knn_label('shelf', 1::bigint)").fetchone()[0] >= 1
+            fixed = subprocess.run([sys.executable, "-m", "imgembed", "doctor", "--fix"], cwd=REPO,
+                                   env=restored_services.env(), capture_output=True, text=True, timeout=120)
+            assert "public.shelf: the table was made anew" in fixed.stdout, fixed.stdout + fixed.stderr
+            assert restored.execute("SELECT content_attnum = %s FROM imgembed.watch WHERE tbl = 'shelf'::regclass",
+                                    (numbers[1],)).fetchone()[0]
+            restored.execute("ALTER TABLE shelf RENAME COLUMN photo TO picture")  # numbers hold again
+            restored.execute("INSERT INTO shelf VALUES (13, %s, 'k1')", (IMAGES[4],))
+            assert_exact(restored, model, "public.shelf", "id", "picture")
+    finally:
+        restored_services.stop_all()
