@@ -59,7 +59,7 @@ def _map_source(connection: psycopg.Connection, table: str, model: str | None, c
     watch = connection.execute(
         "SELECT w.id, w.tbl::text, w.key_column, w.content_column, w.uri_column, w.label_column,"
         "       wm.storage_table, wm.model_id, m.name"
-        "  FROM imgembed.watch w JOIN imgembed.watch_model wm ON wm.watch_id = w.id"
+        "  FROM imgembed._live_watch w JOIN imgembed.watch_model wm ON wm.watch_id = w.id"
         "  JOIN imgembed.model m ON m.id = wm.model_id"
         " WHERE w.tbl = %s::regclass AND (m.name = %s OR (%s::text IS NULL AND wm.is_default))",
         (table, model, model),

@@ -14,7 +14,7 @@ Hit = tuple[object, float]
 
 def _key_type(connection: psycopg.Connection, table: str) -> sql.Composable:
     row = connection.execute(
-        "SELECT key_type FROM imgembed.watch WHERE tbl = %s::regclass", (table,)
+        "SELECT key_type FROM imgembed._live_watch WHERE tbl = %s::regclass", (table,)
     ).fetchone()
     if row is None:
         raise LookupError(f"table {table} is not watched by imgembed")

@@ -20,7 +20,7 @@ def search_image(
 ) -> list[Hit]:
     """Embed a local image file here, with the table's default model, and search with it."""
     row = connection.execute(
-        "SELECT m.name FROM imgembed.watch w JOIN imgembed.watch_model wm ON wm.watch_id = w.id AND wm.is_default "
+        "SELECT m.name FROM imgembed._live_watch w JOIN imgembed.watch_model wm ON wm.watch_id = w.id AND wm.is_default "
         "JOIN imgembed.model m ON m.id = wm.model_id WHERE w.tbl = %s::regclass",
         (table,),
     ).fetchone()

@@ -133,5 +133,5 @@ def _drop_image_model(operations: Operations, operation: DropImageModelOp) -> No
          tbl=_qualified(operation.table, operation.schema), model=operation.model)
     _run(operations, "SELECT imgembed.forget_model(m.name) FROM imgembed.model m "
          "WHERE m.name = :model AND NOT m.is_default AND NOT EXISTS ("
-         "  SELECT 1 FROM imgembed.watch_model wm JOIN imgembed.watch w ON w.id = wm.watch_id "
+         "  SELECT 1 FROM imgembed.watch_model wm JOIN imgembed._live_watch w ON w.id = wm.watch_id "
          "   WHERE wm.model_id = m.id AND w.text_column IS NULL)", model=operation.model)

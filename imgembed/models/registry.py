@@ -60,7 +60,7 @@ def list_models(connection: psycopg.Connection) -> list[tuple[object, ...]]:
 def tables_on_other_models(connection: psycopg.Connection, model: str) -> list[tuple[str, str]]:
     """(table, its default model) for each watched image table whose default is not ``model``."""
     return [(str(row[0]), str(row[1])) for row in connection.execute(
-        "SELECT w.table_name, m.name FROM imgembed.watch w JOIN imgembed.watch_model wm ON wm.watch_id = w.id "
+        "SELECT w.table_name, m.name FROM imgembed._live_watch w JOIN imgembed.watch_model wm ON wm.watch_id = w.id "
         "AND wm.is_default JOIN imgembed.model m ON m.id = wm.model_id "
         "WHERE w.text_column IS NULL AND m.name <> %s ORDER BY w.table_name", (parse_model_spec(model).name,)
     )]
@@ -68,7 +68,7 @@ def tables_on_other_models(connection: psycopg.Connection, model: str) -> list[t
 
 def image_tables(connection: psycopg.Connection) -> list[str]:
     return [row[0] for row in connection.execute(
-        "SELECT table_name FROM imgembed.watch WHERE text_column IS NULL ORDER BY table_name"
+        "SELECT table_name FROM imgembed._live_watch WHERE text_column IS NULL ORDER BY table_name"
     )]
 
 
