@@ -51,6 +51,8 @@ watch = sa.Table(
     sa.Column("label_attnum", sa.SmallInteger),
     sa.Column("good_attnum", sa.SmallInteger),
     sa.Column("tbl_oid", pg.OID),  # the table's OID when watched: another one means it was restored (0008)
+    # Rows a logical replication subscription applies are embedded too (watch(..., replicated => true); 0009).
+    sa.Column("replicated", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.CheckConstraint("num_nonnulls(content_column, uri_column, text_column) >= 1", name="watch_has_input_column"),
 )
 

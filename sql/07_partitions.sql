@@ -12,10 +12,18 @@ LANGUAGE sql STABLE AS $$
     SELECT t.relid FROM pg_partition_tree(p_tbl) t WHERE t.relid <> p_tbl
 $$;
 
--- The watch's triggers on one table of its tree (again: CREATE OR REPLACE).
+-- The watch's triggers on one table of its tree (again: CREATE OR REPLACE). A watch of replicated
+-- rows (watch(..., replicated => true)) has more: the apply worker of a logical replication
+-- subscription runs as a replica session (session_replication_role = replica), which fires only
+-- triggers enabled ALWAYS or REPLICA, and row triggers only. So its TRUNCATE trigger fires ALWAYS
+-- and each table holding rows (not a partitioned parent) gets a row trigger that fires in replica
+-- sessions alone: local writes keep the statement triggers, rows applied by a subscription (and
+-- its initial copy) go through the row trigger.
 CREATE OR REPLACE FUNCTION imgembed._install_triggers(p_watch_id integer, p_rel regclass, p_partition boolean)
 RETURNS void
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_replicated boolean := coalesce((SELECT w.replicated FROM imgembed.watch w WHERE w.id = p_watch_id), false);
 BEGIN
     EXECUTE format('CREATE OR REPLACE TRIGGER imgembed_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS imgembed_new '
                    'FOR EACH STATEMENT EXECUTE FUNCTION imgembed._on_insert(%s)', p_rel, p_watch_id);
@@ -30,6 +38,16 @@ BEGIN
     ELSE
         EXECUTE format('CREATE OR REPLACE TRIGGER imgembed_truncate AFTER TRUNCATE ON %s '
                        'FOR EACH STATEMENT EXECUTE FUNCTION imgembed._on_truncate(%s)', p_rel, p_watch_id);
+    END IF;
+    IF v_replicated THEN
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER imgembed_truncate', p_rel);
+        IF (SELECT c.relkind FROM pg_class c WHERE c.oid = p_rel) = 'r' THEN
+            EXECUTE format('CREATE OR REPLACE TRIGGER imgembed_replicated_row AFTER INSERT OR UPDATE OR DELETE ON %s '
+                           'FOR EACH ROW EXECUTE FUNCTION imgembed._on_replicated_row(%s)', p_rel, p_watch_id);
+            EXECUTE format('ALTER TABLE %s ENABLE REPLICA TRIGGER imgembed_replicated_row', p_rel);
+        END IF;
+    ELSIF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = p_rel AND t.tgname = 'imgembed_replicated_row') THEN
+        EXECUTE format('DROP TRIGGER imgembed_replicated_row ON %s', p_rel);
     END IF;
 END $$;
 
@@ -50,8 +68,12 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_trigger text;
 BEGIN
-    FOREACH v_trigger IN ARRAY ARRAY['imgembed_insert', 'imgembed_update', 'imgembed_delete', 'imgembed_truncate'] LOOP
-        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', v_trigger, p_rel);
+    FOR v_trigger IN
+        SELECT t.tgname FROM pg_trigger t
+         WHERE t.tgrelid = p_rel AND t.tgname IN ('imgembed_insert', 'imgembed_update', 'imgembed_delete',
+                                                  'imgembed_truncate', 'imgembed_replicated_row')
+    LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', v_trigger, p_rel);
     END LOOP;
 END $$;
 

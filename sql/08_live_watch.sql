@@ -82,7 +82,8 @@ SELECT w.id, w.tbl,
        imgembed._column_name(w.tbl, imgembed._attnum(w, w.label_attnum), w.label_column) AS label_column,
        imgembed._column_name(w.tbl, imgembed._attnum(w, w.good_attnum), w.good_column) AS good_column,
        w.good_label, w.created_at,
-       w.key_attnum, w.content_attnum, w.uri_attnum, w.text_attnum, w.label_attnum, w.good_attnum, w.tbl_oid
+       w.key_attnum, w.content_attnum, w.uri_attnum, w.text_attnum, w.label_attnum, w.good_attnum, w.tbl_oid,
+       w.replicated
   FROM imgembed.watch w
   JOIN pg_class c ON c.oid = w.tbl
   JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -201,7 +202,7 @@ BEGIN
         SELECT array_agg(m.name ORDER BY m.id) INTO v_models FROM imgembed.watch_model wm
           JOIN imgembed.model m ON m.id = wm.model_id WHERE wm.watch_id = v_watch.id AND NOT wm.is_default;
         PERFORM imgembed._drop_watch(v_watch);
-        PERFORM imgembed.watch(v_watch.tbl, v_image, v_label, v_default);
+        PERFORM imgembed.watch(v_watch.tbl, v_image, v_label, v_default, v_watch.replicated);
         FOREACH v_model IN ARRAY coalesce(v_models, '{}') LOOP
             PERFORM imgembed.add_model(v_watch.tbl, v_model);
         END LOOP;

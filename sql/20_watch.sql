@@ -124,7 +124,8 @@ CREATE OR REPLACE FUNCTION imgembed._watch(
     p_uri_column text,
     p_label_column text DEFAULT NULL,
     p_model text DEFAULT NULL,
-    p_text_column text DEFAULT NULL
+    p_text_column text DEFAULT NULL,
+    p_replicated boolean DEFAULT NULL
 ) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -191,11 +192,17 @@ BEGIN
             RAISE EXCEPTION 'table % is already watched with another image column', p_tbl
                 USING HINT = 'call imgembed.unwatch() first', ERRCODE = 'duplicate_object';
         END IF;
+        IF p_replicated IS DISTINCT FROM v_watch.replicated AND p_replicated IS NOT NULL THEN
+            UPDATE imgembed.watch w SET replicated = p_replicated WHERE w.id = v_watch.id;
+            PERFORM imgembed._install_triggers(v_watch.id, p_tbl, false);
+            PERFORM imgembed._install_triggers(v_watch.id, p.p, true) FROM imgembed._partitions(p_tbl) AS p(p);
+        END IF;
         RETURN v_watch.id;
     END IF;
 
     INSERT INTO imgembed.watch (tbl, table_name, key_column, key_type, content_column, uri_column, text_column,
-                                label_column, key_attnum, content_attnum, uri_attnum, text_attnum, label_attnum, tbl_oid)
+                                label_column, key_attnum, content_attnum, uri_attnum, text_attnum, label_attnum, tbl_oid,
+                                replicated)
     SELECT p_tbl,
            (SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE c.oid = p_tbl),
@@ -208,7 +215,8 @@ BEGIN
            max(a.attnum) FILTER (WHERE a.attname = p_uri_column),
            max(a.attnum) FILTER (WHERE a.attname = p_text_column),
            max(a.attnum) FILTER (WHERE a.attname = p_label_column),
-           p_tbl::oid
+           p_tbl::oid,
+           coalesce(p_replicated, false)
       FROM pg_attribute a WHERE a.attrelid = p_tbl AND a.attnum > 0 AND NOT a.attisdropped
     RETURNING * INTO v_watch;
 
@@ -230,12 +238,15 @@ BEGIN
 END $$;
 
 -- Watch a table: every row's image (bytea bytes, or text path / file:// / http(s):// URI) gets an
--- embedding; existing rows are backfilled. Returns the watch id. Calling it again is a no-op.
+-- embedding; existing rows are backfilled. Returns the watch id. Calling it again changes nothing
+-- but the replicated setting, when given. replicated => true: rows that logical replication
+-- applies to this table (on a subscriber) are embedded too; it needs the table's owner.
 CREATE OR REPLACE FUNCTION imgembed.watch(
     tbl regclass,
     image_column text,
     label_column text DEFAULT NULL,
-    model text DEFAULT NULL
+    model text DEFAULT NULL,
+    replicated boolean DEFAULT NULL
 ) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -247,9 +258,9 @@ BEGIN
         RAISE EXCEPTION 'column "%" does not exist in table %', image_column, tbl
             USING ERRCODE = 'undefined_column';
     ELSIF v_type = 'bytea' THEN
-        RETURN imgembed._watch(tbl, image_column, NULL, label_column, model);
+        RETURN imgembed._watch(tbl, image_column, NULL, label_column, model, p_replicated => replicated);
     ELSIF v_type IN ('text', 'character varying') THEN
-        RETURN imgembed._watch(tbl, NULL, image_column, label_column, model);
+        RETURN imgembed._watch(tbl, NULL, image_column, label_column, model, p_replicated => replicated);
     END IF;
     RAISE EXCEPTION 'column "%" of % has type %: an image column must be bytea (the bytes) or text (a path or URI)',
         image_column, tbl, v_type USING ERRCODE = 'datatype_mismatch';

@@ -100,3 +100,44 @@ BEGIN
     END LOOP;
     RETURN NULL;
 END $$;
+
+-- Rows applied by a logical replication subscription (watch(..., replicated => true); see
+-- imgembed._install_triggers), one at a time: the same statements as the statement triggers, with
+-- the row as $1 (and, for an update, the old row as $2) in place of the transition tables.
+CREATE OR REPLACE FUNCTION imgembed._on_replicated_row()
+RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_watch imgembed.watch;
+    v_queued bigint;
+    v_statement text;
+BEGIN
+    SELECT * INTO v_watch FROM imgembed._live_watch WHERE id = TG_ARGV[0]::integer;
+    IF NOT FOUND THEN  -- the table changed beyond what the watch follows: writes go on (watch_problems)
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'DELETE' THEN
+        FOREACH v_statement IN ARRAY imgembed._forget_sql(v_watch, '(SELECT ($1).*) o') LOOP
+            EXECUTE v_statement USING OLD;
+        END LOOP;
+        RETURN NULL;
+    ELSIF TG_OP = 'INSERT' THEN
+        EXECUTE imgembed._enqueue_sql(v_watch, '(SELECT ($1).*) n') USING NEW;
+    ELSE
+        -- A new key or a cleared image: the old key is forgotten. A new key or image: embedded again.
+        FOREACH v_statement IN ARRAY imgembed._forget_sql(
+            v_watch, '(SELECT ($1).*) o CROSS JOIN (SELECT ($2).*) n',
+            format('n.%1$I IS DISTINCT FROM o.%1$I OR NOT (%2$s)', v_watch.key_column,
+                   imgembed._has_image_sql(v_watch, 'n')))
+        LOOP
+            EXECUTE v_statement USING OLD, NEW;
+        END LOOP;
+        EXECUTE imgembed._enqueue_sql(
+            v_watch, '(SELECT ($1).*) o CROSS JOIN (SELECT ($2).*) n',
+            format('o.%1$I IS DISTINCT FROM n.%1$I OR %2$s', v_watch.key_column, imgembed._image_changed_sql(v_watch)))
+        USING OLD, NEW;
+    END IF;
+    GET DIAGNOSTICS v_queued = ROW_COUNT;
+    PERFORM imgembed._notify_jobs(v_queued);
+    RETURN NULL;
+END $$;

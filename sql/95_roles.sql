@@ -65,7 +65,7 @@ BEGIN
                CASE WHEN p.proname IN ('request_text') THEN ARRAY['imgembed_reader', imgembed._text_request_role()]
                     WHEN p.proname IN ('_text_state', '_request_text_elsewhere') THEN ARRAY['imgembed_reader']
                     WHEN p.proname IN ('_on_insert', '_on_update', '_on_delete', '_on_truncate', '_on_truncate_partition',
-                                       '_on_ddl_end', '_on_sql_drop') THEN ARRAY[]::text[]
+                                       '_on_replicated_row', '_on_ddl_end', '_on_sql_drop') THEN ARRAY[]::text[]
                     ELSE ARRAY['imgembed_worker'] END
           FROM pg_proc p
          WHERE p.pronamespace = 'imgembed'::regnamespace
@@ -75,8 +75,8 @@ BEGIN
                'claimed_images', 'finish_batch', 'requeue_claim', 'claim_cluster_run', 'cluster_run_spec',
                'cluster_input', 'finish_cluster_run', 'fail_cluster_run', 'worker_beat', 'model_checksum',
                -- the triggers on watched tables, and the event triggers: nobody calls them, they fire
-               '_on_insert', '_on_update', '_on_delete', '_on_truncate', '_on_truncate_partition', '_on_ddl_end',
-               '_on_sql_drop',
+               '_on_insert', '_on_update', '_on_delete', '_on_truncate', '_on_truncate_partition', '_on_replicated_row',
+               '_on_ddl_end', '_on_sql_drop',
                -- texts, which no reader may list
                'request_text', '_text_state', '_request_text_elsewhere')
     LOOP

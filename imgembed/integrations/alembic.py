@@ -32,12 +32,13 @@ def _qualified(table: str, schema: str | None) -> str:
 
 @Operations.register_operation("watch_images")
 class WatchImagesOp(MigrateOperation):
-    """``imgembed.watch(table, image_column, label_column, model)``: embed every row's image."""
+    """``imgembed.watch(table, image_column, label_column, model, replicated)``: embed every row's
+    image (``replicated=True``: the rows a logical replication subscription applies too)."""
 
     def __init__(self, table: str, image_column: str, *, label_column: str | None = None,
-                 model: str | None = None, schema: str | None = None) -> None:
+                 model: str | None = None, schema: str | None = None, replicated: bool | None = None) -> None:
         self.table, self.image_column, self.label_column = table, image_column, label_column
-        self.model, self.schema = model, schema
+        self.model, self.schema, self.replicated = model, schema, replicated
 
     @classmethod
     def watch_images(cls, operations: Operations, table: str, image_column: str, **options: Any) -> Any:
@@ -106,8 +107,9 @@ def _run(operations: Operations, statement: str, **values: Any) -> None:
 @Operations.implementation_for(WatchImagesOp)
 def _watch_images(operations: Operations, operation: WatchImagesOp) -> None:
     _run(operations, "SELECT imgembed.watch(CAST(:tbl AS regclass), :image_column, label_column => :label_column, "
-         "model => :model)", tbl=_qualified(operation.table, operation.schema), image_column=operation.image_column,
-         label_column=operation.label_column, model=operation.model)
+         "model => :model, replicated => :replicated)", tbl=_qualified(operation.table, operation.schema),
+         image_column=operation.image_column, label_column=operation.label_column, model=operation.model,
+         replicated=operation.replicated)
 
 
 @Operations.implementation_for(UnwatchImagesOp)

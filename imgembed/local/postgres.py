@@ -50,12 +50,14 @@ class EmbeddedPostgres:
     the data folder, which only its owner may enter: connections through it need no password.
     ``durable=False`` turns fsync off: for tests and benchmarks only. ``shared_buffers_mb`` is
     PostgreSQL's buffer cache: searches are fastest when it holds the HNSW indexes searched.
+    ``settings`` are more server settings (``{"wal_level": "logical"}`` for a publisher).
     """
 
     data_dir: Path
     port: int | None = None
     durable: bool = True
     shared_buffers_mb: int = POSTGRES_SHARED_BUFFERS_MB
+    settings: dict[str, str] = field(default_factory=dict)
     _run_as: str | None = field(default=None, init=False)
 
     @property
@@ -159,6 +161,7 @@ class EmbeddedPostgres:
                    f"-c shared_buffers={self.shared_buffers_mb}MB")
         if not self.durable:
             options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        options += "".join(f" -c {name}={value}" for name, value in self.settings.items())
         if self._run_as:
             self.log_file.touch()
             shutil.chown(self.log_file, self._run_as, self._run_as)

@@ -214,6 +214,9 @@ RELEASED_REVISION_FILES = {
     "0008_restored_tables.py": "52a99629239f2ba1835ec6f1b5b25ee16b764d84e62af71bb89eac4c8f4d11c7",
     "0008_restored_tables.sql": "f1c86dcb92f99b810534d0026af6d15e0f62832174b29927734a27063684658f",
     "0008_restored_tables_down.sql": "7c86256cc532a5ff4aa1b57212cd21fd026e0e35f77caafb8de242f2367126ff",
+    "0009_replicated_rows.py": "884ef4eea3215939b853e4857b07cf5cd010a3178497ac5cfa2422c5f64b984f",
+    "0009_replicated_rows.sql": "450c85976baf7fa75ac2861a6228f3478b8f4bf4ca73faf852388c82d50837f9",
+    "0009_replicated_rows_down.sql": "bb9d74c5347c21a3e69de029229be798a983258945d8753c7267558a9e62e38c",
 }
 RELEASED_0001 = REPO / "tests" / "fixtures" / "imgembed-0001-as-released.sql.gz"
 

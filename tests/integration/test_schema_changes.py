@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import psycopg
 import pytest
 
 from imgembed.db import as_array, connect
+from imgembed.local.postgres import EmbeddedPostgres
 from imgembed.models.names import parse_model_spec
 from imgembed.settings import load_settings
 from imgembed.training.synthetic import random_shapes
@@ -379,3 +381,86 @@ def test_dump_and_restore(db: psycopg.Connection, services: Services, model: Loa
             assert_exact(restored, model, "public.shelf", "id", "picture")
     finally:
         restored_services.stop_all()
+
+
+@pytest.fixture(scope="module")
+def publisher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    """A second server, the application's primary: it publishes its rows by logical replication."""
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("publisher"), durable=False, settings={"wal_level": "logical"})
+    server.start()
+    yield server
+    server.stop(mode="immediate")
+
+
+def replicated_rows(url: str) -> dict[int, bytes | None]:
+    with psycopg.connect(url) as connection:
+        return {key: None if photo is None else bytes(photo)
+                for key, photo in connection.execute("SELECT id, photo FROM products").fetchall()}
+
+
+def test_logical_replication(db: psycopg.Connection, services: Services, model: LoadedModel,
+                             publisher: EmbeddedPostgres) -> None:
+    """The application's rows reach this database by logical replication: its primary publishes
+    `products` and knows nothing of imgembed; here a subscription applies them. With
+    `replicated => true` the rows it applies (its initial copy too) are embedded, and local writes
+    still are."""
+    products = "CREATE TABLE products (id bigint PRIMARY KEY, photo bytea, kind text)"
+    with psycopg.connect(publisher.url(), autocommit=True) as admin:
+        admin.execute("DROP DATABASE IF EXISTS shop WITH (FORCE)")
+        admin.execute("CREATE DATABASE shop")
+    primary_url = publisher.url("shop")
+    with psycopg.connect(primary_url, autocommit=True) as primary:
+        primary.execute(products)
+        with primary.cursor() as cursor:
+            cursor.executemany("INSERT INTO products VALUES (%s, %s, 'k')", [(i, IMAGES[i]) for i in range(6)])
+        primary.execute("CREATE PUBLICATION shop FOR TABLE products")
+
+    db.execute(products)
+    db.execute("SELECT imgembed.watch('products', 'photo', replicated => true)")
+    services.start("dispatch")
+    services.start("worker")
+    connection = f"host=127.0.0.1 port={publisher.port} dbname=shop user=postgres password={publisher.password()}"
+    db.execute(f"CREATE SUBSCRIPTION shop CONNECTION '{connection}' PUBLICATION shop")  # db autocommits: no transaction block allowed
+
+    def caught_up() -> None:
+        wait_for(lambda: replicated_rows(services.database_url) == replicated_rows(primary_url), 60,
+                 "the subscription applied the primary's rows")
+
+    try:
+        caught_up()  # the initial copy
+        assert_exact(db, model, "public.products", "id", "photo")
+        storage = db.execute("SELECT imgembed.storage_table('products')").fetchone()[0]
+        before = dict(db.execute(f"SELECT id, job_id FROM {storage}").fetchall())
+
+        with psycopg.connect(primary_url, autocommit=True) as primary:
+            primary.execute("INSERT INTO products VALUES (6, %s, 'k'), (7, NULL, 'k')", (IMAGES[6],))
+            primary.execute("UPDATE products SET photo = %s WHERE id = 0", (IMAGES[8],))
+            primary.execute("UPDATE products SET kind = 'other' WHERE id = 1")  # not an image: nothing to do
+            primary.execute("UPDATE products SET id = 30 WHERE id = 3")  # a new key: the old one's vector goes
+            primary.execute("UPDATE products SET photo = NULL WHERE id = 4")
+            primary.execute("DELETE FROM products WHERE id = 5")
+            with primary.cursor() as cursor, cursor.copy("COPY products (id, photo) FROM STDIN") as copy:
+                for key in range(100, 110):
+                    copy.write_row((key, IMAGES[key % 12]))
+        caught_up()
+        db.execute("INSERT INTO products VALUES (1000, %s, 'local')", (IMAGES[9],))  # a write of this database's own
+        assert_exact(db, model, "public.products", "id", "photo")
+        after = dict(db.execute(f"SELECT id, job_id FROM {storage}").fetchall())
+        assert after[1] == before[1] and after[2] == before[2], "an unchanged image is not embedded again"
+        assert after[0] != before[0]
+
+        with psycopg.connect(primary_url, autocommit=True) as primary:
+            primary.execute("TRUNCATE products")
+            primary.execute("INSERT INTO products VALUES (1, %s, 'k'), (2, %s, 'k')", (IMAGES[10], IMAGES[11]))
+        caught_up()
+        db.execute("DELETE FROM products WHERE id = 1000")  # the local row TRUNCATE left
+        assert_exact(db, model, "public.products", "id", "photo")
+        assert db.execute(f"SELECT count(*) FROM {storage}").fetchone()[0] == 2
+
+        # Off again: only the statement triggers of local writes are left.
+        db.execute("SELECT imgembed.watch('products', 'photo', replicated => false)")
+        assert db.execute("SELECT array_agg(tgname::text || ':' || tgenabled::text ORDER BY tgname) FROM pg_trigger "
+                          "WHERE tgrelid = 'products'::regclass").fetchone()[0] == [
+            "imgembed_delete:O", "imgembed_insert:O", "imgembed_truncate:O", "imgembed_update:O"]
+    finally:
+        db.execute("DROP SUBSCRIPTION shop")
