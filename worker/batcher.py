@@ -9,6 +9,7 @@ passes after it; ``tune_max_batch`` picks the starting size by measuring."""
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -18,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import numpy as np
-import torch
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,15 @@ class _Request(Generic[Item]):
 
 
 def _out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError)
+    """A PyTorch out-of-memory error (PyTorch is only loaded where a model runs on it)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(error, torch.OutOfMemoryError)
+
+
+def _free_cached_device_memory() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.cuda.empty_cache()
 
 
 class ForwardBatcher(Generic[Item]):
@@ -97,7 +105,7 @@ class ForwardBatcher(Generic[Item]):
         except Exception as error:
             if not _out_of_memory(error) or len(items) == 1:
                 raise
-        torch.cuda.empty_cache()
+        _free_cached_device_memory()
         self.max_batch = max(1, min(self.max_batch, len(items)) // 2)
         log.warning("out of device memory with %d inputs in one pass: batches of at most %d from now on",
                     len(items), self.max_batch)
@@ -122,7 +130,7 @@ def tune_max_batch(run_batch: Callable[[int], None], ceiling: int, start: int = 
         except Exception as error:
             if not _out_of_memory(error):
                 raise
-            torch.cuda.empty_cache()
+            _free_cached_device_memory()
             result = None
         if measured is not None:
             measured[size] = result

@@ -16,8 +16,7 @@ from imgembed import queue
 from imgembed.settings import Settings
 from imgembed.worker.batcher import ForwardBatcher
 from imgembed.worker.decode import decode_image
-from imgembed.worker.device_decode import TensorPreprocess, apply_orientation, decode_jpegs, jpeg_orientation
-from imgembed.worker.embedding import LoadedModel
+from imgembed.worker.engine import EmbeddingModel
 from imgembed.worker.image_error import ImageError, Reason
 from imgembed.worker.model_errors import ModelUnavailable
 from imgembed.worker.pixels import ModelInput
@@ -44,7 +43,7 @@ class BatchOutcome:
         return dict(self.__dict__)
 
 
-def _prepare(image: queue.ClaimedImage, model: LoadedModel, settings: Settings) -> ModelInput | ImageError:
+def _prepare(image: queue.ClaimedImage, model: EmbeddingModel, settings: Settings) -> ModelInput | ImageError:
     try:
         data = read_source(ImageSource(content=image.content, uri=image.uri), settings)
     except ImageError as error:
@@ -52,8 +51,8 @@ def _prepare(image: queue.ClaimedImage, model: LoadedModel, settings: Settings) 
     return preprocess_bytes(data, model, settings)
 
 
-def preprocess_bytes(data: bytes, model: LoadedModel, settings: Settings) -> ModelInput | ImageError:
-    """Image bytes as the model takes them (see LoadedModel.prepare), or why they cannot be."""
+def preprocess_bytes(data: bytes, model: EmbeddingModel, settings: Settings) -> ModelInput | ImageError:
+    """Image bytes as the model takes them (see EmbeddingModel.prepare), or why they cannot be."""
     try:
         return model.prepare(decode_image(data, settings, target_size=model.input_size))
     except ImageError as error:
@@ -66,10 +65,12 @@ DEVICE_DECODE_CHUNK = 32  # full-size decoded photos on the device at once (a 12
 
 
 def _prepare_on_device(
-    runtime: WorkerRuntime, pictures: list[queue.ClaimedImage], model: LoadedModel, tensor_preprocess: TensorPreprocess
+    runtime: WorkerRuntime, pictures: list[queue.ClaimedImage], model: EmbeddingModel, tensor_preprocess: Any
 ) -> list[ModelInput | ImageError]:
     """IMGEMBED_JPEG_DECODE=device: read in the decode threads, decode plain JPEGs on the model's
     device and preprocess them there; everything else goes through Pillow as usual."""
+    from imgembed.worker.device_decode import apply_orientation, decode_jpegs, jpeg_orientation
+
     settings = runtime.settings
 
     def read(item: queue.ClaimedImage) -> tuple[bytes | ImageError, int | None]:
@@ -139,7 +140,7 @@ def _embed(batcher: ForwardBatcher[Any], inputs: list[Any], job_ids: list[int], 
 
 
 def _prepare_pictures(
-    runtime: WorkerRuntime, model: LoadedModel, pictures: list[queue.ClaimedImage]
+    runtime: WorkerRuntime, model: EmbeddingModel, pictures: list[queue.ClaimedImage]
 ) -> list[ModelInput | ImageError]:
     """Each picture as the model takes it, or the reason it cannot be taken."""
     settings = runtime.settings

@@ -17,17 +17,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
-import torch
 from PIL import Image
+
+from imgembed.worker.onnx_pixels import normalise_array
+
+if TYPE_CHECKING:
+    import torch
 
 TO_TENSOR_STEPS = ("ToTensor", "MaybeToTensor")
 
 # What a decode thread hands the model: a uint8 (H, W, 3) RGB array (for a GPU, when the transform
-# is cut), else a float (3, H, W) tensor.
-ModelInput = Union[np.ndarray, torch.Tensor]
+# is cut), else a float (3, H, W) tensor (ONNX Runtime: a float32 (3, H, W) array).
+ModelInput = Union[np.ndarray, "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -63,14 +67,14 @@ class CutTransform:
 
     def normalise_one(self, array: np.ndarray) -> torch.Tensor:
         """uint8 (H, W, 3) -> float32 (3, H, W), as ToTensor then Normalize, in numpy."""
-        pixels = np.empty((3, *array.shape[:2]), dtype=np.float32)
-        np.divide(array.transpose(2, 0, 1), np.float32(255), out=pixels, dtype=np.float32)
-        pixels -= np.array(self.mean, dtype=np.float32).reshape(3, 1, 1)
-        pixels /= np.array(self.std, dtype=np.float32).reshape(3, 1, 1)
-        return torch.from_numpy(pixels)
+        import torch
+
+        return torch.from_numpy(normalise_array(array, self.mean, self.std))
 
     def normalise(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3) on any device -> float32 (N, 3, H, W), as ToTensor then Normalize."""
+        import torch
+
         pixels = batch.permute(0, 3, 1, 2).contiguous().to(torch.float32).div_(255)
         mean = torch.tensor(self.mean, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)

@@ -14,7 +14,6 @@ from typing import Any, Literal
 
 import numpy as np
 import psycopg
-import torch
 
 from imgembed import db
 from imgembed.models.names import ModelSpec, file_sha256, parse_model_spec
@@ -23,7 +22,7 @@ from imgembed.models.store import stored_checkpoint
 from imgembed.settings import Settings, require_database_url
 from imgembed.worker.batcher import ForwardBatcher, tune_max_batch
 from imgembed.worker.decode import use_pixel_cap
-from imgembed.worker.embedding import LoadedModel, Tower, load_model
+from imgembed.worker.engine import EmbeddingModel, Tower, use_onnx
 from imgembed.worker.memory import return_freed_memory
 from imgembed.worker.model_errors import ModelLoadError, ModelUnavailable
 
@@ -58,7 +57,7 @@ class WorkerRuntime:
     model. Each model's passes run on its own batcher thread, which merges waiting batches."""
 
     settings: Settings
-    models: dict[tuple[str, Tower], LoadedModel] = field(default_factory=dict)
+    models: dict[tuple[str, Tower], EmbeddingModel] = field(default_factory=dict)
     batchers: dict[tuple[str, Tower], ForwardBatcher[Any]] = field(default_factory=dict)
     batches: int = 0
     forward_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -85,7 +84,7 @@ class WorkerRuntime:
                 self._decoders = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="imgembed-decode")
             return self._decoders
 
-    def model(self, name: str, tower: Tower = "image") -> LoadedModel:
+    def model(self, name: str, tower: Tower = "image") -> EmbeddingModel:
         """The model, loaded once per process with only the tower jobs need (image or text). A
         model that fails to load is tried again after a delay that doubles each time, up to
         IMGEMBED_MODEL_RETRY_MAX_SECONDS; meanwhile this raises ModelUnavailable at once."""
@@ -100,8 +99,7 @@ class WorkerRuntime:
             try:
                 spec = parse_model_spec(name)
                 self._check_registered_checkpoint(spec)
-                self.models[key] = load_model(spec, self.settings.device, tower=tower,
-                                              model_dir=self.settings.models_path)
+                self.models[key] = self._load(spec, tower)
             except ModelLoadError as error:
                 delay = min(outage.delay * 2 if outage else FIRST_RETRY_SECONDS, self.settings.model_retry_max_seconds)
                 self.outages[key] = Outage(str(error), outage.since if outage else time.time(), now + delay, delay)
@@ -111,6 +109,23 @@ class WorkerRuntime:
             if self.outages.pop(key, None) is not None:
                 log.info("model %s (%s tower) loaded after an outage", name, tower)
             return self.models[key]
+
+    def _load(self, spec: ModelSpec, tower: Tower) -> EmbeddingModel:
+        """The tower on ONNX Runtime (IMGEMBED_RUNTIME, see imgembed.worker.engine) or PyTorch."""
+        if use_onnx(self.settings):
+            from imgembed.worker.onnx_cache import OnnxUnsupported
+            from imgembed.worker.onnx_model import load_onnx_model
+
+            try:
+                return load_onnx_model(spec, tower, self.settings)
+            except OnnxUnsupported as error:
+                if self.settings.runtime == "onnx":
+                    raise ModelLoadError(f"model {spec.name}: its {tower} tower cannot run on ONNX Runtime ({error}); "
+                                         "set IMGEMBED_RUNTIME=torch or auto") from error
+                log.info("model %s: its %s tower runs on PyTorch (%s)", spec.name, tower, error)
+        from imgembed.worker.embedding import load_model
+
+        return load_model(spec, self.settings.device, tower=tower, model_dir=self.settings.models_path)
 
     def outage_report(self) -> list[dict[str, object]]:
         """The models this worker cannot load now, for its heartbeat."""
@@ -162,7 +177,7 @@ class WorkerRuntime:
         return_freed_memory()
 
 
-def forward_batch_size(model: LoadedModel, tower: Tower, settings: Settings) -> int:
+def forward_batch_size(model: EmbeddingModel, tower: Tower, settings: Settings) -> int:
     """Most inputs in one forward pass: IMGEMBED_FORWARD_BATCH, or for `auto` on CUDA the best
     image batch measured up to 1,024, else the claim size (IMGEMBED_BATCH_SIZE), since larger
     passes gain nothing on a CPU."""
@@ -170,5 +185,7 @@ def forward_batch_size(model: LoadedModel, tower: Tower, settings: Settings) -> 
         return settings.forward_batch
     if model.device.type != "cuda" or tower != "image":
         return settings.batch_size
+    import torch
+
     size = model.input_size
     return tune_max_batch(lambda count: model.embed_pixels(torch.zeros(count, 3, size, size)), ceiling=1024)

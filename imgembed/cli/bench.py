@@ -8,7 +8,7 @@ from pathlib import Path
 from imgembed.cli.common import UsageError, add_command
 from imgembed.settings import Settings
 
-FIGURE_NUMBERS = (1, 2, 3, 4, 5, 6)
+FIGURE_NUMBERS = (1, 2, 3, 4, 5, 6, 8)
 
 
 def _figures(text: str) -> tuple[int, ...]:
@@ -17,7 +17,7 @@ def _figures(text: str) -> tuple[int, ...]:
     except ValueError:
         figures = ()
     if not figures or not set(figures) <= set(FIGURE_NUMBERS):
-        raise UsageError(f"--figures {text!r}: give numbers from 1 to 6, separated by commas")
+        raise UsageError(f"--figures {text!r}: give numbers among 1-6 and 8, separated by commas")
     return figures
 
 
@@ -47,10 +47,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     command.add_argument("--model", default="ViT-B-32", help="model to measure (default ViT-B-32 with random weights)")
     command.add_argument("--device", choices=["cpu", "cuda"], help="default: cpu unless IMGEMBED_DEVICE names cuda")
     command.add_argument("--smoke", action="store_true", help="tiny sizes, to check the benchmark runs")
-    command.add_argument("--figures", default="1,2,3,4,5,6",
+    command.add_argument("--figures", default="1,2,3,4,5,6,8",
                          help="which figures to measure (default all): 1 raw model, 2 end to end, 3 latency, "
-                              "4 triggers, 5 search, 6 memory (needs 2 or 3); with --device cuda, GPU memory and "
-                              "use come with 2")
+                              "4 triggers, 5 search, 6 memory (needs 2 or 3), 8 PyTorch against ONNX Runtime; with "
+                              "--device cuda, GPU memory and use come with 2")
     command.add_argument("--photos", help="folder of *.JPEG photos for (2) and (3) (default: photo-sized JPEGs "
                          "generated in IMGEMBED_DATA_DIR)")
     command.add_argument("--out", default="bench/RESULTS.md", help="where to write the results "

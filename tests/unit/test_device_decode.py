@@ -24,7 +24,7 @@ from tests.conftest import TESTDATA
 
 @pytest.fixture(scope="module")
 def runtime() -> WorkerRuntime:
-    return WorkerRuntime(load_settings({"IMGEMBED_JPEG_DECODE": "device"}))
+    return WorkerRuntime(load_settings({"IMGEMBED_JPEG_DECODE": "device", "IMGEMBED_RUNTIME": "torch"}))  # a GPU path
 
 
 def claimed(paths: list[Path]) -> list[queue.ClaimedImage]:

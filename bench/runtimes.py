@@ -1,0 +1,122 @@
+"""(8): PyTorch against ONNX Runtime on this machine, in one run: the image tower alone (images/s at
+the worker's batch size, float32 and int8), how far int8 moves the vectors (recall@10 of int8
+neighbours among fp32 neighbours, over the bench photos), and the peak memory of a process that
+loads the tower the way a worker does and embeds photos with it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from imgembed.bench.photos import photo_files
+from imgembed.bench.results import BenchSize, Results, median_of
+from imgembed.settings import Settings
+
+# A worker's model alone, in a process of its own: load the image tower on one runtime, embed the
+# photos as a worker does (decode, prepare, forward passes of 32), report the peak RSS (VmHWM) and
+# whether PyTorch was loaded.
+_EMBED_PHOTOS = """
+import json, sys
+from pathlib import Path
+from imgembed.models.names import parse_model_spec
+from imgembed.settings import load_settings
+from imgembed.worker.decode import decode_image
+runtime, model_name, photo_dir = sys.argv[1:4]
+settings = load_settings()
+spec = parse_model_spec(model_name)
+if runtime == "onnx":
+    from imgembed.worker.onnx_model import load_onnx_model
+    model = load_onnx_model(spec, "image", settings)
+else:
+    from imgembed.worker.embedding import load_model
+    model = load_model(spec, "cpu", tower="image", model_dir=settings.models_path)
+paths = sorted(Path(photo_dir).glob("*.JPEG"))
+for start in range(0, len(paths), 32):
+    model.embed_images([model.prepare(decode_image(p.read_bytes(), settings, target_size=model.input_size))
+                        for p in paths[start:start + 32]])
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({"peak_rss_mb": peak / 1024, "torch_loaded": "torch" in sys.modules}))
+"""
+
+
+def _images_per_s(embed: object, pixels: np.ndarray, seconds: float, images: int) -> float:
+    embed(pixels)  # type: ignore[operator]  # warm-up
+    started = time.perf_counter()
+    done = 0
+    while done < images or time.perf_counter() - started < seconds:
+        embed(pixels)  # type: ignore[operator]
+        done += len(pixels)
+    return done / (time.perf_counter() - started)
+
+
+def _recall_at_10(reference: np.ndarray, other: np.ndarray) -> float:
+    """Mean share of each photo's 10 nearest photos (by ``reference``) that ``other`` also puts in
+    its 10 nearest."""
+    def neighbours(vectors: np.ndarray) -> np.ndarray:
+        similarity = vectors @ vectors.T
+        np.fill_diagonal(similarity, -np.inf)
+        return np.argsort(-similarity, axis=1)[:, :10]
+
+    expected, found = neighbours(reference), neighbours(other)
+    return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(expected, found)]))
+
+
+def _process_peak(runtime: str, model: str, photos: Path) -> dict[str, object]:
+    finished = subprocess.run([sys.executable, "-c", _EMBED_PHOTOS, runtime, model, str(photos)], capture_output=True,
+                              text=True, timeout=3600, check=True)
+    return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+def runtime_figures(results: Results, settings: Settings, size: BenchSize, model: str, photos: Path) -> None:
+    """(8), measured in this process and two helpers; writes its lines to ``results``."""
+    import torch
+
+    from imgembed.models.names import parse_model_spec
+    from imgembed.worker.decode import decode_image
+    from imgembed.worker.embedding import load_model
+    from imgembed.worker.onnx_model import load_onnx_model
+
+    spec = parse_model_spec(model)
+    torch_model = load_model(spec, "cpu", tower="image", model_dir=settings.models_path)
+    fp32 = load_onnx_model(spec, "image", settings.with_overrides(onnx_quantize="none"))
+    int8 = load_onnx_model(spec, "image", settings.with_overrides(onnx_quantize="int8"))
+    batch = settings.batch_size
+    pixels = np.random.default_rng(0).standard_normal((batch, 3, fp32.input_size, fp32.input_size), dtype=np.float32)
+    tensor = torch.from_numpy(pixels)
+    rates = {
+        "torch": median_of(size.repeats, lambda: _images_per_s(torch_model.embed_pixels, tensor, size.raw_seconds,
+                                                               size.raw_images)),
+        "onnx": median_of(size.repeats, lambda: _images_per_s(fp32.embed_pixels, pixels, size.raw_seconds,
+                                                              size.raw_images)),
+        "onnx_int8": median_of(size.repeats, lambda: _images_per_s(int8.embed_pixels, pixels, size.raw_seconds,
+                                                                   size.raw_images)),
+    }
+    results.add("runtime_images_per_s", rates,
+                f"- (8) {model} image tower alone, {batch} images per pass, {torch.get_num_threads()} threads: PyTorch "
+                f"{rates['torch']:.1f} images/s, ONNX Runtime {rates['onnx']:.1f} ({rates['onnx'] / rates['torch']:.2f}x), "
+                f"ONNX Runtime int8 {rates['onnx_int8']:.1f} ({rates['onnx_int8'] / rates['torch']:.2f}x)")
+
+    pictures = [decode_image(path.read_bytes(), settings, target_size=fp32.input_size) for path in photo_files(photos)]
+    prepared = [fp32.prepare(picture) for picture in pictures]
+    exact = np.concatenate([fp32.embed_images(prepared[i:i + batch]) for i in range(0, len(prepared), batch)])
+    reference = np.concatenate([torch_model.embed_images([torch_model.prepare(p) for p in pictures[i:i + batch]])
+                                for i in range(0, len(pictures), batch)])
+    quantized = np.concatenate([int8.embed_images(prepared[i:i + batch]) for i in range(0, len(prepared), batch)])
+    agreement = {"onnx_min_cosine": float((exact * reference).sum(axis=1).min()),
+                 "int8_mean_cosine": float((quantized * exact).sum(axis=1).mean()),
+                 "int8_recall_at_10": _recall_at_10(exact, quantized), "photos": len(pictures)}
+    results.add("runtime_agreement", agreement,
+                f"- (8) over {len(pictures)} photos: ONNX Runtime against PyTorch, cosine at least "
+                f"{agreement['onnx_min_cosine']:.7f}; int8 against float32, cosine {agreement['int8_mean_cosine']:.4f} "
+                f"on average, recall@10 of its neighbours {agreement['int8_recall_at_10']:.3f}")
+
+    peaks = {runtime: _process_peak(runtime, model, photos) for runtime in ("onnx", "torch")}
+    results.add("runtime_process_rss_mb", peaks,
+                f"- (8) a process that loads the image tower and embeds the photos, peak RSS: ONNX Runtime "
+                f"{peaks['onnx']['peak_rss_mb']:.0f} MB (PyTorch loaded: {peaks['onnx']['torch_loaded']}), PyTorch "
+                f"{peaks['torch']['peak_rss_mb']:.0f} MB")

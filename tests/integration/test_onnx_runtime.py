@@ -1,0 +1,104 @@
+"""Workers on ONNX Runtime (IMGEMBED_RUNTIME): the same pixels, tokens and vectors as PyTorch, the
+same search results through the whole pipeline, and a worker process that never loads PyTorch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import psycopg
+import pytest
+
+from imgembed.db import as_array
+from imgembed.models.names import parse_model_spec
+from imgembed.settings import load_settings
+from imgembed.training.synthetic import random_shapes
+from imgembed.worker.decode import decode_image
+from imgembed.worker.embedding import load_model
+from imgembed.worker.onnx_model import load_onnx_model
+from tests.conftest import REPO, TESTDATA, Services, wait_for
+
+PHOTOS = sorted((TESTDATA / "photos").glob("*.JPEG"))[:24]
+TEXTS = ["a photo of a dog", "a red circle on white", "Two BLUE squares!", "ünïcødé ✓ café", "x" * 300, ""]
+AGREEMENT = 0.9999
+
+
+def _pictures(input_size: int) -> list[object]:
+    settings = load_settings({})
+    return ([decode_image(path.read_bytes(), settings, target_size=input_size) for path in PHOTOS]
+            + [decode_image(shape.png_bytes(), settings, target_size=input_size) for shape in random_shapes(8, seed=3)])
+
+
+@pytest.mark.parametrize("name", ["imgembed-tiny", "imgembed-shapes"])
+def test_onnx_and_pytorch_give_the_same_vectors(name: str) -> None:
+    settings = load_settings({})  # the model directory the test workers use: the export is made once
+    spec = parse_model_spec(name)
+    reference = load_model(spec, "cpu")
+    image_tower, text_tower = load_onnx_model(spec, "image", settings), load_onnx_model(spec, "text", settings)
+    pictures = _pictures(reference.input_size)
+    for picture in pictures:  # the torch-free transform gives the transform's pixels
+        np.testing.assert_allclose(image_tower.prepare(picture), reference.preprocess(picture).numpy(), atol=1e-6)
+    ours = image_tower.embed_images([image_tower.prepare(picture) for picture in pictures])
+    theirs = reference.embed_images([reference.prepare(picture) for picture in pictures])
+    assert (ours * theirs).sum(axis=1).min() >= AGREEMENT
+    texts = text_tower.embed_texts(TEXTS)
+    assert (texts * reference.embed_texts(TEXTS)).sum(axis=1).min() >= AGREEMENT
+    assert ours.dtype == texts.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+
+
+def test_int8_weights(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """IMGEMBED_ONNX_QUANTIZE=int8: a quantised copy beside the float one, close to it."""
+    settings = load_settings({"IMGEMBED_MODEL_DIR": str(tmp_path), "IMGEMBED_ONNX_QUANTIZE": "int8"})
+    spec = parse_model_spec("imgembed-shapes")
+    quantized = load_onnx_model(spec, "image", settings)
+    exact = load_onnx_model(spec, "image", settings.with_overrides(onnx_quantize="none"))
+    assert quantized.quantized and not exact.quantized
+    pictures = [quantized.prepare(picture) for picture in _pictures(quantized.input_size)]
+    assert (quantized.embed_images(pictures) * exact.embed_images(pictures)).sum(axis=1).mean() >= 0.9
+
+
+WORKER_REPORTING_ITS_MODULES = (  # written past Celery, which takes over sys.stdout
+    "import atexit, os, runpy, sys\n"
+    "atexit.register(lambda: os.write(1, f'torch loaded: {\"torch\" in sys.modules}\\n'.encode()))\n"
+    "sys.argv = ['imgembed', 'worker']\n"
+    "runpy.run_module('imgembed', run_name='__main__')\n")
+
+
+def test_a_worker_on_onnx_runtime(db: psycopg.Connection, services: Services) -> None:
+    """A real worker with IMGEMBED_RUNTIME=onnx embeds photos and a text query without ever
+    importing torch; its vectors are PyTorch's (cosine >= 0.9999) and similar() answers as PyTorch's
+    vectors would."""
+    db.execute("CREATE TABLE shots (id bigint PRIMARY KEY, photo bytea)")
+    with db.cursor() as cursor:
+        cursor.executemany("INSERT INTO shots VALUES (%s, %s)", [(i, path.read_bytes()) for i, path in enumerate(PHOTOS)])
+    db.execute("SELECT imgembed.watch('shots', 'photo')")
+    services.extra_env["IMGEMBED_RUNTIME"] = "onnx"
+    services.start("dispatch")
+    log_path = services.log_dir / "onnx-worker.log"
+    worker = subprocess.Popen([sys.executable, "-c", WORKER_REPORTING_ITS_MODULES], env=services.env(), cwd=REPO,
+                              stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
+    worker.log_path = log_path  # type: ignore[attr-defined]
+    services.processes.append(worker)
+    wait_for(lambda: db.execute("SELECT embedded = %s FROM imgembed.status WHERE table_name = 'public.shots'",
+                                (len(PHOTOS),)).fetchone() == (True,), 180, "the photos embedded")
+    found = db.execute("SELECT id FROM imgembed.search_text('shots', NULL::bigint, 'a photo of a bird', 5)").fetchall()
+    assert len(found) == 5
+    services.stop(worker)
+    assert "torch loaded: False" in log_path.read_text(), log_path.read_text()[-3000:]
+
+    reference = load_model(parse_model_spec("imgembed-tiny"), "cpu")
+    settings = load_settings({})
+    expected = reference.embed_images([reference.prepare(decode_image(path.read_bytes(), settings,
+                                                                      target_size=reference.input_size))
+                                       for path in PHOTOS])
+    storage = db.execute("SELECT imgembed.storage_table('shots')").fetchone()[0]
+    stored = dict(db.execute(f"SELECT id, embedding FROM {storage}").fetchall())
+    vectors = np.stack([as_array(stored[i]) for i in range(len(PHOTOS))])
+    assert (vectors * expected).sum(axis=1).min() >= AGREEMENT
+    for query in range(0, len(PHOTOS), 5):
+        order = [int(i) for i in np.argsort(-(expected @ expected[query])) if i != query][:5]
+        answered = [row[0] for row in db.execute("SELECT id FROM imgembed.similar('shots', %s::bigint, 5)",
+                                                 (query,)).fetchall()]
+        assert answered == order
