@@ -6,6 +6,7 @@ loads the tower the way a worker does and embeds photos with it."""
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from imgembed.bench.photos import photo_files
-from imgembed.bench.results import BenchSize, Results, median_of
+from imgembed.bench.results import BenchSize, Results
 from imgembed.settings import Settings
 
 # A worker's model alone, in a process of its own: load the image tower on one runtime, embed the
@@ -88,14 +89,13 @@ def runtime_figures(results: Results, settings: Settings, size: BenchSize, model
     batch = settings.batch_size
     pixels = np.random.default_rng(0).standard_normal((batch, 3, fp32.input_size, fp32.input_size), dtype=np.float32)
     tensor = torch.from_numpy(pixels)
-    rates = {
-        "torch": median_of(size.repeats, lambda: _images_per_s(torch_model.embed_pixels, tensor, size.raw_seconds,
-                                                               size.raw_images)),
-        "onnx": median_of(size.repeats, lambda: _images_per_s(fp32.embed_pixels, pixels, size.raw_seconds,
-                                                              size.raw_images)),
-        "onnx_int8": median_of(size.repeats, lambda: _images_per_s(int8.embed_pixels, pixels, size.raw_seconds,
-                                                                   size.raw_images)),
-    }
+    runs: dict[str, tuple[object, object]] = {"torch": (torch_model.embed_pixels, tensor),
+                                              "onnx": (fp32.embed_pixels, pixels), "onnx_int8": (int8.embed_pixels, pixels)}
+    measured: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(size.repeats):  # the runtimes in turn, so that the machine's drift touches each alike
+        for name, (embed, batch_pixels) in runs.items():
+            measured[name].append(_images_per_s(embed, batch_pixels, size.raw_seconds, size.raw_images))  # type: ignore[arg-type]
+    rates = {name: statistics.median(values) for name, values in measured.items()}
     results.add("runtime_images_per_s", rates,
                 f"- (8) {model} image tower alone, {batch} images per pass, {torch.get_num_threads()} threads: PyTorch "
                 f"{rates['torch']:.1f} images/s, ONNX Runtime {rates['onnx']:.1f} ({rates['onnx'] / rates['torch']:.2f}x), "

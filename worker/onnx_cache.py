@@ -26,7 +26,7 @@ from imgembed.worker.model_errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT = 1  # raised when exports are made differently: older ones are then made again
+EXPORT_FORMAT = 2  # raised when exports are made differently: older ones are then made again
 EXPORT_TIMEOUT_SECONDS = 1800.0
 
 

@@ -87,16 +87,42 @@ def _agreement(onnx_file: Path, feed: dict[str, np.ndarray], expected: np.ndarra
     return float((found * expected).sum(axis=1).min())
 
 
+def _shared_mode() -> int:
+    """The mode a new file gets under this process's umask: workers of other users read exports."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _written(out_dir: Path, name: str, write: Any) -> Path:
     """``write(path)`` to a temporary file in ``out_dir``, then renamed to ``name``."""
     handle, temporary = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.")
     os.close(handle)
     try:
         write(Path(temporary))
+        os.chmod(temporary, _shared_mode())
         os.replace(temporary, out_dir / name)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    return out_dir / name
+
+
+def _save_with_external_weights(traced: Path, out_dir: Path, name: str) -> Path:
+    """The traced graph as ``name`` with its weights in ``name.data`` beside it: ONNX Runtime then
+    maps the weights from that file instead of copying them out of the graph (ViT-B-32's worker:
+    about 540 MB of RSS at its peak instead of 710)."""
+    import onnx
+
+    scratch = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{name}."))
+    try:
+        onnx.save_model(onnx.load(str(traced)), str(scratch / name), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=f"{name}.data", size_threshold=1024)
+        for part in (f"{name}.data", name):  # the graph last: it names the weights' file
+            os.chmod(scratch / part, _shared_mode())
+            os.replace(scratch / part, out_dir / part)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return out_dir / name
 
 
@@ -145,11 +171,16 @@ def export_tower(model_name: str, tower: str, out_dir: Path, quantize: str | Non
             torch.onnx.export(Tower(), (inputs,), str(path), input_names=[input_name], output_names=["embedding"],
                               dynamic_axes={input_name: {0: "batch"}}, opset_version=17, dynamo=False)
 
-    fp32 = _written(out_dir, f"{tower}.onnx", export)
+    traced = _written(out_dir, f".{tower}.traced.onnx", export)
+    try:
+        fp32 = _save_with_external_weights(traced, out_dir, f"{tower}.onnx")
+    finally:
+        traced.unlink(missing_ok=True)
     feed = {input_name: inputs.numpy()}
     manifest["agreement"] = _agreement(fp32, feed, expected)
     if manifest["agreement"] < AGREEMENT:
         fp32.unlink()
+        fp32.with_name(fp32.name + ".data").unlink(missing_ok=True)
         raise Unsupported(f"ONNX Runtime's vectors agree with PyTorch's to cosine {manifest['agreement']:.6f} only")
     manifest["file"] = fp32.name
     if quantize == "int8":
