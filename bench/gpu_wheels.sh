@@ -24,3 +24,11 @@ rm -rf .whl && python3 -m pip download --quiet --no-deps --only-binary=:all: --p
 .venv/bin/python -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir .whl .
 rm -rf .gpu-photos && mkdir .gpu-photos && cp ../shared/testdata/photos/*.JPEG .gpu-photos/
 du -sh .whl .gpu-photos
+# The runtimes check (8) alone travels with fewer wheels (the working tree's limit): .whl-runtimes/.
+grep -qx '/.whl-runtimes/' .git/info/exclude 2>/dev/null || echo '/.whl-runtimes/' >> .git/info/exclude
+rm -rf .whl-runtimes && mkdir .whl-runtimes
+for package in imgembed onnxruntime onnx open_clip_torch ftfy wcwidth flatbuffers protobuf ml_dtypes platformdirs \
+               psycopg psycopg_binary pgvector; do
+    cp .whl/"${package}"-[0-9]*.whl .whl-runtimes/
+done
+du -sh .whl-runtimes

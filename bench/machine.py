@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import psycopg
@@ -29,8 +29,15 @@ def machine_description() -> list[str]:
     return [
         f"- machine: {cpu}, {os.cpu_count()} cores, GPU: {gpu}",
         f"- python {platform.python_version()}, torch {torch.__version__}, open_clip {open_clip.__version__}, "
-        f"pgvector-python {version('pgvector')}",
+        f"pgvector-python {version('pgvector')}{_onnxruntime_version()}",
     ]
+
+
+def _onnxruntime_version() -> str:
+    try:
+        return f", onnxruntime {version('onnxruntime')}"
+    except PackageNotFoundError:
+        return ""
 
 
 def database_description(connection: psycopg.Connection) -> dict[str, str]:

@@ -120,3 +120,42 @@ def runtime_figures(results: Results, settings: Settings, size: BenchSize, model
                 f"- (8) a process that loads the image tower and embeds the photos, peak RSS: ONNX Runtime "
                 f"{peaks['onnx']['peak_rss_mb']:.0f} MB (PyTorch loaded: {peaks['onnx']['torch_loaded']}), PyTorch "
                 f"{peaks['torch']['peak_rss_mb']:.0f} MB")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """(8) alone, without the embedded services: `python -m imgembed.bench.runtimes` (what
+    bench/gpu_check.sh runs on a GPU machine's CPUs, where only these wheels travel)."""
+    import argparse
+
+    from imgembed.bench.machine import machine_description
+    from imgembed.bench.photos import generated_photos
+    from imgembed.bench.results import BenchSize, write_results
+    from imgembed.settings import load_settings
+
+    parser = argparse.ArgumentParser(prog="python -m imgembed.bench.runtimes",
+                                     description="Figure (8): PyTorch against ONNX Runtime on this machine's CPUs.")
+    parser.add_argument("--model", default="ViT-B-32", help="model to measure (default ViT-B-32, random weights)")
+    parser.add_argument("--photos", type=Path, help="folder of *.JPEG photos (default: generated ones)")
+    parser.add_argument("--out", type=Path, default=Path("bench/RESULTS-runtimes.md"), help="where to write the figures")
+    parser.add_argument("--repeats", type=int, default=BenchSize().repeats, help="runs of each speed figure (median)")
+    parser.add_argument("--images", type=int, default=BenchSize().raw_images,
+                        help="images each speed run embeds at least (fewer for large models on few cores)")
+    arguments = parser.parse_args(argv)
+    settings = load_settings()
+    photos = arguments.photos or settings.data_dir / "bench-photos"
+    if arguments.photos is None:
+        generated_photos(photos)
+    results = Results()
+    results.lines += ["# imgembed benchmark: runtimes", "", f"`python -m imgembed.bench.runtimes --model {arguments.model}`"
+                      f" at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "", *machine_description(),
+                      f"- photos: {len(photo_files(photos))} JPEGs from {photos}", "", "## Figures", ""]
+    size = BenchSize(repeats=arguments.repeats, raw_images=arguments.images)
+    results.lines.insert(3, f"`--repeats {size.repeats} --images {size.raw_images}`: each speed figure is the median "
+                            f"of {size.repeats} runs of at least {size.raw_images} images and {size.raw_seconds:.0f} s.")
+    runtime_figures(results, settings, size, arguments.model, photos)
+    write_results(results, arguments.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

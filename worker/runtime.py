@@ -123,6 +123,10 @@ class WorkerRuntime:
                     raise ModelLoadError(f"model {spec.name}: its {tower} tower cannot run on ONNX Runtime ({error}); "
                                          "set IMGEMBED_RUNTIME=torch or auto") from error
                 log.info("model %s: its %s tower runs on PyTorch (%s)", spec.name, tower, error)
+            except ModelLoadError as error:  # e.g. an unwritable model directory: PyTorch may still load it
+                if self.settings.runtime == "onnx":
+                    raise
+                log.warning("model %s: %s; its %s tower runs on PyTorch instead", spec.name, error, tower)
         from imgembed.worker.embedding import load_model
 
         return load_model(spec, self.settings.device, tower=tower, model_dir=self.settings.models_path)

@@ -28,7 +28,7 @@ def bench(settings: Settings, args: argparse.Namespace) -> int:
     from imgembed.bench.run import run_bench
 
     if args.photos:
-        photos = Path(args.photos)
+        photos = Path(args.photos).resolve()  # the workers read the files by absolute path
         if set(figures) & {2, 3} and not photo_files(photos):
             raise UsageError(f"--photos {photos}: no *.JPEG files there")
         note = f"{len(photo_files(photos))} JPEGs from {photos}"

@@ -70,7 +70,24 @@ def _import(settings: Settings, args: argparse.Namespace) -> None:
           f"{settings.models_path} load {stored.name} from it; use it with `imgembed models add {stored.name}`.")
 
 
-WITHOUT_DATABASE = {"pull": _pull, "import": _import}
+def _export(settings: Settings, args: argparse.Namespace) -> None:
+    """Export a model's towers to ONNX into the model directory, as a CPU worker would on first use."""
+    from imgembed.worker.onnx_cache import OnnxUnsupported, exported_tower
+
+    spec = parse_model_spec(args.name)
+    quantize = "int8" if args.int8 else settings.onnx_quantize
+    for tower in args.tower or ["image", "text"]:
+        try:
+            folder, manifest = exported_tower(spec, tower, settings.models_path, quantize)
+        except OnnxUnsupported as error:
+            raise UsageError(f"{spec.name}: its {tower} tower cannot run on ONNX Runtime ({error}); its workers use "
+                             "PyTorch") from None
+        int8 = f", int8 agreement {manifest['int8_agreement']:.6f}" if "int8_agreement" in manifest else ""
+        print(f"{spec.name} ({tower} tower): {folder} (agreement with PyTorch {manifest['agreement']:.7f}{int8})")
+    print(f"CPU workers whose IMGEMBED_MODEL_DIR is {settings.models_path} run it on ONNX Runtime at once.")
+
+
+WITHOUT_DATABASE = {"pull": _pull, "import": _import, "export": _export}
 
 
 def models(settings: Settings, args: argparse.Namespace) -> int:
@@ -87,7 +104,7 @@ def models(settings: Settings, args: argparse.Namespace) -> int:
 
 def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     command = add_command(commands, "models", models, "List, add (backfill), switch and drop embedding models; "
-                          "pull and import their weights for hosts without internet.")
+                          "pull and import their weights for hosts without internet; export them to ONNX.")
     actions = command.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     actions.add_parser("list", help="registered models and their tables' progress")
     action = actions.add_parser(
@@ -109,3 +126,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     action = actions.add_parser("import", help="keep a local checkpoint in IMGEMBED_MODEL_DIR under an ARCH:TAG name")
     action.add_argument("file", help="the checkpoint (.pt, .bin or .safetensors) to copy in")
     action.add_argument("--name", required=True, help="ARCH:TAG it answers to, e.g. ViT-B-32:laion2b_s34b_b79k")
+    action = actions.add_parser("export", help="export a model's towers to ONNX into IMGEMBED_MODEL_DIR (needs "
+                                "PyTorch here; workers then need only onnxruntime)")
+    action.add_argument("name", help="ARCH:TAG, ARCH:/path/to/checkpoint.pt, imgembed-tiny or imgembed-shapes")
+    action.add_argument("--tower", action="append", choices=["image", "text"], help="only this tower (repeatable)")
+    action.add_argument("--int8", action="store_true", help="also the int8 weights (IMGEMBED_ONNX_QUANTIZE=int8)")

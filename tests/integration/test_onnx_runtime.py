@@ -3,6 +3,8 @@ same search results through the whole pipeline, and a worker process that never 
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -48,8 +50,15 @@ def test_onnx_and_pytorch_give_the_same_vectors(name: str) -> None:
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
 
 
-def test_int8_weights(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """IMGEMBED_ONNX_QUANTIZE=int8: a quantised copy beside the float one, close to it."""
+def test_exported_ahead_with_int8_weights(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`imgembed models export --int8` fills the model directory ahead of the workers; with
+    IMGEMBED_ONNX_QUANTIZE=int8 they run the quantised copy, close to the float one."""
+    exported = subprocess.run([sys.executable, "-m", "imgembed", "models", "export", "imgembed-shapes", "--tower", "image",
+                               "--int8"], env={**os.environ, "IMGEMBED_MODEL_DIR": str(tmp_path)}, cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0 and "agreement with PyTorch" in exported.stdout, exported.stderr[-2000:]
+    (manifest,) = (tmp_path / "onnx" / "imgembed-shapes").glob("*/image.json")
+    assert json.loads(manifest.read_text())["agreement"] >= AGREEMENT
     settings = load_settings({"IMGEMBED_MODEL_DIR": str(tmp_path), "IMGEMBED_ONNX_QUANTIZE": "int8"})
     spec = parse_model_spec("imgembed-shapes")
     quantized = load_onnx_model(spec, "image", settings)
@@ -102,3 +111,28 @@ def test_a_worker_on_onnx_runtime(db: psycopg.Connection, services: Services) ->
         answered = [row[0] for row in db.execute("SELECT id FROM imgembed.similar('shots', %s::bigint, 5)",
                                                  (query,)).fetchall()]
         assert answered == order
+
+
+LOAD_TOWER = (
+    "import json, logging, sys\n"
+    "logging.basicConfig(level=logging.INFO)\n"
+    "from imgembed.models.names import parse_model_spec\n"
+    "from imgembed.settings import load_settings\n"
+    "from imgembed.worker.onnx_model import load_onnx_model\n"
+    "model = load_onnx_model(parse_model_spec('imgembed-shapes'), 'text', load_settings())\n"
+    "print(json.dumps(model.embed_texts(['a red circle']).tolist()))\n")
+
+
+def test_workers_starting_together_export_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Two processes that need the same tower of a model the model directory does not hold yet: one
+    exports it, the other waits for it; both run the same files, and no temporary file is left."""
+    environment = {**os.environ, "IMGEMBED_MODEL_DIR": str(tmp_path)}
+    runs = [subprocess.Popen([sys.executable, "-c", LOAD_TOWER], env=environment, cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [error[-2000:] for _, error in outputs]
+    assert outputs[0][0] == outputs[1][0]
+    exported = sorted(path.name for path in (tmp_path / "onnx" / "imgembed-shapes").glob("*/*"))
+    assert exported == [".lock", "bpe_simple_vocab_16e6.txt.gz", "text.json", "text.onnx", "text.onnx.data"]
+    logs = "".join(error for _, error in outputs)
+    assert logs.count("exporting its text tower to ONNX") == 1, logs[-3000:]
