@@ -368,3 +368,36 @@ def test_search_leaves_the_sessions_ef_search_alone(library: tuple[psycopg.Conne
     for ef in (None, 5):
         assert len(db.execute("SELECT * FROM imgembed.similar('items', 3::bigint, 10, ef_search => %s)", (ef,)).fetchall()) == 10
         assert db.execute("SHOW hnsw.ef_search").fetchone()[0] == "77"
+
+
+def test_similarity_join_matches_brute_force(library: tuple[psycopg.Connection, np.ndarray]) -> None:
+    """For each row of another table (text keys), its k nearest rows of `items`, with LATERAL-free
+    SQL, typed keys, a filter, and the table joined with itself (a row is not its own neighbour)."""
+    db, vectors = library
+    photos = make_vectors(30, seed=5)
+    db.execute("CREATE TABLE uploads (name text PRIMARY KEY, photo bytea)")
+    names = [f"upload {i}" for i in range(30)]
+    with db.cursor() as cursor:
+        cursor.executemany("INSERT INTO uploads VALUES (%s, 'x')", [(name,) for name in names])
+    db.execute("SELECT imgembed.watch('uploads', 'photo')")
+    load_vectors(db, "public.uploads", names, photos)
+
+    rows = db.execute("SELECT a_id, b_id, distance FROM imgembed.similarity_join('uploads', 'items', 4, exact => true)"
+                      ).fetchall()
+    found: dict[str, list[str]] = {}
+    for a_id, b_id, _ in rows:
+        found.setdefault(a_id, []).append(b_id)
+    assert found == {name: [str(i) for i in brute_force(vectors, photos[n], 4)] for n, name in enumerate(names)}
+
+    typed = db.execute("SELECT a_id, b_id FROM imgembed.similarity_join('uploads', 'items', NULL::text, NULL::bigint, 4, "
+                       "exact => true)").fetchall()
+    assert typed == [(a_id, int(b_id)) for a_id, b_id, _ in rows]
+    rare = np.array([i for i in range(ROWS) if i % 100 == 7])
+    filtered = db.execute("SELECT a_id, b_id FROM imgembed.similarity_join('uploads', 'items', NULL::text, NULL::bigint, "
+                          "2, filter => '{\"category\": \"rare\"}')").fetchall()
+    assert [b for a, b in filtered if a == "upload 3"] == brute_force(vectors, photos[3], 2, rare)
+
+    itself = db.execute("SELECT a_id, b_id FROM imgembed.similarity_join('uploads', 'uploads', 1)").fetchall()
+    assert dict(itself) == {name: names[brute_force(photos, photos[n], 2)[1]] for n, name in enumerate(names)}
+    with pytest.raises(psycopg.Error, match="k must be at least 1"):
+        db.execute("SELECT * FROM imgembed.similarity_join('uploads', 'items', 0)")
