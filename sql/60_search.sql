@@ -89,6 +89,8 @@ $$;
 -- fewer than k rows, the exact scan answers instead. Distances are always full precision.
 -- Ties are ordered by the key in its own type (13 before 111). Keyset pagination: rows after
 -- (p_after_distance, p_after_id) in that (distance, key) order; p_after_id is the key as text.
+-- A relevance cut-off (p_max_distance) keeps only the rows at most that far of the k nearest, on
+-- every path alike: fewer than k rows, or none, may come back.
 CREATE OR REPLACE FUNCTION imgembed._knn(
     p_watch imgembed.watch,
     p_link imgembed.watch_model,
@@ -100,7 +102,8 @@ CREATE OR REPLACE FUNCTION imgembed._knn(
     p_exact boolean DEFAULT false,
     p_ef_search integer DEFAULT NULL,
     p_after_distance double precision DEFAULT NULL,
-    p_after_id text DEFAULT NULL
+    p_after_id text DEFAULT NULL,
+    p_max_distance double precision DEFAULT NULL
 ) RETURNS TABLE (id text, distance double precision)
 LANGUAGE plpgsql
 SET hnsw.iterative_scan = 'strict_order'
@@ -164,7 +167,8 @@ BEGIN
           USING p_query, p_k, coalesce(p_exclude, '{}'), p_filter, p_after_distance, p_after_id;
     END IF;
     PERFORM set_config('hnsw.ef_search', coalesce(v_previous_ef, '40'), true);
-    RETURN QUERY SELECT u.id, u.d FROM unnest(v_ids, v_distances) WITH ORDINALITY AS u(id, d, n) ORDER BY u.n;
+    RETURN QUERY SELECT u.id, u.d FROM unnest(v_ids, v_distances) WITH ORDINALITY AS u(id, d, n)
+                  WHERE p_max_distance IS NULL OR u.d <= p_max_distance ORDER BY u.n;
 END $$;
 
 -- The k images most similar to one row (itself excluded), nearest first. Keys come back in the
@@ -178,7 +182,8 @@ CREATE OR REPLACE FUNCTION imgembed.similar(
     ef_search integer DEFAULT NULL,
     exact boolean DEFAULT false,
     after_distance double precision DEFAULT NULL,
-    after_id anycompatible DEFAULT NULL
+    after_id anycompatible DEFAULT NULL,
+    max_distance double precision DEFAULT NULL
 ) RETURNS TABLE (id anycompatible, distance double precision)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -186,10 +191,10 @@ DECLARE
     v_link imgembed.watch_model := imgembed._watch_model_of(v_watch, model);
 BEGIN
     RETURN QUERY EXECUTE format(
-        'SELECT r.id::%s, r.distance FROM imgembed._knn($1, $2, $3, $4, $5, $6, NULL, $7, $8, $9, $10) r',
+        'SELECT r.id::%s, r.distance FROM imgembed._knn($1, $2, $3, $4, $5, $6, NULL, $7, $8, $9, $10, $11) r',
         pg_typeof(key))
     USING v_watch, v_link, imgembed._require_vector(v_watch, v_link, key::text), k, ARRAY[key::text],
-          filter, exact, ef_search, after_distance, after_id::text;
+          filter, exact, ef_search, after_distance, after_id::text, max_distance;
 END $$;
 
 -- The k rows nearest to any vector of the model's dimension. Keys come back as text; the
@@ -204,7 +209,8 @@ CREATE OR REPLACE FUNCTION imgembed.similar_to_vector(
     ef_search integer DEFAULT NULL,
     exact boolean DEFAULT false,
     after_distance double precision DEFAULT NULL,
-    after_id text DEFAULT NULL
+    after_id text DEFAULT NULL,
+    max_distance double precision DEFAULT NULL
 ) RETURNS TABLE (id text, distance double precision)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -212,7 +218,7 @@ DECLARE
 BEGIN
     RETURN QUERY SELECT r.id, r.distance FROM imgembed._knn(
         v_watch, imgembed._watch_model_of(v_watch, model), vec, k, '{}', filter, NULL, exact, ef_search,
-        after_distance, after_id) r;
+        after_distance, after_id, max_distance) r;
 END $$;
 
 CREATE OR REPLACE FUNCTION imgembed.similar_to_vector(
@@ -225,14 +231,15 @@ CREATE OR REPLACE FUNCTION imgembed.similar_to_vector(
     ef_search integer DEFAULT NULL,
     exact boolean DEFAULT false,
     after_distance double precision DEFAULT NULL,
-    after_id anycompatible DEFAULT NULL
+    after_id anycompatible DEFAULT NULL,
+    max_distance double precision DEFAULT NULL
 ) RETURNS TABLE (id anycompatible, distance double precision)
 LANGUAGE plpgsql AS $$
 BEGIN
     RETURN QUERY EXECUTE format(
-        'SELECT r.id::%s, r.distance FROM imgembed.similar_to_vector($1, $2, $3, $4, $5, $6, $7, $8, $9) r',
+        'SELECT r.id::%s, r.distance FROM imgembed.similar_to_vector($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) r',
         pg_typeof(key_type))
-    USING tbl, vec, k, model, filter, ef_search, exact, after_distance, after_id::text;
+    USING tbl, vec, k, model, filter, ef_search, exact, after_distance, after_id::text, max_distance;
 END $$;
 
 -- Pairs of rows whose images are near-identical (cosine distance <= max_distance), each pair once,

@@ -137,7 +137,8 @@ CREATE OR REPLACE FUNCTION imgembed.search_text(
     ef_search integer DEFAULT NULL,
     exact boolean DEFAULT false,
     after_distance double precision DEFAULT NULL,
-    after_id text DEFAULT NULL
+    after_id text DEFAULT NULL,
+    max_distance double precision DEFAULT NULL
 ) RETURNS TABLE (id text, distance double precision)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -148,7 +149,7 @@ BEGIN
     SELECT m.name INTO v_model FROM imgembed.model m WHERE m.id = v_link.model_id;
     RETURN QUERY SELECT r.id, r.distance FROM imgembed._knn(
         v_watch, v_link, imgembed.text_vector(query, v_model, timeout_seconds), k, '{}', filter, NULL, exact,
-        ef_search, after_distance, after_id) r;
+        ef_search, after_distance, after_id, max_distance) r;
 END $$;
 
 CREATE OR REPLACE FUNCTION imgembed.search_text(
@@ -162,14 +163,16 @@ CREATE OR REPLACE FUNCTION imgembed.search_text(
     ef_search integer DEFAULT NULL,
     exact boolean DEFAULT false,
     after_distance double precision DEFAULT NULL,
-    after_id anycompatible DEFAULT NULL
+    after_id anycompatible DEFAULT NULL,
+    max_distance double precision DEFAULT NULL
 ) RETURNS TABLE (id anycompatible, distance double precision)
 LANGUAGE plpgsql AS $$
 BEGIN
     RETURN QUERY EXECUTE format(
-        'SELECT r.id::%s, r.distance FROM imgembed.search_text($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) r',
+        'SELECT r.id::%s, r.distance FROM imgembed.search_text($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) r',
         pg_typeof(key_type))
-    USING tbl, query, k, model, filter, timeout_seconds, ef_search, exact, after_distance, after_id::text;
+    USING tbl, query, k, model, filter, timeout_seconds, ef_search, exact, after_distance, after_id::text,
+          max_distance;
 END $$;
 
 -- The labels (among p_labels, or all) with a prompt whose vector under the model is missing or

@@ -11,7 +11,8 @@ CREATE OR REPLACE FUNCTION imgembed.similarity_join(
     model text DEFAULT NULL,
     filter jsonb DEFAULT NULL,
     ef_search integer DEFAULT NULL,
-    exact boolean DEFAULT false
+    exact boolean DEFAULT false,
+    max_distance double precision DEFAULT NULL
 ) RETURNS TABLE (a_id text, b_id text, distance double precision)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -28,9 +29,9 @@ BEGIN
     RETURN QUERY EXECUTE format(
         'SELECT e.id::text, r.id, r.distance FROM imgembed.%I e '
         'CROSS JOIN LATERAL imgembed._knn($1, $2, e.embedding, $3, CASE WHEN $4 THEN ARRAY[e.id::text] ELSE ''{}'' END, '
-        '$5, NULL, $6, $7, NULL, NULL) r ORDER BY e.id, r.distance, r.id',
+        '$5, NULL, $6, $7, NULL, NULL, $8) r ORDER BY e.id, r.distance, r.id',
         v_a_link.storage_table)
-    USING v_b, v_b_link, k, a = b, filter, exact, ef_search;
+    USING v_b, v_b_link, k, a = b, filter, exact, ef_search, max_distance;
 END $$;
 
 CREATE OR REPLACE FUNCTION imgembed.similarity_join(
@@ -42,12 +43,13 @@ CREATE OR REPLACE FUNCTION imgembed.similarity_join(
     model text DEFAULT NULL,
     filter jsonb DEFAULT NULL,
     ef_search integer DEFAULT NULL,
-    exact boolean DEFAULT false
+    exact boolean DEFAULT false,
+    max_distance double precision DEFAULT NULL
 ) RETURNS TABLE (a_id anyelement, b_id anycompatible, distance double precision)
 LANGUAGE plpgsql AS $$
 BEGIN
     RETURN QUERY EXECUTE format(
-        'SELECT j.a_id::%s, j.b_id::%s, j.distance FROM imgembed.similarity_join($1, $2, $3, $4, $5, $6, $7) j',
+        'SELECT j.a_id::%s, j.b_id::%s, j.distance FROM imgembed.similarity_join($1, $2, $3, $4, $5, $6, $7, $8) j',
         pg_typeof(a_key_type), pg_typeof(b_key_type))
-    USING a, b, k, model, filter, ef_search, exact;
+    USING a, b, k, model, filter, ef_search, exact, max_distance;
 END $$;

@@ -77,31 +77,43 @@ def _vector(values: Sequence[float]) -> sa.ColumnElement[Any]:
     return sa.cast(sa.literal("[" + ",".join(str(float(x)) for x in values) + "]", sa.Text), VECTOR())
 
 
+def _cut_off(key_type: Any, max_distance: float | None) -> list[sa.ColumnElement[Any]]:
+    """The arguments after ``exact`` up to ``max_distance`` (no page: after_distance and after_id
+    NULL), or none when there is no cut-off."""
+    if max_distance is None:
+        return []
+    return [sa.cast(sa.null(), sa.Float), sa.cast(sa.null(), key_type), sa.cast(sa.literal(max_distance), sa.Float)]
+
+
 def _call(name: str, *arguments: Any) -> Function[Any]:
     return getattr(sa.func.imgembed, name)(*arguments)
 
 
 def similar(mapped: Any, key: Any, k: int = 10, *, model: str | None = None, filter: dict[str, Any] | None = None,
-            ef_search: int | None = None, exact: bool | None = None) -> sa.TableValuedAlias:
+            ef_search: int | None = None, exact: bool | None = None,
+            max_distance: float | None = None) -> sa.TableValuedAlias:
     key_type = _key_type(mapped)
     function = _call("similar", _regclass(mapped), sa.cast(sa.literal(key), key_type), k, _text(model),
-                     _filter(filter), _int(ef_search), bool(exact))
+                     _filter(filter), _int(ef_search), bool(exact), *_cut_off(key_type, max_distance))
     return function.table_valued(sa.column("id", key_type), sa.column("distance", sa.Float)).alias("similar")
 
 
 def similar_to_vector(mapped: Any, vector: Sequence[float], k: int = 10, *, model: str | None = None,
-                      filter: dict[str, Any] | None = None, exact: bool | None = None) -> sa.TableValuedAlias:
+                      filter: dict[str, Any] | None = None, exact: bool | None = None,
+                      max_distance: float | None = None) -> sa.TableValuedAlias:
     key_type = _key_type(mapped)
     function = _call("similar_to_vector", _regclass(mapped), sa.cast(sa.null(), key_type), _vector(vector), k,
-                     _text(model), _filter(filter), _int(None), bool(exact))
+                     _text(model), _filter(filter), _int(None), bool(exact), *_cut_off(key_type, max_distance))
     return function.table_valued(sa.column("id", key_type), sa.column("distance", sa.Float)).alias("similar_to_vector")
 
 
 def search_text(mapped: Any, query: str, k: int = 10, *, model: str | None = None,
-                filter: dict[str, Any] | None = None, timeout_seconds: float | None = None) -> sa.TableValuedAlias:
+                filter: dict[str, Any] | None = None, timeout_seconds: float | None = None,
+                max_distance: float | None = None) -> sa.TableValuedAlias:
     key_type = _key_type(mapped)
+    cut_off = [_int(None), False, *_cut_off(key_type, max_distance)] if max_distance is not None else []
     function = _call("search_text", _regclass(mapped), sa.cast(sa.null(), key_type), _text(query), k, _text(model),
-                     _filter(filter), sa.cast(sa.literal(timeout_seconds or 5.0), sa.Float))
+                     _filter(filter), sa.cast(sa.literal(timeout_seconds or 5.0), sa.Float), *cut_off)
     return function.table_valued(sa.column("id", key_type), sa.column("distance", sa.Float)).alias("search_text")
 
 

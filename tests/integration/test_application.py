@@ -264,6 +264,13 @@ def test_sqlalchemy_helpers_match_the_sql_functions(database_url: str) -> None:
         assert session.execute(sa.select(labels.c.label, labels.c.votes, labels.c.confidence)).all() == raw["knn"]
         picks = sqla.recommend(Product, [3, 4], [5], k=5, exact=True)
         assert_same_hits(session.execute(sa.select(picks.c.id, picks.c.score)).all(), raw["recommend"])
+        cut = raw["similar"][2][1]  # the third nearest's distance: three rows are that close
+        close = sqla.similar(Product, 3, k=5, exact=True, max_distance=cut)
+        assert_same_hits(session.execute(sa.select(close.c.id, close.c.distance)).all(), raw["similar"][:3])
+        close = sqla.similar_to_vector(Product, vectors[4].tolist(), k=5, exact=True, max_distance=raw["vector"][1][1])
+        assert_same_hits(session.execute(sa.select(close.c.id, close.c.distance)).all(), raw["vector"][:2])
+        close = sqla.search_text(Product, "something", k=5, max_distance=raw["text"][0][1])
+        assert_same_hits(session.execute(sa.select(close.c.id, close.c.distance)).all(), raw["text"][:1])
         filtered = sqla.similar(Product, 3, k=5, filter={"kind": "a"})
         kinds = session.execute(sa.select(Product.kind).join(filtered, Product.id == filtered.c.id)).scalars().all()
         assert kinds and set(kinds) == {"a"}

@@ -401,3 +401,34 @@ def test_similarity_join_matches_brute_force(library: tuple[psycopg.Connection, 
     assert dict(itself) == {name: names[brute_force(photos, photos[n], 2)[1]] for n, name in enumerate(names)}
     with pytest.raises(psycopg.Error, match="k must be at least 1"):
         db.execute("SELECT * FROM imgembed.similarity_join('uploads', 'items', 0)")
+
+
+def test_max_distance_cuts_every_search_alike(library: tuple[psycopg.Connection, np.ndarray]) -> None:
+    """max_distance keeps, of the k nearest, those at most that far: through the index, the exact
+    scan and a filter alike, and in similar, similar_to_vector and similarity_join."""
+    db, vectors = library
+    query = 11
+    distances = 1 - vectors @ vectors[query]
+    nearest = [i for i in brute_force(vectors, vectors[query], 21) if i != query][:20]
+    cut = float(np.median(distances[nearest]))  # half of the 20 nearest are within it
+    within = [i for i in nearest if distances[i] <= cut]
+    assert 0 < len(within) < 20
+    for exact in (False, True):
+        found = db.execute("SELECT id, distance FROM imgembed.similar('items', %s::bigint, 20, exact => %s, "
+                           "max_distance => %s)", (query, exact, cut)).fetchall()
+        assert [row[0] for row in found] == within and all(row[1] <= cut for row in found)
+    vector = "[" + ",".join(f"{x:.8f}" for x in vectors[query]) + "]"
+    by_vector = db.execute("SELECT id FROM imgembed.similar_to_vector('items', NULL::bigint, %s::vector, 21, exact => true, "
+                           "max_distance => %s)", (vector, cut)).fetchall()
+    assert [row[0] for row in by_vector] == [query, *within]
+    rare = [i for i in range(ROWS) if i % 100 == 7]
+    rare_cut = float(np.sort(distances[rare])[3])
+    filtered = db.execute("SELECT id FROM imgembed.similar('items', %s::bigint, 10, filter => '{\"category\": \"rare\"}', "
+                          "max_distance => %s)", (query, rare_cut)).fetchall()
+    assert [row[0] for row in filtered] == [i for i in brute_force(vectors, vectors[query], 10, np.array(rare))
+                                            if distances[i] <= rare_cut]
+    assert db.execute("SELECT count(*) FROM imgembed.similar('items', %s::bigint, 10, max_distance => -1)",
+                      (query,)).fetchone()[0] == 0
+    joined = db.execute("SELECT b_id FROM imgembed.similarity_join('items', 'items', 20, exact => true, "
+                        "max_distance => %s) WHERE a_id = %s", (cut, str(query))).fetchall()
+    assert [int(row[0]) for row in joined] == within
