@@ -23,6 +23,7 @@ from pathlib import Path
 from imgembed.models.names import RANDOM_INIT_SEED, ModelSpec, file_sha256
 from imgembed.models.store import stored_checkpoint
 from imgembed.worker.model_errors import ModelLoadError
+from imgembed.worker.weights import require_checkpoint_file
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,10 @@ EXPORT_TIMEOUT_SECONDS = 1800.0
 
 class OnnxUnsupported(Exception):
     """The tower cannot run on ONNX Runtime as the worker runs it (the exporter said why)."""
+
+
+class ExportFailed(ModelLoadError):
+    """The export itself could not be made (not the model's fault: PyTorch may still load it)."""
 
 
 def _open_clip_version() -> str:
@@ -80,7 +85,7 @@ def _run_exporter(spec: ModelSpec, tower: str, folder: Path, quantize: str, mode
     try:
         finished = subprocess.run(command, capture_output=True, text=True, timeout=EXPORT_TIMEOUT_SECONDS)
     except subprocess.TimeoutExpired as error:
-        raise ModelLoadError(f"model {spec.name}: exporting its {tower} tower to ONNX took over "
+        raise ExportFailed(f"model {spec.name}: exporting its {tower} tower to ONNX took over "
                              f"{EXPORT_TIMEOUT_SECONDS:.0f} s") from error
     last_line = (finished.stdout.strip().splitlines() or [""])[-1]
     if finished.returncode == 3:
@@ -89,12 +94,13 @@ def _run_exporter(spec: ModelSpec, tower: str, folder: Path, quantize: str, mode
         raise ModelLoadError(json.loads(last_line)["error"])
     if finished.returncode != 0:
         problem = (finished.stderr.strip().splitlines() or ["no message"])[-1]
-        raise ModelLoadError(f"model {spec.name}: exporting its {tower} tower to ONNX failed: {problem}")
+        raise ExportFailed(f"model {spec.name}: exporting its {tower} tower to ONNX failed: {problem}")
     return json.loads(last_line)
 
 
 def exported_tower(spec: ModelSpec, tower: str, model_dir: Path, quantize: str) -> tuple[Path, dict]:
     """(folder, manifest) of the model's tower exported to ONNX, exported first if needed."""
+    require_checkpoint_file(spec)  # a missing file is said at once, without an exporting process
     folder = export_dir(spec, model_dir)
     found = _manifest(folder, tower, quantize)
     if found is not None:
@@ -103,7 +109,7 @@ def exported_tower(spec: ModelSpec, tower: str, model_dir: Path, quantize: str) 
         folder.mkdir(parents=True, exist_ok=True)
         lock = (folder / ".lock").open("a")
     except OSError as error:
-        raise ModelLoadError(f"model {spec.name}: cannot write its ONNX export in {folder} ({error.strerror}); "
+        raise ExportFailed(f"model {spec.name}: cannot write its ONNX export in {folder} ({error.strerror}); "
                              "make the model directory (IMGEMBED_MODEL_DIR) writable, or set IMGEMBED_RUNTIME=torch"
                              ) from error
     with lock:
@@ -113,5 +119,5 @@ def exported_tower(spec: ModelSpec, tower: str, model_dir: Path, quantize: str) 
             _run_exporter(spec, tower, folder, quantize, model_dir)
             found = _manifest(folder, tower, quantize)
             if found is None:
-                raise ModelLoadError(f"model {spec.name}: the ONNX export of its {tower} tower left no files in {folder}")
+                raise ExportFailed(f"model {spec.name}: the ONNX export of its {tower} tower left no files in {folder}")
     return folder, found

@@ -113,7 +113,7 @@ class WorkerRuntime:
     def _load(self, spec: ModelSpec, tower: Tower) -> EmbeddingModel:
         """The tower on ONNX Runtime (IMGEMBED_RUNTIME, see imgembed.worker.engine) or PyTorch."""
         if use_onnx(self.settings):
-            from imgembed.worker.onnx_cache import OnnxUnsupported
+            from imgembed.worker.onnx_cache import ExportFailed, OnnxUnsupported
             from imgembed.worker.onnx_model import load_onnx_model
 
             try:
@@ -123,7 +123,7 @@ class WorkerRuntime:
                     raise ModelLoadError(f"model {spec.name}: its {tower} tower cannot run on ONNX Runtime ({error}); "
                                          "set IMGEMBED_RUNTIME=torch or auto") from error
                 log.info("model %s: its %s tower runs on PyTorch (%s)", spec.name, tower, error)
-            except ModelLoadError as error:  # e.g. an unwritable model directory: PyTorch may still load it
+            except ExportFailed as error:  # e.g. an unwritable model directory: PyTorch may still load it
                 if self.settings.runtime == "onnx":
                     raise
                 log.warning("model %s: %s; its %s tower runs on PyTorch instead", spec.name, error, tower)

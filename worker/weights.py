@@ -70,14 +70,20 @@ def hub_unreachable() -> str | None:
         return f"{host} cannot be reached ({error.strerror or error})"
 
 
+def require_checkpoint_file(spec: ModelSpec) -> None:
+    """A model named by a checkpoint path needs that file (checked without loading OpenCLIP)."""
+    checkpoint = spec.checkpoint_path
+    if checkpoint is not None and not checkpoint.is_file():
+        raise ModelLoadError(f"model {spec.name}: checkpoint file {checkpoint} does not exist")
+
+
 def resolve_weights(spec: ModelSpec, model_dir: Path) -> Weights:
     """The weights ``spec`` names, found without the network where they are kept locally."""
     if spec.random_weights:
         return Weights(None, None)
+    require_checkpoint_file(spec)
     checkpoint = spec.checkpoint_path
     if checkpoint is not None:
-        if not checkpoint.is_file():
-            raise ModelLoadError(f"model {spec.name}: checkpoint file {checkpoint} does not exist")
         return Weights(str(checkpoint), None)
     tag = spec.pretrained
     stored = stored_checkpoint(model_dir, spec)
