@@ -107,6 +107,9 @@ BEGIN
     IF p_name IS NULL OR btrim(p_name) = '' THEN
         RAISE EXCEPTION 'model name must not be empty' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- One registration at a time (until this transaction ends): two `imgembed migrate` started
+    -- together both register the configured model, and both would insert it.
+    PERFORM pg_advisory_xact_lock(hashtext('imgembed.register_model'));
     SELECT * INTO v_model FROM imgembed.model WHERE name = p_name;
     IF FOUND THEN
         IF v_model.dim <> p_dim THEN

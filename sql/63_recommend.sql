@@ -38,7 +38,8 @@ CREATE OR REPLACE FUNCTION imgembed._recommend(
     p_exclude text[],
     p_k integer,
     p_filter jsonb,
-    p_exact boolean
+    p_exact boolean,
+    p_max_distance double precision DEFAULT NULL
 ) RETURNS TABLE (id text, score double precision)
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -49,7 +50,7 @@ BEGIN
         p_watch, p_link,
         imgembed._weighted_query(p_watch, p_link, p_positives || coalesce(p_negatives, '{}'),
                                  p_positive_weights || coalesce(p_negative_weights, '{}')),
-        p_k, p_exclude, p_filter, NULL, p_exact) r;
+        p_k, p_exclude, p_filter, NULL, p_exact, NULL, NULL, NULL, p_max_distance) r;
 END $$;
 
 -- Items like the positives and unlike the negatives, best first; never returns an input.
@@ -61,7 +62,8 @@ CREATE OR REPLACE FUNCTION imgembed.recommend(
     k integer DEFAULT 10,
     model text DEFAULT NULL,
     filter jsonb DEFAULT NULL,
-    exact boolean DEFAULT false
+    exact boolean DEFAULT false,
+    max_distance double precision DEFAULT NULL
 ) RETURNS TABLE (id anyelement, score double precision)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -70,12 +72,12 @@ DECLARE
     v_negatives text[] := ARRAY(SELECT DISTINCT n::text FROM unnest(negatives) n WHERE n IS NOT NULL);
 BEGIN
     RETURN QUERY EXECUTE format(
-        'SELECT r.id::%s, r.score FROM imgembed._recommend($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) r',
+        'SELECT r.id::%s, r.score FROM imgembed._recommend($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) r',
         pg_typeof(positives[array_lower(positives, 1)]))
     USING v_watch, imgembed._watch_model_of(v_watch, model),
           v_positives, array_fill(1.0 / greatest(cardinality(v_positives), 1), ARRAY[cardinality(v_positives)]),
           v_negatives, array_fill(-0.5 / greatest(cardinality(v_negatives), 1), ARRAY[cardinality(v_negatives)]),
-          v_positives || v_negatives, k, filter, exact;
+          v_positives || v_negatives, k, filter, exact, max_distance;
 END $$;
 
 -- Recommendations from imgembed.interaction: positive weights are likes, negative weights
@@ -87,7 +89,8 @@ CREATE OR REPLACE FUNCTION imgembed.recommend_for_user(
     user_id text,
     k integer DEFAULT 10,
     model text DEFAULT NULL,
-    filter jsonb DEFAULT NULL
+    filter jsonb DEFAULT NULL,
+    max_distance double precision DEFAULT NULL
 ) RETURNS TABLE (id text, score double precision)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -119,7 +122,7 @@ BEGIN
     END IF;
     RETURN QUERY SELECT r.id, r.score FROM imgembed._recommend(
         v_watch, imgembed._watch_model_of(v_watch, model), v_positives, v_positive_weights,
-        v_negatives, v_negative_weights, v_seen, k, filter, false) r;
+        v_negatives, v_negative_weights, v_seen, k, filter, false, max_distance) r;
 END $$;
 
 CREATE OR REPLACE FUNCTION imgembed.recommend_for_user(
@@ -128,13 +131,14 @@ CREATE OR REPLACE FUNCTION imgembed.recommend_for_user(
     user_id text,
     k integer DEFAULT 10,
     model text DEFAULT NULL,
-    filter jsonb DEFAULT NULL
+    filter jsonb DEFAULT NULL,
+    max_distance double precision DEFAULT NULL
 ) RETURNS TABLE (id anyelement, score double precision)
 LANGUAGE plpgsql AS $$
 BEGIN
     RETURN QUERY EXECUTE format(
-        'SELECT r.id::%s, r.score FROM imgembed.recommend_for_user($1, $2, $3, $4, $5) r', pg_typeof(key_type))
-    USING tbl, user_id, k, model, filter;
+        'SELECT r.id::%s, r.score FROM imgembed.recommend_for_user($1, $2, $3, $4, $5, $6) r', pg_typeof(key_type))
+    USING tbl, user_id, k, model, filter, max_distance;
 END $$;
 
 -- The same without negatives.
@@ -144,8 +148,9 @@ CREATE OR REPLACE FUNCTION imgembed.recommend(
     k integer DEFAULT 10,
     model text DEFAULT NULL,
     filter jsonb DEFAULT NULL,
-    exact boolean DEFAULT false
+    exact boolean DEFAULT false,
+    max_distance double precision DEFAULT NULL
 ) RETURNS TABLE (id anyelement, score double precision)
 LANGUAGE sql AS $$
-    SELECT * FROM imgembed.recommend(tbl, positives, positives[1:0], k, model, filter, exact)
+    SELECT * FROM imgembed.recommend(tbl, positives, positives[1:0], k, model, filter, exact, max_distance)
 $$;

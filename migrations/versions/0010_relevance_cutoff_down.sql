@@ -6,7 +6,8 @@ DECLARE
 BEGIN
     FOR v_function IN SELECT p.oid::regprocedure FROM pg_proc p
                        WHERE p.pronamespace = 'imgembed'::regnamespace
-                         AND p.proname IN ('_knn', 'similar', 'similar_to_vector', 'search_text', 'similarity_join')
+                         AND p.proname IN ('_knn', 'similar', 'similar_to_vector', 'search_text', 'similarity_join',
+                                           '_recommend', 'recommend', 'recommend_for_user')
     LOOP
         EXECUTE format('DROP FUNCTION %s', v_function);
     END LOOP;

@@ -218,8 +218,8 @@ RELEASED_REVISION_FILES = {
     "0009_replicated_rows.sql": "450c85976baf7fa75ac2861a6228f3478b8f4bf4ca73faf852388c82d50837f9",
     "0009_replicated_rows_down.sql": "bb9d74c5347c21a3e69de029229be798a983258945d8753c7267558a9e62e38c",
     "0010_relevance_cutoff.py": "cc5c7bfbaf1f2911051434e534b73a0cc9ffb03ab4590d96eea61a5deff31d1f",
-    "0010_relevance_cutoff.sql": "54e668672f76d552b8dfa1c061dac63207c87536c9c5e145349762a38ad18cd7",
-    "0010_relevance_cutoff_down.sql": "28414d716966d3b82a516de1a982b1f1364288be11efaa17b194bab13d558883",
+    "0010_relevance_cutoff.sql": "2fd161e610a5b8a73f7bb8c91d04f1cf924b7bb1d5073a0575e241266af64d03",
+    "0010_relevance_cutoff_down.sql": "c7831c7f36513911fb74dba6db1176c70d6dd4e0eb8c23bcf2aadf94779f25b9",
 }
 RELEASED_0001 = REPO / "tests" / "fixtures" / "imgembed-0001-as-released.sql.gz"
 

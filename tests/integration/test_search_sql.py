@@ -432,3 +432,17 @@ def test_max_distance_cuts_every_search_alike(library: tuple[psycopg.Connection,
     joined = db.execute("SELECT b_id FROM imgembed.similarity_join('items', 'items', 20, exact => true, "
                         "max_distance => %s) WHERE a_id = %s", (cut, str(query))).fetchall()
     assert [int(row[0]) for row in joined] == within
+
+
+def test_max_distance_on_recommendations(library: tuple[psycopg.Connection, np.ndarray]) -> None:
+    db, _ = library
+    call = ("SELECT id, score FROM imgembed.recommend('items', ARRAY[3, 4]::bigint[], ARRAY[5]::bigint[], 20, "
+            "exact => true, max_distance => %s)")
+    full = db.execute(call, (None,)).fetchall()
+    cut = 1 - (full[9][1] + full[10][1]) / 2  # between the 10th and 11th best
+    assert db.execute(call, (cut,)).fetchall() == full[:10]
+    db.execute("INSERT INTO imgembed.interaction (user_id, tbl, item) VALUES ('ann', 'items', '3')")
+    liked = db.execute("SELECT id, score FROM imgembed.recommend_for_user('items', NULL::bigint, 'ann', 5)").fetchall()
+    cut = 1 - (liked[1][1] + liked[2][1]) / 2
+    assert db.execute("SELECT id, score FROM imgembed.recommend_for_user('items', NULL::bigint, 'ann', 5, "
+                      "max_distance => %s)", (cut,)).fetchall() == liked[:2]
