@@ -23,7 +23,9 @@ def test_bench_smoke(tmp_path: Path, redis_url: str) -> None:
     text = out.read_text()
     for figure in ("shared_buffers 160MB", "(1) raw model throughput", "(2) end to end", "as file paths",
                    "of the bound", "tensors alone", "(3) one INSERT", "(4) 500 rows",
-                   "ef_search=100", "filter matching 1%", "as a reader role", "row-level policy of its own", "(6) peak RSS", "own memory at most", "```json"):
+                   "ef_search=100", "filter matching 1%", "as a reader role", "row-level policy of its own", "(6) peak RSS", "own memory at most",
+                   "(8) imgembed-tiny image tower alone", "ONNX Runtime int8", "ONNX Runtime against PyTorch",
+                   "(PyTorch loaded: False)", "```json"):
         assert figure in text, figure
 
 
