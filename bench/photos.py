@@ -51,3 +51,24 @@ def generated_photos(folder: Path, count: int = GENERATED_COUNT, seed: int = 0) 
             picture.save(path, format="JPEG", quality=90)  # type: ignore[attr-defined]
         paths.append(path)
     return paths
+
+
+def tagged_copy(jpeg: bytes, tag: str) -> bytes:
+    """The same picture as other bytes: a JPEG comment segment holding ``tag`` right after the
+    start-of-image marker. Workers embed identical bytes once, so a run that means to embed every
+    row gives each row bytes of its own; decoding costs the same."""
+    if jpeg[:2] != b"\xff\xd8":
+        raise ValueError("not a JPEG (no start-of-image marker)")
+    comment = tag.encode()
+    return jpeg[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + jpeg[2:]
+
+
+def tagged_files(sources: list[bytes], tags: list[str], folder: Path) -> list[Path]:
+    """``tagged_copy`` of ``sources[i % len(sources)]`` for each tag, written into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for number, tag in enumerate(tags):
+        path = folder / f"{tag}.JPEG"
+        path.write_bytes(tagged_copy(sources[number % len(sources)], tag))
+        paths.append(path)
+    return paths

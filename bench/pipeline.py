@@ -11,6 +11,7 @@ import numpy as np
 import psycopg
 
 from imgembed.bench.model import RawModel
+from imgembed.bench.photos import tagged_copy, tagged_files
 from imgembed.bench.results import BenchSize, Results
 from imgembed.db import NOTIFY_CHANNEL, connect
 from imgembed.local.stack import Stack
@@ -42,32 +43,36 @@ def wait_embedded(connection: psycopg.Connection, table: str, rows: int, timeout
 
 
 def end_to_end(connection: psycopg.Connection, rows: int, as_bytes: bool, round_number: int,
-               photo_dir: Path) -> tuple[float, float]:
+               photo_dir: Path, copies_dir: Path) -> tuple[float, float]:
     """(2) rows inserted (real JPEGs) until the last vector is committed: images/s, and the seconds
     the insert itself took (one COPY: no row is visible to the pipeline before it commits). The inserter
     does what an application loading images should (README, Images): a binary COPY, and image
     bytes stored without PostgreSQL's compression attempt (JPEGs do not compress). On 2 cores,
-    the text COPY into a default bytea column took 3.5 s of the run's CPU instead of 1 s."""
-    photos = sorted(photo_dir.glob("*.JPEG"))
+    the text COPY into a default bytea column took 3.5 s of the run's CPU instead of 1 s.
+    Every row holds bytes of its own (``tagged_copy``): the photos repeat, and workers would embed
+    a repeated image once."""
+    photos = [photo.read_bytes() for photo in sorted(photo_dir.glob("*.JPEG"))]
     table = f"bench_e2e_{'bytes' if as_bytes else 'paths'}_{round_number}"
+    tags = [f"{table}-{i}" for i in range(rows)]
     column = "bytea" if as_bytes else "text"
     connection.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, image {column})")
     if as_bytes:
         connection.execute(f"ALTER TABLE {table} ALTER COLUMN image SET STORAGE EXTERNAL")
     connection.execute(f"SELECT imgembed.watch('{table}', 'image')")
-    payload = [photo.read_bytes() if as_bytes else str(photo) for photo in photos]
+    payload = ([tagged_copy(photos[i % len(photos)], tag) for i, tag in enumerate(tags)] if as_bytes
+               else [str(path) for path in tagged_files(photos, tags, copies_dir / table)])
     started = time.perf_counter()
     with connection.cursor() as cursor, cursor.copy(f"COPY {table} (id, image) FROM STDIN WITH (FORMAT BINARY)") as copy:
         copy.set_types(["bigint", column])
         for i in range(rows):
-            copy.write_row((i, payload[i % len(payload)]))
+            copy.write_row((i, payload[i]))
     inserted = time.perf_counter()
     wait_embedded(connection, f"public.{table}", rows)
     return rows / (time.perf_counter() - started), inserted - started
 
 
 def end_to_end_figures(connection: psycopg.Connection, results: Results, size: BenchSize, settings: Settings,
-                       raw_model: RawModel | None, photos: Path, rows: int) -> None:
+                       raw_model: RawModel | None, photos: Path, rows: int, copies_dir: Path) -> None:
     """(2) for bytea and file paths. With (1), each run is set against the model alone and against
     the pipeline's bound, both measured just before and just after it (the machine's speed drifts):
     on a CPU the model and the JPEG decoding share the same cores, so an image costs at least
@@ -93,7 +98,7 @@ def end_to_end_figures(connection: psycopg.Connection, results: Results, size: B
     for attempt in range(size.repeats):
         for as_bytes in (True, False):  # alternated, so that both forms meet the machine's drift alike
             before = after
-            rate, inserted = end_to_end(connection, rows, as_bytes, attempt, photos)
+            rate, inserted = end_to_end(connection, rows, as_bytes, attempt, photos, copies_dir)
             after = limits()
             raw, decode = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
             decodes.append(decode)
@@ -121,14 +126,16 @@ def end_to_end_figures(connection: psycopg.Connection, results: Results, size: B
 
 
 def insert_latency(connection: psycopg.Connection, inserts: int, photo_dir: Path) -> tuple[float, float]:
-    """(3) one INSERT's commit to its vector's commit, at idle: p50 and p95 in ms."""
+    """(3) one INSERT's commit to its vector's commit, at idle: p50 and p95 in ms. Each insert's
+    bytes are its own, so each is embedded."""
     photo = sorted(photo_dir.glob("*.JPEG"))[0].read_bytes()
     connection.execute("CREATE TABLE bench_latency (id bigint PRIMARY KEY, image bytea)")
     connection.execute("SELECT imgembed.watch('bench_latency', 'image')")
     storage = connection.execute("SELECT imgembed.storage_table('bench_latency')").fetchone()[0]  # type: ignore[index]
     latencies = []
     for i in range(inserts):
-        connection.execute("INSERT INTO bench_latency VALUES (%s, %s)", (i, photo))  # autocommit: committed now
+        connection.execute("INSERT INTO bench_latency VALUES (%s, %s)",  # autocommit: committed now
+                           (i, tagged_copy(photo, f"bench_latency-{i}")))
         committed = time.perf_counter()
         while not connection.execute(f"SELECT 1 FROM {storage} WHERE id = %s", (i,)).fetchone():
             time.sleep(0.002)

@@ -26,6 +26,7 @@ from imgembed.bench.pipeline import (
     trigger_overhead,
     wait_ready,
 )
+from imgembed.bench.repeats import repeated_images_figure
 from imgembed.bench.results import (
     FIGURES,
     SMOKE,
@@ -94,7 +95,7 @@ def _pipeline_figures(results: Results, connection: psycopg.Connection, stack: S
     gpu = GpuSampler() if on_gpu else None
     if 2 in figures:
         rows = size.e2e_rows_gpu if on_gpu else size.e2e_rows
-        end_to_end_figures(connection, results, size, settings, raw_model, photos, rows)
+        end_to_end_figures(connection, results, size, settings, raw_model, photos, rows, settings.data_dir / "copies")
     if gpu is not None:
         gpu.stop.set()
         results.add("gpu", gpu.summary(), f"- (7) during (2): GPU memory used at most {gpu.peak_memory_mb:.0f} MB, "
@@ -123,7 +124,7 @@ def run_bench(settings: Settings, *, size: BenchSize, model: str, out: Path, pho
     raw_model, single_ms = _model_alone(results, settings, size, model) if 1 in figures else (None, float("nan"))
     if 8 in figures:
         runtime_figures(results, settings, size, model, photos)
-    if not set(figures) & {2, 3, 4, 5, 6}:
+    if not set(figures) & {2, 3, 4, 5, 6, 9}:
         return write_results(results, out)
 
     stack_settings = settings.with_overrides(model=model, data_dir=bench_dir)
@@ -136,6 +137,8 @@ def run_bench(settings: Settings, *, size: BenchSize, model: str, out: Path, pho
         wait_ready(stack, photos)
         _pipeline_figures(results, connection, stack, size=size, figures=figures, raw_model=raw_model,
                           single_ms=single_ms, photos=photos)
+        if 9 in figures:
+            repeated_images_figure(connection, results, size, photos)
         if 4 in figures:
             unwatched, watched = trigger_overhead(connection, size.trigger_rows, size.repeats)
             results.add("trigger_rows_per_s", {"unwatched": unwatched, "watched": watched},

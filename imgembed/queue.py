@@ -3,7 +3,7 @@ and the workers do to jobs."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from uuid import UUID
 
@@ -81,11 +81,14 @@ def finish_batch(
     failures: Sequence[JobFailure],
     max_attempts: int,
     backoff_seconds: float,
+    content_hashes: Mapping[int, bytes] | None = None,
 ) -> int:
     """Write vectors and complete jobs in one transaction; returns how many vectors were written.
-    The vectors travel in pgvector's binary format (%b: 4 bytes a dimension, nothing to parse)."""
+    The vectors travel in pgvector's binary format (%b: 4 bytes a dimension, nothing to parse).
+    ``content_hashes``: by job id, the SHA-256 of the image bytes its vector was made from."""
+    hashes = content_hashes or {}
     row = connection.execute(
-        "SELECT imgembed.finish_batch(%s, %s, %b::vector[], %s, %s, %s, %s, %s)",
+        "SELECT imgembed.finish_batch(%s, %s, %b::vector[], %s, %s, %s, %s, %s, %s)",
         (
             claim_id,
             [job_id for job_id, _ in done],
@@ -95,9 +98,19 @@ def finish_batch(
             [failure.retryable for failure in failures],
             max_attempts,
             backoff_seconds,
+            [hashes.get(job_id) for job_id, _ in done],
         ),
     ).fetchone()
     return int(row[0])  # type: ignore[index]
+
+
+def vectors_by_content(connection: psycopg.Connection, model_name: str, hashes: Collection[bytes]) -> dict[bytes, np.ndarray]:
+    """Vectors the model already made from image bytes with these SHA-256 hashes, in any table."""
+    if not hashes:
+        return {}
+    rows = connection.execute("SELECT content_sha256, embedding FROM imgembed.vectors_by_content(%s, %s)",
+                              (model_name, list(hashes)), binary=True).fetchall()
+    return {bytes(row[0]): row[1].to_numpy() for row in rows}  # pgvector's Vector
 
 
 def requeue_claim(connection: psycopg.Connection, claim_id: UUID, job_ids: Sequence[int], reason: str,

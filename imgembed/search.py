@@ -1,5 +1,4 @@
-"""Searching from Python (and the CLI): thin calls of the SQL functions in ``sql/6*.sql``. Searching
-with an image file that is in no table embeds it here: see ``imgembed.worker.query_image``."""
+"""Searching from Python (and the CLI): thin calls of the SQL functions in ``sql/6*.sql``."""
 
 from __future__ import annotations
 
@@ -27,6 +26,18 @@ def search_text(connection: psycopg.Connection, table: str, query: str, k: int =
         for row in connection.execute(
             "SELECT id, distance FROM imgembed.search_text(%s::regclass, %s, %s, timeout_seconds => %s)",
             (table, query, k, timeout_seconds),
+        )
+    ]
+
+
+def search_image(connection: psycopg.Connection, table: str, image: bytes, k: int = 10,
+                 timeout_seconds: float = 30) -> list[Hit]:
+    """Rows like image bytes that are in no table: the workers embed them (``imgembed.search_image``)."""
+    return [
+        (row[0], row[1])
+        for row in connection.execute(
+            "SELECT id, distance FROM imgembed.search_image(%s::regclass, %s::bytea, %s, timeout_seconds => %s)",
+            (table, image, k, timeout_seconds),
         )
     ]
 

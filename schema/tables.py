@@ -145,6 +145,20 @@ text_query = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
 )
 
+# Images that are in no watched table (search_image): one row per distinct content or location,
+# embedded by the workers like text queries (revision 0011).
+image_query = sa.Table(
+    "image_query",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("content", sa.LargeBinary),
+    sa.Column("content_sha256", sa.LargeBinary, unique=True),
+    sa.Column("uri", sa.Text, unique=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.CheckConstraint("num_nonnulls(content, uri) = 1", name="image_query_content_or_uri"),
+    sa.CheckConstraint("(content IS NULL) = (content_sha256 IS NULL)", name="image_query_hash_of_content"),
+)
+
 label_prompt = sa.Table(
     "label_prompt",
     metadata,

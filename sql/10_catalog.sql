@@ -137,6 +137,14 @@ BEGIN
     RETURN v_model.id;
 END $$;
 
+-- imgembed's own query tables: texts to search with, label prompts and query images. Every model
+-- an image table uses embeds them too; they are not image tables of their own.
+CREATE OR REPLACE FUNCTION imgembed._query_tables()
+RETURNS regclass[]
+LANGUAGE sql STABLE AS $$
+    SELECT ARRAY['imgembed.text_query'::regclass, 'imgembed.label_prompt'::regclass, 'imgembed.image_query'::regclass]
+$$;
+
 -- Name of the vector table for one (watched table, model).
 CREATE OR REPLACE FUNCTION imgembed._storage_name(p_watch_id integer, p_model_id integer)
 RETURNS text

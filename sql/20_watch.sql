@@ -64,8 +64,11 @@ BEGIN
     END IF;
     EXECUTE format(
         'CREATE TABLE imgembed.%I (id %s PRIMARY KEY, embedding @vector@.vector(%s) NOT NULL, '
-        'job_id bigint NOT NULL, embedded_at timestamptz NOT NULL DEFAULT now())',
+        'job_id bigint NOT NULL, embedded_at timestamptz NOT NULL DEFAULT now(), content_sha256 bytea)',
         v_storage, p_watch.key_type, p_model.dim);
+    -- The SHA-256 of the image bytes each vector was made from: identical bytes are embedded once.
+    EXECUTE format('CREATE INDEX %I ON imgembed.%I (content_sha256) WHERE content_sha256 IS NOT NULL',
+                   v_storage || '_content', v_storage);
     -- Vectors of up to 1,536 dimensions (6 KB) stay in the row instead of going to TOAST: exact
     -- scans and re-ranking then read one page per row, not three (ten times faster at 512 dims).
     IF p_model.dim <= 1536 THEN
@@ -81,10 +84,10 @@ BEGIN
     EXECUTE imgembed._enqueue_sql(p_watch, format('%s n', p_watch.tbl), 'true', p_model.id);
     GET DIAGNOSTICS v_queued = ROW_COUNT;
     PERFORM imgembed._notify_jobs(v_queued);
-    -- Text queries and label prompts are embedded by every model an image table uses.
-    IF p_watch.text_column IS NULL THEN
-        PERFORM imgembed._attach_model(ROW(text_watch.*)::imgembed.watch, p_model, false)
-           FROM imgembed._live_watch text_watch WHERE text_watch.text_column IS NOT NULL;
+    -- Text queries, label prompts and query images are embedded by every model an image table uses.
+    IF p_watch.tbl <> ALL (imgembed._query_tables()) THEN
+        PERFORM imgembed._attach_model(ROW(query_watch.*)::imgembed.watch, p_model, false)
+           FROM imgembed._live_watch query_watch WHERE query_watch.tbl = ANY (imgembed._query_tables());
     END IF;
     RETURN v_link;
 END $$;
@@ -144,7 +147,7 @@ BEGIN
             USING ERRCODE = 'wrong_object_type';
     END IF;
     IF p_tbl::oid IN (SELECT c.oid FROM pg_class c WHERE c.relnamespace = 'imgembed'::regnamespace)
-       AND p_tbl NOT IN ('imgembed.image'::regclass, 'imgembed.text_query'::regclass, 'imgembed.label_prompt'::regclass) THEN
+       AND p_tbl <> ALL (imgembed._query_tables() || 'imgembed.image'::regclass) THEN
         RAISE EXCEPTION 'imgembed''s own table % cannot be watched', p_tbl USING ERRCODE = 'wrong_object_type';
     END IF;
 

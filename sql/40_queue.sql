@@ -158,6 +158,8 @@ END $$;
 -- is gone: nothing to write), complete those jobs, and record p_failed_ids with their errors
 -- (retried with exponential backoff when p_retryable and attempts remain, else failed).
 -- Only jobs this claim still owns are touched. Returns the number of vectors written.
+-- p_hashes: the SHA-256 of the image bytes each vector was made from (NULL for texts), kept beside
+-- it so that the same bytes are not embedded again (vectors_by_content).
 CREATE OR REPLACE FUNCTION imgembed.finish_batch(
     p_claim uuid,
     p_done_ids bigint[],
@@ -166,7 +168,8 @@ CREATE OR REPLACE FUNCTION imgembed.finish_batch(
     p_errors text[],
     p_retryable boolean[],
     p_max_attempts integer,
-    p_backoff_seconds double precision
+    p_backoff_seconds double precision,
+    p_hashes bytea[] DEFAULT NULL
 ) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -189,17 +192,19 @@ BEGIN
          WHERE (w.id, wm.model_id) IN (SELECT j.watch_id, j.model_id FROM imgembed.job j WHERE j.id = ANY (v_owned))
     LOOP
         EXECUTE format($f$
-            INSERT INTO imgembed.%1$I AS e (id, embedding, job_id)
-            SELECT s.%3$I, v.vec, j.id
-              FROM unnest($1::bigint[], $2::@vector@.vector[]) AS v(job_id, vec)
+            INSERT INTO imgembed.%1$I AS e (id, embedding, job_id, content_sha256)
+            SELECT s.%3$I, v.vec, j.id, v.sha
+              FROM unnest($1::bigint[], $2::@vector@.vector[],
+                          coalesce($5, array_fill(NULL::bytea, ARRAY[cardinality($1)]))) AS v(job_id, vec, sha)
               JOIN imgembed.job j ON j.id = v.job_id
               JOIN %2$s s ON s.%3$I = j.key::%4$s
              WHERE v.vec IS NOT NULL AND j.id = ANY ($3) AND j.watch_id = $4
             ON CONFLICT (id) DO UPDATE
-               SET embedding = excluded.embedding, job_id = excluded.job_id, embedded_at = now()
+               SET embedding = excluded.embedding, job_id = excluded.job_id, embedded_at = now(),
+                   content_sha256 = excluded.content_sha256
              WHERE e.job_id < excluded.job_id$f$,
             v_target.storage_table, v_target.tbl, v_target.key_column, v_target.key_type)
-        USING p_done_ids, p_vectors, v_owned, v_target.watch_id;
+        USING p_done_ids, p_vectors, v_owned, v_target.watch_id, p_hashes;
         GET DIAGNOSTICS v_count = ROW_COUNT;
         v_written := v_written + v_count;
     END LOOP;
@@ -225,6 +230,33 @@ BEGIN
       FROM unnest(p_failed_ids, p_errors, p_retryable) AS f(job_id, error, retryable)
      WHERE j.id = f.job_id AND j.id = ANY (v_owned);
     RETURN v_written;
+END $$;
+
+-- Vectors the model already made from these image bytes (by their SHA-256), in any table: a worker
+-- writes them again instead of embedding the same bytes once more. One vector per hash.
+CREATE OR REPLACE FUNCTION imgembed.vectors_by_content(p_model text, p_hashes bytea[])
+RETURNS TABLE (content_sha256 bytea, embedding @vector@.vector)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_storage text;
+    v_found bytea[] := '{}';
+    v_hashes bytea[];
+    v_vectors @vector@.vector[];
+BEGIN
+    FOR v_storage IN
+        SELECT wm.storage_table FROM imgembed.watch_model wm JOIN imgembed.model m ON m.id = wm.model_id
+          JOIN imgembed.watch w ON w.id = wm.watch_id
+         WHERE m.name = p_model AND w.text_column IS NULL ORDER BY wm.watch_id
+    LOOP
+        EXIT WHEN cardinality(v_found) >= cardinality(p_hashes);
+        EXECUTE format(
+            'SELECT coalesce(array_agg(x.h), ''{}''), coalesce(array_agg(x.v), ''{}'') FROM ('
+            ' SELECT DISTINCT ON (e.content_sha256) e.content_sha256 AS h, e.embedding AS v FROM imgembed.%I e'
+            '  WHERE e.content_sha256 = ANY ($1) AND e.content_sha256 <> ALL ($2)) x', v_storage)
+           INTO v_hashes, v_vectors USING p_hashes, v_found;
+        RETURN QUERY SELECT u.h, u.v FROM unnest(v_hashes, v_vectors) AS u(h, v);
+        v_found := v_found || v_hashes;
+    END LOOP;
 END $$;
 
 -- Hand jobs of a claim back without spending an attempt: what stopped them was not about their

@@ -59,11 +59,13 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT '''' || replace(replace(p_value, '\', '\\'), '''', '\''') || ''''
 $$;
 
--- Enqueue a text in a transaction of its own, through dblink, so that a worker sees it while the
--- caller's transaction waits. The loopback connection logs in as this database's
--- imgembed_text_<database oid>, a role that may only call request_text, with the password the migration gave it (kept in
--- imgembed.private_setting, which only the owner reads). Returns false where that is impossible.
-CREATE OR REPLACE FUNCTION imgembed._request_text_elsewhere(p_query text)
+-- Run one request (a SELECT returning one bigint) in a transaction of its own, through dblink, so
+-- that a worker sees what it queues while the caller's transaction waits. The loopback connection
+-- logs in as this database's imgembed_text_<database oid>, a role that may only call request_text
+-- and request_image, with the password the migration gave it (kept in imgembed.private_setting,
+-- which only the owner reads: only the owner's SECURITY DEFINER functions get past that read).
+-- Returns false where that is impossible.
+CREATE OR REPLACE FUNCTION imgembed._request_elsewhere(p_request text)
 RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -82,9 +84,16 @@ BEGIN
                            current_setting('port'), imgembed._conninfo_value(current_database()),
                            imgembed._conninfo_value(imgembed._text_request_role()), imgembed._conninfo_value(v_password));
     EXECUTE format('SELECT t.id FROM %I.dblink($1, $2) AS t(id bigint)', v_dblink_schema)
-      USING v_connection, format('SELECT imgembed.request_text(%L)', p_query);
+      USING v_connection, p_request;
     RETURN true;
 END $$;
+
+-- Enqueue a text in a transaction of its own (see _request_elsewhere).
+CREATE OR REPLACE FUNCTION imgembed._request_text_elsewhere(p_query text)
+RETURNS boolean
+LANGUAGE sql AS $$
+    SELECT imgembed._request_elsewhere(format('SELECT imgembed.request_text(%L)', p_query))
+$$;
 
 -- The vector of a text under a model, waiting up to p_timeout_seconds for a worker to embed it.
 CREATE OR REPLACE FUNCTION imgembed.text_vector(

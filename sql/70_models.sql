@@ -62,7 +62,7 @@ DECLARE
     v_table regclass;
 BEGIN
     SELECT w.tbl INTO v_table FROM imgembed.watch w JOIN imgembed.watch_model wm ON wm.watch_id = w.id
-     WHERE wm.model_id = v_model.id AND wm.is_default AND w.text_column IS NULL LIMIT 1;
+     WHERE wm.model_id = v_model.id AND wm.is_default AND w.tbl <> ALL (imgembed._query_tables()) LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'model % is still the default of table %', model, v_table
             USING HINT = 'switch that table to another model first with imgembed.use_model()',
@@ -71,7 +71,7 @@ BEGIN
     FOR v_table IN
         SELECT w.tbl FROM imgembed.watch w JOIN imgembed.watch_model wm ON wm.watch_id = w.id WHERE wm.model_id = v_model.id
     LOOP
-        -- On text tables the default follows the image tables: hand it to another model, if any.
+        -- On query tables the default follows the image tables: hand it to another model, if any.
         UPDATE imgembed.watch_model SET is_default = false
          WHERE model_id = v_model.id AND watch_id = (SELECT id FROM imgembed.watch WHERE tbl = v_table);
         UPDATE imgembed.watch_model SET is_default = true

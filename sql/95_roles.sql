@@ -5,9 +5,9 @@
 --                    interactions (likes, dislikes), which no other role sees.
 --   imgembed_worker: claims jobs, reads the claimed rows' image columns, writes vectors, all
 --                    through SECURITY DEFINER functions; no direct access to any table.
---   imgembed_text_<database oid>: the login of search_text's loopback connection in this
---                    database; it may only queue a text. Its password is made here, and kept where
---                    only the owner reads it.
+--   imgembed_text_<database oid>: the login of the loopback connection of search_text and
+--                    search_image in this database; it may only queue a text or a query image.
+--                    Its password is made here, and kept where only the owner reads it.
 -- The application's own roles keep their rights and need nothing of imgembed to write watched
 -- tables. SECURITY DEFINER functions run as the role that ran the migration: run migrations as
 -- the database's owner role, not as a superuser. Roles belong to the whole cluster: created here
@@ -62,8 +62,9 @@ DECLARE
 BEGIN
     FOR v_function, v_callers IN
         SELECT p.oid::regprocedure,
-               CASE WHEN p.proname IN ('request_text') THEN ARRAY['imgembed_reader', imgembed._text_request_role()]
-                    WHEN p.proname IN ('_text_state', '_request_text_elsewhere') THEN ARRAY['imgembed_reader']
+               CASE WHEN p.proname IN ('request_text', 'request_image', 'request_image_at') THEN ARRAY['imgembed_reader', imgembed._text_request_role()]
+                    WHEN p.proname IN ('_text_state', '_request_text_elsewhere', '_image_state', '_request_image_elsewhere')
+                         THEN ARRAY['imgembed_reader']
                     WHEN p.proname IN ('_on_insert', '_on_update', '_on_delete', '_on_truncate', '_on_truncate_partition',
                                        '_on_replicated_row', '_on_ddl_end', '_on_sql_drop') THEN ARRAY[]::text[]
                     ELSE ARRAY['imgembed_worker'] END
@@ -72,13 +73,14 @@ BEGIN
            AND p.proname IN (
                -- the worker's and the dispatcher's
                'expand_intake', 'claim_batch', 'start_claim', 'release_claim', 'recover_expired', 'in_flight_count',
-               'claimed_images', 'finish_batch', 'requeue_claim', 'claim_cluster_run', 'cluster_run_spec',
+               'claimed_images', 'finish_batch', 'vectors_by_content', 'requeue_claim', 'claim_cluster_run', 'cluster_run_spec',
                'cluster_input', 'finish_cluster_run', 'fail_cluster_run', 'worker_beat', 'model_checksum',
                -- the triggers on watched tables, and the event triggers: nobody calls them, they fire
                '_on_insert', '_on_update', '_on_delete', '_on_truncate', '_on_truncate_partition', '_on_replicated_row',
                '_on_ddl_end', '_on_sql_drop',
-               -- texts, which no reader may list
-               'request_text', '_text_state', '_request_text_elsewhere')
+               -- texts and query images, which no reader may list
+               'request_text', '_text_state', '_request_text_elsewhere',
+               'request_image', 'request_image_at', '_image_state', '_request_image_elsewhere')
     LOOP
         EXECUTE format('ALTER FUNCTION %s SECURITY DEFINER', v_function);
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', v_function);
@@ -138,10 +140,10 @@ BEGIN
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'imgembed_reader') THEN
         GRANT USAGE ON SCHEMA imgembed TO imgembed_reader;
         GRANT SELECT ON ALL TABLES IN SCHEMA imgembed TO imgembed_reader;
-        -- Not for readers: Alembic's bookkeeping, the owner's settings, everyone's texts, and the
-        -- heartbeats (imgembed.workers shows them).
+        -- Not for readers: Alembic's bookkeeping, the owner's settings, everyone's texts and query
+        -- images, and the heartbeats (imgembed.workers shows them).
         REVOKE SELECT ON imgembed.alembic_version, imgembed.private_setting, imgembed.text_query,
-                         imgembed.worker_heartbeat FROM imgembed_reader;
+                         imgembed.image_query, imgembed.worker_heartbeat FROM imgembed_reader;
         GRANT INSERT, DELETE ON imgembed.interaction TO imgembed_reader;
         GRANT USAGE ON ALL SEQUENCES IN SCHEMA imgembed TO imgembed_reader;
     END IF;

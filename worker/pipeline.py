@@ -15,6 +15,7 @@ import psycopg
 from imgembed import queue
 from imgembed.settings import Settings
 from imgembed.worker.batcher import ForwardBatcher
+from imgembed.worker.content import group_by_content
 from imgembed.worker.decode import decode_image
 from imgembed.worker.engine import EmbeddingModel
 from imgembed.worker.image_error import ImageError, Reason
@@ -35,6 +36,8 @@ class BatchOutcome:
     failed: int
     waiting: int  # handed back without spending an attempt (model unavailable, forward pass failed)
     gone: int
+    reused: int  # given a vector the model had already made from the same bytes
+    images_embedded: int  # distinct images through the forward pass (identical bytes count once)
     decode_ms: float
     embed_ms: float
     write_ms: float
@@ -43,12 +46,11 @@ class BatchOutcome:
         return dict(self.__dict__)
 
 
-def _prepare(image: queue.ClaimedImage, model: EmbeddingModel, settings: Settings) -> ModelInput | ImageError:
+def _read(image: queue.ClaimedImage, settings: Settings) -> bytes | ImageError:
     try:
-        data = read_source(ImageSource(content=image.content, uri=image.uri), settings)
+        return read_source(ImageSource(content=image.content, uri=image.uri), settings)
     except ImageError as error:
         return error
-    return preprocess_bytes(data, model, settings)
 
 
 def preprocess_bytes(data: bytes, model: EmbeddingModel, settings: Settings) -> ModelInput | ImageError:
@@ -65,41 +67,30 @@ DEVICE_DECODE_CHUNK = 32  # full-size decoded photos on the device at once (a 12
 
 
 def _prepare_on_device(
-    runtime: WorkerRuntime, pictures: list[queue.ClaimedImage], model: EmbeddingModel, tensor_preprocess: Any
+    runtime: WorkerRuntime, images: list[bytes], model: EmbeddingModel, tensor_preprocess: Any
 ) -> list[ModelInput | ImageError]:
-    """IMGEMBED_JPEG_DECODE=device: read in the decode threads, decode plain JPEGs on the model's
-    device and preprocess them there; everything else goes through Pillow as usual."""
+    """IMGEMBED_JPEG_DECODE=device: decode plain JPEGs on the model's device and preprocess them
+    there; everything else goes through Pillow as usual."""
     from imgembed.worker.device_decode import apply_orientation, decode_jpegs, jpeg_orientation
 
     settings = runtime.settings
-
-    def read(item: queue.ClaimedImage) -> tuple[bytes | ImageError, int | None]:
-        try:
-            data = read_source(ImageSource(content=item.content, uri=item.uri), settings)
-        except ImageError as error:
-            return error, None
-        return data, jpeg_orientation(data, settings)
-
-    read_results = list(runtime.decoders().map(read, pictures))
-    prepared: list[ModelInput | ImageError | None] = [None] * len(pictures)
-    eligible = [index for index, (_, orientation) in enumerate(read_results) if orientation is not None]
+    orientations = list(runtime.decoders().map(lambda data: jpeg_orientation(data, settings), images))
+    prepared: list[ModelInput | ImageError | None] = [None] * len(images)
+    eligible = [index for index, orientation in enumerate(orientations) if orientation is not None]
     for first in range(0, len(eligible), DEVICE_DECODE_CHUNK):
         chunk = eligible[first:first + DEVICE_DECODE_CHUNK]
-        decoded = decode_jpegs([read_results[index][0] for index in chunk], model.device)  # type: ignore[misc]
+        decoded = decode_jpegs([images[index] for index in chunk], model.device)
         for index, image in zip(chunk, decoded):
             if image is None:
                 continue
             try:
-                prepared[index] = tensor_preprocess(apply_orientation(image, read_results[index][1] or 1))
+                prepared[index] = tensor_preprocess(apply_orientation(image, orientations[index] or 1))
             except RuntimeError as error:  # e.g. out of device memory: Pillow takes this one
                 log.warning("device preprocessing failed (%s); using Pillow for this image", error)
 
-    def on_cpu(index: int) -> ModelInput | ImageError:
-        data = read_results[index][0]
-        return data if isinstance(data, ImageError) else preprocess_bytes(data, model, settings)
-
     rest = [index for index, result in enumerate(prepared) if result is None]
-    for index, result in zip(rest, runtime.decoders().map(on_cpu, rest)):
+    for index, result in zip(rest, runtime.decoders().map(
+            lambda index: preprocess_bytes(images[index], model, settings), rest)):
         prepared[index] = result
     return prepared  # type: ignore[return-value]
 
@@ -110,6 +101,9 @@ class ClaimResults:
     back without spending an attempt because what stopped them was not about their rows."""
 
     done: list[tuple[int, np.ndarray | None]] = field(default_factory=list)
+    content_hashes: dict[int, bytes] = field(default_factory=dict)  # by job: the bytes its vector is of
+    reused: int = 0  # jobs given a vector already made from the same bytes
+    images_embedded: int = 0  # distinct images sent through the forward pass
     failures: list[queue.JobFailure] = field(default_factory=list)
     requeued: list[int] = field(default_factory=list)
     requeue_reason: str = ""
@@ -121,32 +115,42 @@ class ClaimResults:
         self.requeue_delay = max(self.requeue_delay, delay)
 
 
-def _embed(batcher: ForwardBatcher[Any], inputs: list[Any], job_ids: list[int], results: ClaimResults,
+def _embed(batcher: ForwardBatcher[Any], inputs: list[Any], job_groups: list[list[int]], results: ClaimResults,
            settings: Settings) -> float:
-    """Embed through the model's batcher. A pass that fails (out of memory even after splitting,
+    """Embed through the model's batcher; each input's vector goes to every job of its group (the
+    jobs whose images are the same bytes). A pass that fails (out of memory even after splitting,
     a device error) is no row's fault: these jobs wait and try again. Returns the milliseconds
     spent, the wait for the pass included."""
     started = time.perf_counter()
     try:
         vectors = batcher.embed(inputs)
     except Exception as error:  # noqa: BLE001 - e.g. out of memory: the rows are not to blame
+        job_ids = [job_id for group in job_groups for job_id in group]
         results.requeue(job_ids, f"waiting: embedding failed: {type(error).__name__}: {error}",
                         settings.retry_backoff_seconds)
         log.warning("a forward pass failed (%s: %s); its %d jobs wait and are tried again", type(error).__name__,
                     error, len(job_ids))
     else:
-        results.done.extend(zip(job_ids, vectors))
+        results.done.extend((job_id, vector) for group, vector in zip(job_groups, vectors) for job_id in group)
     return (time.perf_counter() - started) * 1000
 
 
-def _prepare_pictures(
-    runtime: WorkerRuntime, model: EmbeddingModel, pictures: list[queue.ClaimedImage]
-) -> list[ModelInput | ImageError]:
-    """Each picture as the model takes it, or the reason it cannot be taken."""
+def _prepare_images(runtime: WorkerRuntime, model: EmbeddingModel, images: list[bytes]) -> list[ModelInput | ImageError]:
+    """Each image as the model takes it, or the reason it cannot be taken."""
     settings = runtime.settings
     if settings.jpeg_decode == "device" and model.tensor_preprocess is not None:
-        return _prepare_on_device(runtime, pictures, model, model.tensor_preprocess)
-    return list(runtime.decoders().map(lambda item: _prepare(item, model, settings), pictures))
+        return _prepare_on_device(runtime, images, model, model.tensor_preprocess)
+    return list(runtime.decoders().map(lambda data: preprocess_bytes(data, model, settings), images))
+
+
+def _known_vectors(runtime: WorkerRuntime, model_name: str, hashes: list[bytes]) -> dict[bytes, np.ndarray]:
+    """Vectors the model already made from these bytes; none if the database cannot say now (the
+    images are then embedded again, which is only slower)."""
+    try:
+        return queue.vectors_by_content(runtime.connection(), model_name, hashes)
+    except psycopg.Error as error:
+        log.warning("could not look up vectors by content (%s); embedding every image", str(error).strip())
+        return {}
 
 
 def _model_waits(results: ClaimResults, items: list[queue.ClaimedImage], error: ModelUnavailable) -> None:
@@ -155,23 +159,39 @@ def _model_waits(results: ClaimResults, items: list[queue.ClaimedImage], error: 
 
 def _embed_pictures(runtime: WorkerRuntime, model_name: str, pictures: list[queue.ClaimedImage],
                     results: ClaimResults) -> tuple[float, float]:
-    """Read, decode and embed the pictures; each bad one fails alone. Returns (decode ms, embed ms)."""
+    """Read the pictures; give those whose bytes the model already embedded that vector; decode and
+    embed each other distinct content once. Each bad one fails alone. Returns (decode ms, embed ms)."""
     try:
         image_model = runtime.model(model_name, "image")
         image_batcher = runtime.batcher(model_name, "image")
     except ModelUnavailable as error:
         _model_waits(results, pictures, error)
         return 0.0, 0.0
+    settings = runtime.settings
     started = time.perf_counter()
-    prepared = _prepare_pictures(runtime, image_model, pictures)
+    groups = group_by_content([item.job_id for item in pictures],
+                              list(runtime.decoders().map(lambda item: _read(item, settings), pictures)))
+    results.failures += [queue.JobFailure(job_id, str(error), error.retryable) for job_id, error in groups.unreadable]
+    results.content_hashes.update(groups.hash_of_job())
+    known = _known_vectors(runtime, model_name, list(groups.jobs_by_hash))
+    for digest, vector in known.items():
+        results.done += [(job_id, vector) for job_id in groups.jobs_by_hash[digest]]
+        results.reused += len(groups.jobs_by_hash[digest])
+    to_embed = [digest for digest in groups.jobs_by_hash if digest not in known]
+    prepared = _prepare_images(runtime, image_model, [groups.data_by_hash[digest] for digest in to_embed])
     decode_ms = (time.perf_counter() - started) * 1000
-    good = [(item.job_id, result) for item, result in zip(pictures, prepared) if not isinstance(result, ImageError)]
-    results.failures += [queue.JobFailure(item.job_id, str(result), result.retryable)
-                         for item, result in zip(pictures, prepared) if isinstance(result, ImageError)]
+    good: list[tuple[list[int], ModelInput]] = []
+    for digest, result in zip(to_embed, prepared):
+        if isinstance(result, ImageError):
+            results.failures += [queue.JobFailure(job_id, str(result), result.retryable)
+                                 for job_id in groups.jobs_by_hash[digest]]
+        else:
+            good.append((groups.jobs_by_hash[digest], result))
     if not good:
         return decode_ms, 0.0
-    embed_ms = _embed(image_batcher, [pixels for _, pixels in good], [job_id for job_id, _ in good], results,
-                      runtime.settings)
+    results.images_embedded = len(good)
+    embed_ms = _embed(image_batcher, [pixels for _, pixels in good], [job_ids for job_ids, _ in good], results,
+                      settings)
     return decode_ms, embed_ms
 
 
@@ -183,7 +203,7 @@ def _embed_texts(runtime: WorkerRuntime, model_name: str, texts: list[queue.Clai
     except ModelUnavailable as error:
         _model_waits(results, texts, error)
         return 0.0
-    return _embed(text_batcher, [item.text or "" for item in texts], [item.job_id for item in texts], results,
+    return _embed(text_batcher, [item.text or "" for item in texts], [[item.job_id] for item in texts], results,
                   runtime.settings)
 
 
@@ -201,7 +221,7 @@ def _write(runtime: WorkerRuntime, claim_id: UUID, results: ClaimResults) -> int
                 queue.requeue_claim(connection, claim_id, results.requeued, results.requeue_reason,
                                     results.requeue_delay)
             return queue.finish_batch(connection, claim_id, results.done, results.failures, settings.max_attempts,
-                                      settings.retry_backoff_seconds)
+                                      settings.retry_backoff_seconds, results.content_hashes)
         except psycopg.OperationalError as error:
             if time.monotonic() + delay > deadline:
                 raise
@@ -217,7 +237,7 @@ def run_claim(runtime: WorkerRuntime, claim_id: UUID, model_name: str) -> BatchO
     owned = queue.start_claim(connection, claim_id, settings.lease_seconds)
     if not owned:  # a stale message: the claim expired and was handed to someone else
         log.info("claim %s: nothing owned any more, skipped", claim_id)
-        return BatchOutcome(str(claim_id), model_name, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0)
+        return BatchOutcome(str(claim_id), model_name, 0, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0)
 
     images = queue.claimed_images(connection, claim_id)
     present = {image.job_id for image in images}
@@ -235,10 +255,11 @@ def run_claim(runtime: WorkerRuntime, claim_id: UUID, model_name: str) -> BatchO
     runtime.count_batch()
     runtime.return_freed_memory()
     outcome = BatchOutcome(str(claim_id), model_name, len(owned), written, len(results.failures),
-                           len(results.requeued), gone, decode_ms, embed_ms, write_ms)
+                           len(results.requeued), gone, results.reused, results.images_embedded, decode_ms, embed_ms,
+                           write_ms)
     log.info(
-        "batch claim=%s model=%s jobs=%d written=%d failed=%d waiting=%d gone=%d decode_ms=%.0f embed_ms=%.0f "
-        "write_ms=%.0f", outcome.claim_id, model_name, outcome.jobs, written, outcome.failed, outcome.waiting, gone,
-        decode_ms, embed_ms, write_ms,
+        "batch claim=%s model=%s jobs=%d written=%d failed=%d waiting=%d gone=%d reused=%d images=%d "
+        "decode_ms=%.0f embed_ms=%.0f write_ms=%.0f", outcome.claim_id, model_name, outcome.jobs, written,
+        outcome.failed, outcome.waiting, gone, results.reused, results.images_embedded, decode_ms, embed_ms, write_ms,
     )
     return outcome

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from imgembed.bench.results import FIGURES
 from imgembed.cli.common import UsageError, add_command
 from imgembed.settings import Settings
-
-FIGURE_NUMBERS = (1, 2, 3, 4, 5, 6, 8)
 
 
 def _figures(text: str) -> tuple[int, ...]:
@@ -16,8 +15,8 @@ def _figures(text: str) -> tuple[int, ...]:
         figures = tuple(sorted({int(part) for part in text.split(",")}))
     except ValueError:
         figures = ()
-    if not figures or not set(figures) <= set(FIGURE_NUMBERS):
-        raise UsageError(f"--figures {text!r}: give numbers among 1-6 and 8, separated by commas")
+    if not figures or not set(figures) <= set(FIGURES):
+        raise UsageError(f"--figures {text!r}: give numbers among 1-6, 8 and 9, separated by commas")
     return figures
 
 
@@ -29,7 +28,7 @@ def bench(settings: Settings, args: argparse.Namespace) -> int:
 
     if args.photos:
         photos = Path(args.photos).resolve()  # the workers read the files by absolute path
-        if set(figures) & {2, 3} and not photo_files(photos):
+        if set(figures) & {2, 3, 9} and not photo_files(photos):
             raise UsageError(f"--photos {photos}: no *.JPEG files there")
         note = f"{len(photo_files(photos))} JPEGs from {photos}"
     else:
@@ -47,11 +46,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     command.add_argument("--model", default="ViT-B-32", help="model to measure (default ViT-B-32 with random weights)")
     command.add_argument("--device", choices=["cpu", "cuda"], help="default: cpu unless IMGEMBED_DEVICE names cuda")
     command.add_argument("--smoke", action="store_true", help="tiny sizes, to check the benchmark runs")
-    command.add_argument("--figures", default="1,2,3,4,5,6,8",
+    command.add_argument("--figures", default=",".join(map(str, FIGURES)),
                          help="which figures to measure (default all): 1 raw model, 2 end to end, 3 latency, "
-                              "4 triggers, 5 search, 6 memory (needs 2 or 3), 8 PyTorch against ONNX Runtime; with "
+                              "4 triggers, 5 search, 6 memory (needs 2 or 3), 8 PyTorch against ONNX Runtime, 9 repeated "
+                              "images embedded once; with "
                               "--device cuda, GPU memory and use come with 2")
-    command.add_argument("--photos", help="folder of *.JPEG photos for (2) and (3) (default: photo-sized JPEGs "
+    command.add_argument("--photos", help="folder of *.JPEG photos for (2), (3) and (9) (default: photo-sized JPEGs "
                          "generated in IMGEMBED_DATA_DIR)")
     command.add_argument("--out", default="bench/RESULTS.md", help="where to write the results "
                          "(default bench/RESULTS.md)")

@@ -28,9 +28,10 @@ def search(settings: Settings, args: argparse.Namespace) -> int:
         raise UsageError("give a text query, --image FILE or --like KEY")
     with connect(require_database_url(settings)) as connection:
         if args.image:
-            from imgembed.worker.query_image import search_image
-
-            hits = search_image(connection, args.table, Path(args.image), settings, args.k)
+            image = Path(args.image).expanduser()
+            if not image.is_file():
+                raise UsageError(f"--image {image}: no such file")
+            hits = searching.search_image(connection, args.table, image.read_bytes(), args.k, args.timeout)
         elif args.like is not None:
             hits = searching.search_like(connection, args.table, args.like, args.k)
         else:
@@ -49,8 +50,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     command = add_command(commands, "search", search,
                           "Search a watched table by text, by an image file, or like one of its rows.")
     command.add_argument("query", nargs="?", help="text to search for, e.g. \"a red car\"")
-    command.add_argument("--image", metavar="FILE", help="search with this image (embedded here, with the table's model)")
+    command.add_argument("--image", metavar="FILE", help="search with this image file (the workers embed it with the table's model)")
     command.add_argument("--like", metavar="KEY", help="search for rows similar to the row with this key")
     command.add_argument("--table", default="imgembed.image", help="watched table (default imgembed.image)")
     command.add_argument("-k", type=int, default=10, help="number of results (default 10)")
-    command.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a text's vector (default 30)")
+    command.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the workers to embed a text or an image (default 30)")

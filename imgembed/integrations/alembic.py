@@ -129,11 +129,11 @@ def _add_image_model(operations: Operations, operation: AddImageModelOp) -> None
 @Operations.implementation_for(DropImageModelOp)
 def _drop_image_model(operations: Operations, operation: DropImageModelOp) -> None:
     """The model's vectors and jobs on the table go; when no image table uses the model any more
-    (and it is not the default), it leaves the registry and the text tables too: the reverse of
+    (and it is not the default), it leaves the registry and the query tables too: the reverse of
     add_image_model, which registered it."""
     _run(operations, "SELECT imgembed.drop_model(CAST(:tbl AS regclass), :model)",
          tbl=_qualified(operation.table, operation.schema), model=operation.model)
     _run(operations, "SELECT imgembed.forget_model(m.name) FROM imgembed.model m "
          "WHERE m.name = :model AND NOT m.is_default AND NOT EXISTS ("
          "  SELECT 1 FROM imgembed.watch_model wm JOIN imgembed._live_watch w ON w.id = wm.watch_id "
-         "   WHERE wm.model_id = m.id AND w.text_column IS NULL)", model=operation.model)
+         "   WHERE wm.model_id = m.id AND w.tbl <> ALL (imgembed._query_tables()))", model=operation.model)

@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 from pgvector.sqlalchemy import HALFVEC, SPARSEVEC, VECTOR, Vector  # re-exported for applications
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, REGCLASS
+from sqlalchemy.dialects.postgresql import ARRAY, BYTEA, JSONB, REGCLASS, REGCONFIG
 from sqlalchemy.sql.functions import Function
 
 __all__ = [
     "HALFVEC", "SPARSEVEC", "VECTOR", "Vector", "NumpyVector",
-    "similar", "similar_to_vector", "search_text", "knn_label", "classify", "recommend", "recommend_for_user",
+    "similar", "similar_to_vector", "search_text", "search_image", "search_hybrid", "knn_label", "classify", "recommend", "recommend_for_user",
     "near_duplicates", "vector_of",
 ]
 
@@ -115,6 +115,33 @@ def search_text(mapped: Any, query: str, k: int = 10, *, model: str | None = Non
     function = _call("search_text", _regclass(mapped), sa.cast(sa.null(), key_type), _text(query), k, _text(model),
                      _filter(filter), sa.cast(sa.literal(timeout_seconds or 5.0), sa.Float), *cut_off)
     return function.table_valued(sa.column("id", key_type), sa.column("distance", sa.Float)).alias("search_text")
+
+
+def search_image(mapped: Any, image: bytes, k: int = 10, *, model: str | None = None,
+                 filter: dict[str, Any] | None = None, timeout_seconds: float | None = None,
+                 max_distance: float | None = None) -> sa.TableValuedAlias:
+    """Rows whose images are nearest to image bytes that are in no table (embedded by the workers)."""
+    key_type = _key_type(mapped)
+    cut_off = [_int(None), False, *_cut_off(key_type, max_distance)] if max_distance is not None else []
+    function = _call("search_image", _regclass(mapped), sa.cast(sa.null(), key_type),
+                     sa.cast(sa.literal(image, sa.LargeBinary), BYTEA), k, _text(model), _filter(filter),
+                     sa.cast(sa.literal(timeout_seconds or 5.0), sa.Float), *cut_off)
+    return function.table_valued(sa.column("id", key_type), sa.column("distance", sa.Float)).alias("search_image")
+
+
+def search_hybrid(mapped: Any, query: str, text_columns: Sequence[str], k: int = 10, *,
+                  weights: tuple[float, float] = (1.0, 1.0), model: str | None = None,
+                  filter: dict[str, Any] | None = None, timeout_seconds: float | None = None) -> sa.TableValuedAlias:
+    """Full-text ranking of ``text_columns`` fused with the text-to-image ranking (see search_hybrid in SQL)."""
+    key_type = _key_type(mapped)
+    function = _call("search_hybrid", _regclass(mapped), sa.cast(sa.null(), key_type), _text(query), k,
+                     sa.cast(sa.literal(list(text_columns), ARRAY(sa.Text)), ARRAY(sa.Text)),
+                     sa.cast(sa.literal(list(weights), ARRAY(sa.Float)), ARRAY(sa.Float)), _text(model),
+                     _filter(filter), sa.cast(sa.literal("english"), REGCONFIG), 100, 60,
+                     sa.cast(sa.literal(timeout_seconds or 5.0), sa.Float))
+    return function.table_valued(sa.column("id", key_type), sa.column("score", sa.Float),
+                                 sa.column("text_rank", sa.Integer), sa.column("image_rank", sa.Integer)
+                                 ).alias("search_hybrid")
 
 
 def knn_label(mapped: Any, key: Any, k: int = 5, *, model: str | None = None,

@@ -51,7 +51,7 @@ def list_models(connection: psycopg.Connection) -> list[tuple[object, ...]]:
                             FILTER (WHERE s.table_name IS NOT NULL), '-')
           FROM imgembed.model m
           LEFT JOIN imgembed.status s ON s.model = m.name
-                AND s.table_name NOT IN ('imgembed.text_query', 'imgembed.label_prompt')
+                AND s.table_name NOT IN ('imgembed.text_query', 'imgembed.label_prompt', 'imgembed.image_query')
          GROUP BY m.id ORDER BY m.name
         """
     ).fetchall()
@@ -62,13 +62,13 @@ def tables_on_other_models(connection: psycopg.Connection, model: str) -> list[t
     return [(str(row[0]), str(row[1])) for row in connection.execute(
         "SELECT w.table_name, m.name FROM imgembed._live_watch w JOIN imgembed.watch_model wm ON wm.watch_id = w.id "
         "AND wm.is_default JOIN imgembed.model m ON m.id = wm.model_id "
-        "WHERE w.text_column IS NULL AND m.name <> %s ORDER BY w.table_name", (parse_model_spec(model).name,)
+        "WHERE w.tbl <> ALL (imgembed._query_tables()) AND m.name <> %s ORDER BY w.table_name", (parse_model_spec(model).name,)
     )]
 
 
 def image_tables(connection: psycopg.Connection) -> list[str]:
     return [row[0] for row in connection.execute(
-        "SELECT table_name FROM imgembed._live_watch WHERE text_column IS NULL ORDER BY table_name"
+        "SELECT table_name FROM imgembed._live_watch WHERE tbl <> ALL (imgembed._query_tables()) ORDER BY table_name"
     )]
 
 

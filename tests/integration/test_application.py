@@ -233,11 +233,21 @@ def test_sqlalchemy_helpers_match_the_sql_functions(database_url: str) -> None:
         text_id = db.execute("SELECT imgembed.request_text('something')").fetchone()[0]
         text_storage = db.execute("SELECT imgembed.storage_table('imgembed.text_query')").fetchone()[0]
         db.execute(f"INSERT INTO {text_storage} VALUES (%s, %s, 0)", (text_id, vectors[7]))
+        # Likewise a query image, and a text for the hybrid search's image half.
+        image_id = db.execute("SELECT imgembed.request_image('\\x0102')").fetchone()[0]
+        image_storage = db.execute("SELECT imgembed.storage_table('imgembed.image_query')").fetchone()[0]
+        db.execute(f"INSERT INTO {image_storage} VALUES (%s, %s, 0)", (image_id, vectors[9]))
+        hybrid_id = db.execute("SELECT imgembed.request_text('b')").fetchone()[0]
+        db.execute(f"INSERT INTO {text_storage} VALUES (%s, %s, 0)", (hybrid_id, vectors[8]))
         raw = {
             "similar": db.execute("SELECT id, distance FROM imgembed.similar('catalogue', 3::bigint, 5, exact => true)").fetchall(),
             "vector": db.execute("SELECT id::bigint, distance FROM imgembed.similar_to_vector('catalogue', %s, 5, exact => true)",
                                  (vectors[4],)).fetchall(),
             "text": db.execute("SELECT id::bigint, distance FROM imgembed.search_text('catalogue', 'something', 5)").fetchall(),
+            "image": db.execute("SELECT id::bigint, distance FROM imgembed.search_image('catalogue', '\\x0102', 5)"
+                                ).fetchall(),
+            "hybrid": db.execute("SELECT id::bigint, score, text_rank, image_rank FROM imgembed.search_hybrid("
+                                 "'catalogue', 'b', 5, text_columns => ARRAY['kind'])").fetchall(),
             "knn": db.execute("SELECT label, votes, confidence FROM imgembed.knn_label('catalogue', 2::bigint, 5, exact => true)").fetchall(),
             "recommend": db.execute("SELECT id, score FROM imgembed.recommend('catalogue', ARRAY[3, 4]::bigint[], "
                                     "ARRAY[5]::bigint[], 5, exact => true)").fetchall(),
@@ -260,6 +270,12 @@ def test_sqlalchemy_helpers_match_the_sql_functions(database_url: str) -> None:
         assert_same_hits(session.execute(sa.select(by_vector.c.id, by_vector.c.distance)).all(), raw["vector"])
         by_text = sqla.search_text(Product, "something", k=5)
         assert_same_hits(session.execute(sa.select(by_text.c.id, by_text.c.distance)).all(), raw["text"])
+        by_image = sqla.search_image(Product, b"\x01\x02", k=5)
+        assert_same_hits(session.execute(sa.select(by_image.c.id, by_image.c.distance)).all(), raw["image"])
+        hybrid = sqla.search_hybrid(Product, "b", ["kind"], k=5)
+        assert session.execute(sa.select(hybrid.c.id, hybrid.c.score, hybrid.c.text_rank, hybrid.c.image_rank)
+                               ).all() == raw["hybrid"]
+        assert {row[2] for row in raw["hybrid"]} == {1} and all(row[3] is not None for row in raw["hybrid"])
         labels = sqla.knn_label(Product, 2, k=5, exact=True)
         assert session.execute(sa.select(labels.c.label, labels.c.votes, labels.c.confidence)).all() == raw["knn"]
         picks = sqla.recommend(Product, [3, 4], [5], k=5, exact=True)

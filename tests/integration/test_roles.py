@@ -111,11 +111,14 @@ def test_reader_role_searches_but_changes_nothing(shop: tuple[psycopg.Connection
         # The tables it may read (texts are private: no reader sees them).
         assert status == [("imgembed.image", 0, 0), ("imgembed.label_prompt", 0, 0), ("public.products", 12, 12)]
         assert connection.execute("SELECT imgembed.request_text('a red circle')").fetchone()[0] > 0
+        assert connection.execute("SELECT imgembed.request_image('\\x89504e470d0a1a0a')").fetchone()[0] > 0
         worker_calls = [f"SELECT * FROM imgembed.{call}" for call in (
             "claim_batch(10, 60)", "expand_intake()", "recover_expired(5)", "in_flight_count()",
             "claim_cluster_run(60, 5)", "worker_beat('w', 1, 'cpu', ARRAY['m'], 0, '[]')",
-            "requeue_claim(gen_random_uuid(), ARRAY[1::bigint], 'x', 0)")]
+            "requeue_claim(gen_random_uuid(), ARRAY[1::bigint], 'x', 0)",
+            "vectors_by_content('imgembed-tiny', ARRAY['\\x00'::bytea])")]
         assert_refused(connection, ["DELETE FROM products", "UPDATE products SET secret = 'x'",
+                                    "SELECT * FROM imgembed.image_query", "SELECT * FROM imgembed.text_query",
                                     f"INSERT INTO {storage} VALUES (99, array_fill(1::real, ARRAY[64])::vector, 0)",
                                     *[statement for statement in table_statements(db, reads=False)
                                       if statement not in OWN_INTERACTIONS], *CHANGING_CALLS, *worker_calls])

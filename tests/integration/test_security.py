@@ -109,6 +109,8 @@ def test_no_decoy_ever_runs(db: psycopg.Connection, mallory: psycopg.Connection,
         "SELECT * FROM imgembed.similar('items', 1::bigint, 5, filter => '{\"label\": \"red\"}', exact => true)",
         "SELECT * FROM imgembed.similar_to_vector('items', NULL::bigint, imgembed.vector_of('items', 2::bigint), 5)",
         "SELECT * FROM imgembed.search_text('items', NULL::bigint, 'a blue circle', 5, timeout_seconds => 60)",
+        f"SELECT * FROM imgembed.search_image('items', NULL::bigint, '\\x{shapes[3].png_bytes().hex()}', 5, "
+        "timeout_seconds => 60)",
         "SELECT * FROM imgembed.knn_label('items', 3::bigint)",
         "SELECT * FROM imgembed.classify_prototype('items', 3::bigint)",
         "SELECT * FROM imgembed.recommend('items', ARRAY[1, 2]::bigint[], ARRAY[3]::bigint[], 5)",
@@ -142,13 +144,17 @@ def test_functions_with_owner_rights_are_pinned_and_granted_narrowly(db: psycopg
     worker_functions = {"expand_intake", "claim_batch", "start_claim", "release_claim", "recover_expired",
                         "in_flight_count", "claimed_images", "finish_batch", "requeue_claim", "claim_cluster_run",
                         "cluster_run_spec", "cluster_input", "finish_cluster_run", "fail_cluster_run", "worker_beat",
-                        "model_checksum"}
+                        "model_checksum", "vectors_by_content"}
     triggers = {"_on_insert", "_on_update", "_on_delete", "_on_truncate", "_on_truncate_partition",
                 "_on_replicated_row", "_on_ddl_end", "_on_sql_drop"}
     text_role = db.execute("SELECT imgembed._text_request_role()").fetchone()[0]
     expected = {**{name: ["imgembed_worker"] for name in worker_functions}, **{name: [] for name in triggers},
                 "request_text": sorted(["imgembed_reader", text_role]),  # texts, which no reader may list
-                "_text_state": ["imgembed_reader"], "_request_text_elsewhere": ["imgembed_reader"]}
+                "_text_state": ["imgembed_reader"], "_request_text_elsewhere": ["imgembed_reader"],
+                # query images, which no reader may list either
+                "request_image": sorted(["imgembed_reader", text_role]),
+                "request_image_at": sorted(["imgembed_reader", text_role]),
+                "_image_state": ["imgembed_reader"], "_request_image_elsewhere": ["imgembed_reader"]}
     found = {name: sorted(grantees) for name, _, grantees, _ in rows}
     assert found == expected
     for name, config, _, public in rows:

@@ -200,6 +200,6 @@ def test_a_pass_that_fails_even_alone_hands_its_jobs_back() -> None:
         raise torch.OutOfMemoryError("simulated device with no room at all")
 
     results = ClaimResults()
-    _embed(ForwardBatcher(forward, 4, "full"), [1, 2, 3], [10, 11, 12], results, load_settings({}))
-    assert results.requeued == [10, 11, 12] and results.failures == [] and results.done == []
+    _embed(ForwardBatcher(forward, 4, "full"), [1, 2, 3], [[10], [11, 13], [12]], results, load_settings({}))
+    assert results.requeued == [10, 11, 13, 12] and results.failures == [] and results.done == []
     assert results.requeue_reason.startswith("waiting: embedding failed: OutOfMemoryError")

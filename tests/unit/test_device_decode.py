@@ -17,7 +17,7 @@ from imgembed.settings import SettingsError, load_settings
 from imgembed.worker.decode import decode_image
 from imgembed.worker.device_decode import TensorPreprocess, apply_orientation, jpeg_orientation
 from imgembed.worker.image_error import ImageError
-from imgembed.worker.pipeline import _prepare, _prepare_on_device
+from imgembed.worker.pipeline import _prepare_on_device, _read, preprocess_bytes
 from imgembed.worker.runtime import WorkerRuntime
 from tests.conftest import TESTDATA
 
@@ -49,7 +49,7 @@ def test_photos_match_pillow_full_decode_and_open_clip_transform(runtime: Worker
     assert transform is not None and transform.size == model.input_size
     photos = sorted((TESTDATA / "photos").glob("*.JPEG"))[:12]
     assert len(photos) == 12, f"the test photos are missing from {TESTDATA / 'photos'}"
-    on_device = _prepare_on_device(runtime, claimed(photos), model, transform)
+    on_device = _prepare_on_device(runtime, [photo.read_bytes() for photo in photos], model, transform)
     for path, pixels in zip(photos, on_device):
         assert isinstance(pixels, torch.Tensor), path
         reference = model.preprocess(decode_image(path.read_bytes(), runtime.settings))  # no draft mode
@@ -64,9 +64,12 @@ def test_every_odd_file_succeeds_or_fails_as_through_pillow(runtime: WorkerRunti
     with (folder / "MANIFEST.csv").open(newline="") as handle:
         names = [row["file"] for row in csv.DictReader(handle)]
     assert len(names) > 40, f"the odd images' manifest in {folder} is missing or short"
-    items = claimed([folder / name for name in names])
-    for name, item, result in zip(names, items, _prepare_on_device(runtime, items, model, transform)):
-        through_pillow = _prepare(item, model, runtime.settings)
+    reads = [_read(item, runtime.settings) for item in claimed([folder / name for name in names])]
+    readable = [(name, data) for name, data in zip(names, reads) if isinstance(data, bytes)]
+    assert len(readable) > 40
+    on_device = _prepare_on_device(runtime, [data for _, data in readable], model, transform)
+    for (name, data), result in zip(readable, on_device, strict=True):
+        through_pillow = preprocess_bytes(data, model, runtime.settings)
         assert isinstance(result, ImageError) == isinstance(through_pillow, ImageError), name
         if isinstance(result, ImageError):
             assert str(result) == str(through_pillow), name

@@ -246,3 +246,18 @@ def test_open_clip_dimensions_shipped_with_the_core_agree_with_open_clip() -> No
     assert {name: shipped[name] for name in shipped.keys() & truth.keys()} == {
         name: truth[name] for name in shipped.keys() & truth.keys()}
     assert len(shipped.keys() & truth.keys()) >= 0.95 * len(truth)
+
+
+def test_jobs_with_identical_bytes_are_grouped_once() -> None:
+    import hashlib
+
+    from imgembed.worker.content import group_by_content
+    from imgembed.worker.image_error import ImageError, Reason
+
+    missing = ImageError(Reason.FILE_NOT_FOUND, "/nowhere.jpg")
+    groups = group_by_content([1, 2, 3, 4, 5], [b"a", b"b", b"a", missing, b"a"])
+    assert list(groups.jobs_by_hash.values()) == [[1, 3, 5], [2]]
+    assert groups.data_by_hash[hashlib.sha256(b"a").digest()] == b"a"
+    assert groups.unreadable == [(4, missing)]
+    assert groups.hash_of_job() == {1: hashlib.sha256(b"a").digest(), 3: hashlib.sha256(b"a").digest(),
+                                    5: hashlib.sha256(b"a").digest(), 2: hashlib.sha256(b"b").digest()}
