@@ -27,7 +27,8 @@ def create_celery_app(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
+        worker_send_task_events=settings.celery_events,  # IMGEMBED_CELERY_EVENTS: Flower sees tasks
+        task_send_sent_event=settings.celery_events,
         broker_transport_options={"visibility_timeout": 3600},
     )
     return app

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import psycopg
 from celery import Celery
 
 from imgembed import db, queue
 from imgembed.celery_app import TASK_CLUSTER, TASK_EMBED_BATCH
+from imgembed.metrics import DispatcherMetrics
 from imgembed.settings import Settings, require_database_url
 
 log = logging.getLogger(__name__)
@@ -20,11 +22,22 @@ log = logging.getLogger(__name__)
 MAX_RECONNECT_BACKOFF_SECONDS = 30.0
 
 
+BACKLOG_EVERY_SECONDS = 1.0  # how often the backlog metrics are read again, at most
+
+
 class Dispatcher:
-    def __init__(self, settings: Settings, celery_app: Celery) -> None:
+    def __init__(self, settings: Settings, celery_app: Celery, metrics: DispatcherMetrics | None = None) -> None:
         self.settings = settings
         self.celery_app = celery_app
+        self.metrics = metrics
         self.stop_event = threading.Event()
+        self._backlog_read = 0.0
+
+    def _measure_backlog(self, connection: psycopg.Connection) -> None:
+        if self.metrics is None or time.monotonic() - self._backlog_read < BACKLOG_EVERY_SECONDS:
+            return
+        self.metrics.backlog_rows(queue.backlog(connection))
+        self._backlog_read = time.monotonic()
 
     def dispatch_once(self, connection: psycopg.Connection) -> int:
         """Expand the intake into jobs, recover expired leases, then send tasks while jobs are
@@ -34,6 +47,9 @@ class Dispatcher:
         recovered = queue.recover_expired(connection, self.settings.max_attempts)
         if recovered:
             log.warning("recovered %d jobs whose lease expired", recovered)
+            if self.metrics is not None:
+                self.metrics.recovered.inc(recovered)
+        self._measure_backlog(connection)
         sent = self._dispatch_cluster_runs(connection)
         while not self.stop_event.is_set():
             if queue.in_flight_count(connection) >= self.settings.max_in_flight:
@@ -51,6 +67,8 @@ class Dispatcher:
                 queue.release_claim(connection, claim.claim_id)
                 raise
             sent += 1
+            if self.metrics is not None:
+                self.metrics.claims.labels(claim.model_name).inc()
             log.info("dispatched claim=%s model=%s jobs=%d", claim.claim_id, claim.model_name, len(claim.job_ids))
         return sent
 

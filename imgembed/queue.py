@@ -25,6 +25,7 @@ class ClaimedImage:
     content: bytes | None
     uri: str | None
     text: str | None  # imgembed's own text tables (queries, label prompts)
+    table_name: str = ""  # the watched table the row is in
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def claimed_images(connection: psycopg.Connection, claim_id: UUID) -> list[Claim
     # Binary results: image bytes arrive as they are, not as hex text twice their size that the
     # server must encode and the worker decode.
     rows = connection.execute(
-        "SELECT job_id, key, content, uri, body FROM imgembed.claimed_images(%s)", (claim_id,), binary=True
+        "SELECT job_id, key, content, uri, body, table_name FROM imgembed.claimed_images(%s)", (claim_id,), binary=True
     ).fetchall()
     return [ClaimedImage(*row) for row in rows]
 
@@ -119,3 +120,10 @@ def requeue_claim(connection: psycopg.Connection, claim_id: UUID, job_ids: Seque
     row = connection.execute("SELECT imgembed.requeue_claim(%s, %s, %s, %s)",
                              (claim_id, list(job_ids), reason, delay_seconds)).fetchone()
     return int(row[0])  # type: ignore[index]
+
+
+def backlog(connection: psycopg.Connection) -> list[tuple[str, str, int, int, float | None]]:
+    """Per (table, model): rows queued, jobs in flight, seconds the oldest queued row has waited."""
+    return [(row[0], row[1], int(row[2]), int(row[3]), row[4])
+            for row in connection.execute("SELECT * FROM imgembed.backlog()")]
+

@@ -227,6 +227,13 @@ class Settings:
     pg_shared_buffers_mb: int = _setting(
         "IMGEMBED_PG_SHARED_BUFFERS_MB", _default_shared_buffers_mb, _integer(1),
         "shared_buffers of the embedded PostgreSQL", default_help="a quarter of memory, 128-1024")
+    # what operators watch
+    metrics_port: int = _setting(
+        "IMGEMBED_METRICS_PORT", 0, _integer(0), "serve Prometheus metrics of a worker or dispatcher on this port "
+        "(0: off; each process on a host needs its own)", default_help="0, off")
+    metrics_address: str = _setting("IMGEMBED_METRICS_ADDRESS", "0.0.0.0", _text, "address the metrics port listens on")
+    celery_events: bool = _setting(
+        "IMGEMBED_CELERY_EVENTS", False, _boolean, "workers send Celery task events (for Flower)")
     log_level: str = _setting("IMGEMBED_LOG_LEVEL", "INFO", _one_of("DEBUG", "INFO", "WARNING", "ERROR", upper=True),
                               "of imgembed's own log lines (the libraries' say only warnings)")
 

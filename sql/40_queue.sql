@@ -128,10 +128,10 @@ BEGIN
     RETURN v_recovered;
 END $$;
 
--- What a claim's jobs embed (image bytes, image location or text), read from the watched tables.
--- A job whose row is gone is absent.
+-- What a claim's jobs embed (image bytes, image location or text), read from the watched tables,
+-- with the table's name. A job whose row is gone is absent.
 CREATE OR REPLACE FUNCTION imgembed.claimed_images(p_claim uuid)
-RETURNS TABLE (job_id bigint, key text, content bytea, uri text, body text)
+RETURNS TABLE (job_id bigint, key text, content bytea, uri text, body text, table_name text)
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_watch imgembed.watch;
@@ -141,7 +141,7 @@ BEGIN
          WHERE w.id IN (SELECT j.watch_id FROM imgembed.job j WHERE j.claim_id = p_claim)
     LOOP
         RETURN QUERY EXECUTE format(
-            'SELECT j.id, j.key, %s, %s, %s FROM imgembed.job j JOIN %s s ON s.%I = j.key::%s '
+            'SELECT j.id, j.key, %s, %s, %s, $3 FROM imgembed.job j JOIN %s s ON s.%I = j.key::%s '
             'WHERE j.claim_id = $1 AND j.watch_id = $2 AND j.status = ''in_flight''',
             CASE WHEN v_watch.content_column IS NULL THEN 'NULL::bytea'
                  ELSE format('s.%I', v_watch.content_column) END,
@@ -150,7 +150,7 @@ BEGIN
             CASE WHEN v_watch.text_column IS NULL THEN 'NULL::text'
                  ELSE format('s.%I::text', v_watch.text_column) END,
             v_watch.tbl, v_watch.key_column, v_watch.key_type)
-        USING p_claim, v_watch.id;
+        USING p_claim, v_watch.id, v_watch.table_name;
     END LOOP;
 END $$;
 

@@ -58,6 +58,33 @@ END $$;
 CREATE OR REPLACE VIEW imgembed.status AS
 SELECT * FROM imgembed._status_rows();
 
+-- The work waiting per (table, model), cheap enough to read every few seconds: rows queued (jobs
+-- pending, and changed keys the triggers wrote that are not jobs yet), jobs in flight, and how long
+-- the oldest queued row has waited (NULL: none). What autoscalers and the dispatcher's metrics
+-- read; the workers' role may call it (docs/monitoring.md). Runs as its owner: counts only.
+CREATE OR REPLACE FUNCTION imgembed.backlog()
+RETURNS TABLE (table_name text, model text, queued bigint, in_flight bigint, oldest_queued_seconds double precision)
+LANGUAGE sql STABLE AS $$
+    WITH jobs AS (
+        SELECT j.watch_id, j.model_id, count(*) FILTER (WHERE j.status = 'pending') AS pending,
+               count(*) FILTER (WHERE j.status = 'in_flight') AS in_flight,
+               min(j.enqueued_at) FILTER (WHERE j.status = 'pending') AS oldest
+          FROM imgembed.job j WHERE j.status <> 'failed' GROUP BY j.watch_id, j.model_id),
+    written AS (
+        SELECT i.watch_id, wm.model_id, sum(cardinality(i.keys)) AS keys, min(i.created_at) AS oldest
+          FROM imgembed.intake i
+          JOIN imgembed.watch_model wm ON wm.watch_id = i.watch_id AND (i.model_id IS NULL OR i.model_id = wm.model_id)
+         GROUP BY i.watch_id, wm.model_id)
+    SELECT w.table_name, m.name, (coalesce(j.pending, 0) + coalesce(k.keys, 0))::bigint, coalesce(j.in_flight, 0),
+           extract(epoch FROM now() - least(j.oldest, k.oldest))::float8
+      FROM imgembed._live_watch w
+      JOIN imgembed.watch_model wm ON wm.watch_id = w.id
+      JOIN imgembed.model m ON m.id = wm.model_id
+      LEFT JOIN jobs j ON j.watch_id = wm.watch_id AND j.model_id = wm.model_id
+      LEFT JOIN written k ON k.watch_id = wm.watch_id AND k.model_id = wm.model_id
+     ORDER BY 1, 2
+$$;
+
 -- Every failed job with its reason: of the rows the calling role may read.
 CREATE OR REPLACE VIEW imgembed.failures WITH (security_barrier) AS
 SELECT w.table_name, j.key, m.name AS model, j.attempts, j.last_error, j.updated_at AS failed_at

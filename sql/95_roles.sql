@@ -73,7 +73,7 @@ BEGIN
            AND p.proname IN (
                -- the worker's and the dispatcher's
                'expand_intake', 'claim_batch', 'start_claim', 'release_claim', 'recover_expired', 'in_flight_count',
-               'claimed_images', 'finish_batch', 'vectors_by_content', 'requeue_claim', 'claim_cluster_run', 'cluster_run_spec',
+               'claimed_images', 'finish_batch', 'vectors_by_content', 'requeue_claim', 'backlog', 'claim_cluster_run', 'cluster_run_spec',
                'cluster_input', 'finish_cluster_run', 'fail_cluster_run', 'worker_beat', 'model_checksum',
                -- the triggers on watched tables, and the event triggers: nobody calls them, they fire
                '_on_insert', '_on_update', '_on_delete', '_on_truncate', '_on_truncate_partition', '_on_replicated_row',

@@ -47,8 +47,10 @@ class ForwardBatcher(Generic[Item]):
     """Runs ``forward(items) -> (len(items), dim) array`` on its own thread, merging requests."""
 
     def __init__(self, forward: Callable[[list[Item]], np.ndarray], max_batch: int, name: str,
-                 device_lock: threading.Lock | None = None) -> None:
+                 device_lock: threading.Lock | None = None,
+                 on_pass: Callable[[int, float], None] | None = None) -> None:
         self._forward = forward
+        self._on_pass = on_pass  # told (inputs, seconds) after each pass that succeeded
         self.max_batch = max(1, max_batch)
         self._device_lock = device_lock or threading.Lock()
         self._waiting: deque[_Request[Item]] = deque()
@@ -98,9 +100,13 @@ class ForwardBatcher(Generic[Item]):
     def _forward_splitting(self, items: list[Item]) -> np.ndarray:
         try:
             with self._device_lock:
+                started = time.perf_counter()
                 vectors = self._forward(items)
+                seconds = time.perf_counter() - started
             self.passes += 1
             self.largest_pass = max(self.largest_pass, len(items))
+            if self._on_pass is not None:
+                self._on_pass(len(items), seconds)
             return vectors
         except Exception as error:
             if not _out_of_memory(error) or len(items) == 1:

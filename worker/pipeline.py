@@ -254,6 +254,11 @@ def run_claim(runtime: WorkerRuntime, claim_id: UUID, model_name: str) -> BatchO
     write_ms = (time.perf_counter() - write_started) * 1000
     runtime.count_batch()
     runtime.return_freed_memory()
+    if runtime.metrics is not None:
+        table_of = {item.job_id: item.table_name for item in images}
+        runtime.metrics.claim(model_name, [table_of[job_id] for job_id, vector in results.done if vector is not None],
+                              [(table_of.get(failure.job_id, ""), failure.error) for failure in results.failures],
+                              results.reused, decode_ms / 1000, write_ms / 1000)
     outcome = BatchOutcome(str(claim_id), model_name, len(owned), written, len(results.failures),
                            len(results.requeued), gone, results.reused, results.images_embedded, decode_ms, embed_ms,
                            write_ms)

@@ -21,6 +21,7 @@ def run_worker(settings: Settings, *, preload: bool = True) -> None:
 
     limit_malloc_arenas(settings.malloc_arenas)  # before any thread starts
     use_wait_policy(settings.openmp_wait_policy)  # before torch is imported
+    from imgembed import metrics
     from imgembed.celery_app import create_celery_app
     from imgembed.worker.heartbeat import start_heartbeat
     from imgembed.worker.model_errors import ModelLoadError
@@ -29,6 +30,9 @@ def run_worker(settings: Settings, *, preload: bool = True) -> None:
     database_url = require_database_url(settings)
     app = create_celery_app(settings)
     register_worker_tasks(app)
+    registry = metrics.serve(settings, "worker")
+    if registry is not None:
+        runtime().metrics = metrics.WorkerMetrics(registry)
     if preload:
         try:
             runtime().batcher(settings.model, "image")
@@ -46,6 +50,7 @@ def run_worker(settings: Settings, *, preload: bool = True) -> None:
             f"--hostname={name}",
             "--without-gossip",
             "--without-mingle",
+            *(["--task-events"] if settings.celery_events else []),
         ])
     finally:
         stop_beating.set()

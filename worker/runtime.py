@@ -10,7 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import psycopg
@@ -25,6 +25,9 @@ from imgembed.worker.decode import use_pixel_cap
 from imgembed.worker.engine import EmbeddingModel, Tower, use_onnx
 from imgembed.worker.memory import return_freed_memory
 from imgembed.worker.model_errors import ModelLoadError, ModelUnavailable
+
+if TYPE_CHECKING:
+    from imgembed.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ class WorkerRuntime:
     _local: threading.local = field(default_factory=threading.local)
     _decoders: ThreadPoolExecutor | None = None
     _last_trim: float = 0.0
+    metrics: WorkerMetrics | None = None  # IMGEMBED_METRICS_PORT
 
     def __post_init__(self) -> None:
         use_pixel_cap(self.settings.max_image_pixels)
@@ -101,6 +105,8 @@ class WorkerRuntime:
                 self._check_registered_checkpoint(spec)
                 self.models[key] = self._load(spec, tower)
             except ModelLoadError as error:
+                if self.metrics is not None:
+                    self.metrics.model_state(name, tower, loaded=False)
                 delay = min(outage.delay * 2 if outage else FIRST_RETRY_SECONDS, self.settings.model_retry_max_seconds)
                 self.outages[key] = Outage(str(error), outage.since if outage else time.time(), now + delay, delay)
                 log.warning("model %s unavailable (%s tower): %s; its jobs wait, and it is tried again in %.0f s",
@@ -108,6 +114,10 @@ class WorkerRuntime:
                 raise ModelUnavailable(str(error), retry_in=delay) from error
             if self.outages.pop(key, None) is not None:
                 log.info("model %s (%s tower) loaded after an outage", name, tower)
+            if self.metrics is not None:
+                self.metrics.model_state(name, tower, loaded=True, load_seconds=time.monotonic() - now)
+                if self.models[key].device.type == "cuda":
+                    self.metrics.watch_gpu(*gpu_probes(str(self.models[key].device)))
             return self.models[key]
 
     def _load(self, spec: ModelSpec, tower: Tower) -> EmbeddingModel:
@@ -161,7 +171,11 @@ class WorkerRuntime:
                 forward: Callable[[list[Any]], np.ndarray] = model.embed_images if tower == "image" else model.embed_texts
                 with self.forward_lock:  # measuring needs the device to itself
                     max_batch = forward_batch_size(model, tower, self.settings)
-                self.batchers[(name, tower)] = ForwardBatcher(forward, max_batch, f"{tower}-{name}", self.forward_lock)
+                metrics = self.metrics
+                on_pass = (None if metrics is None
+                           else lambda inputs, seconds: metrics.forward_pass(name, tower, inputs, seconds))
+                self.batchers[(name, tower)] = ForwardBatcher(forward, max_batch, f"{tower}-{name}", self.forward_lock,
+                                                              on_pass)
             return self.batchers[(name, tower)]
 
     def count_batch(self) -> None:
@@ -179,6 +193,19 @@ class WorkerRuntime:
                 return
             self._last_trim = now
         return_freed_memory()
+
+
+def gpu_probes(device: str) -> tuple[Callable[[], float], Callable[[], float]]:
+    """(memory PyTorch holds on the device in bytes, its utilisation from 0 to 1) for the metrics."""
+    import torch
+
+    def utilisation() -> float:
+        try:
+            return float(torch.cuda.utilization(device)) / 100
+        except Exception:  # noqa: BLE001 - needs NVML (pynvml); without it the gauge says NaN
+            return float("nan")
+
+    return (lambda: float(torch.cuda.memory_reserved(device))), utilisation
 
 
 def forward_batch_size(model: EmbeddingModel, tower: Tower, settings: Settings) -> int:

@@ -15,11 +15,14 @@ log = logging.getLogger("imgembed")
 
 
 def dispatch(settings: Settings, args: argparse.Namespace) -> int:
+    from imgembed import metrics
     from imgembed.celery_app import create_celery_app
     from imgembed.dispatcher import Dispatcher
 
     require_database_url(settings)
-    dispatcher = Dispatcher(settings, create_celery_app(settings))
+    registry = metrics.serve(settings, "dispatcher")
+    dispatcher = Dispatcher(settings, create_celery_app(settings),
+                            metrics.DispatcherMetrics(registry) if registry is not None else None)
 
     def stop(signum: int, _frame: object) -> None:
         log.info("signal %s: stopping dispatcher", signum)

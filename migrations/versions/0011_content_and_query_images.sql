@@ -6,7 +6,8 @@
 --    imgembed._attach_model (sql/20_watch.sql).
 -- 2. imgembed.image_query: images that are in no watched table (search_image, search_image_at).
 --    One row per distinct content (by its SHA-256) or location. The definitions in sql/ watch it.
--- 3. finish_batch takes the hashes as one more argument: its earlier form goes here.
+-- 3. finish_batch takes the hashes as one more argument, and claimed_images names each job's table
+--    (for the workers' metrics): their earlier forms go here.
 DO $$
 DECLARE
     v_storage text;
@@ -18,7 +19,7 @@ BEGIN
                        v_storage || '_content', v_storage);
     END LOOP;
     FOR v_function IN SELECT p.oid::regprocedure FROM pg_proc p
-                       WHERE p.pronamespace = 'imgembed'::regnamespace AND p.proname = 'finish_batch'
+                       WHERE p.pronamespace = 'imgembed'::regnamespace AND p.proname IN ('finish_batch', 'claimed_images')
     LOOP
         EXECUTE format('DROP FUNCTION %s', v_function);
     END LOOP;

@@ -222,8 +222,8 @@ RELEASED_REVISION_FILES = {
     "0010_relevance_cutoff.sql": "2fd161e610a5b8a73f7bb8c91d04f1cf924b7bb1d5073a0575e241266af64d03",
     "0010_relevance_cutoff_down.sql": "c7831c7f36513911fb74dba6db1176c70d6dd4e0eb8c23bcf2aadf94779f25b9",
     "0011_content_and_query_images.py": "22851c77daa71e0c6aaccdcf31921ad325c4a299102a832ab6bfb488dee42828",
-    "0011_content_and_query_images.sql": "3571f709ab687bb0c7e2450cb3653f9e2e11ea7aaffe44d29aa530133049a816",
-    "0011_content_and_query_images_down.sql": "3332f7da93ec1f183896c7a4f8c6f35a157413f64dfa05d47557e337b6fdb440",
+    "0011_content_and_query_images.sql": "3517657c97fba66a869396c451fe07f8bb452597bc49e5ff25a307134af66a54",
+    "0011_content_and_query_images_down.sql": "07fda267f598864141edb40ec336db088e2b5091a8fbd16b463d139569310b2c",
 }
 RELEASED_0001 = REPO / "tests" / "fixtures" / "imgembed-0001-as-released.sql.gz"
 

@@ -58,6 +58,7 @@ def test_compose_runs_nothing_as_the_superuser_after_setting_up() -> None:
              for name, service in services.items() if "DATABASE_URL" in service.get("environment", {})}
     assert users == {"migrate": "imgembed_owner", "dispatcher": "embedder", "worker": "embedder",
                      "worker-gpu": "embedder"}
+    assert "DATABASE_URL" not in str(services["flower"]) and "POSTGRES" not in str(services["grafana"])
     assert "./docker/postgres-init.sh:/docker-entrypoint-initdb.d/10-imgembed.sh:ro" in services["postgres"]["volumes"]
     init = (REPO / "docker" / "postgres-init.sh").read_text()
     assert "CREATE ROLE imgembed_owner LOGIN CREATEROLE" in init and "SUPERUSER" not in init
@@ -67,3 +68,59 @@ def test_compose_runs_nothing_as_the_superuser_after_setting_up() -> None:
     for name in ("migrate", "dispatcher", "worker", "worker-gpu"):
         redis_url = services[name]["environment"]["REDIS_URL"]
         assert urlsplit(redis_url).password, name
+
+
+def test_monitoring_profile_scrapes_every_dispatcher_and_worker() -> None:
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    monitoring = {name for name, service in services.items() if service.get("profiles") == ["monitoring"]}
+    assert monitoring == {"prometheus", "grafana", "flower"}
+    port = int(compose["x-imgembed"]["environment"]["IMGEMBED_METRICS_PORT"])
+    assert services["prometheus"]["volumes"][0] == "./docker/prometheus.yml:/etc/prometheus/prometheus.yml:ro"
+    scraped = {}
+    for job in yaml.safe_load((REPO / "docker" / "prometheus.yml").read_text())["scrape_configs"]:
+        for discovery in job["dns_sd_configs"]:
+            assert discovery["port"] == port and discovery["type"] == "A"
+            scraped.update({name: job["job_name"] for name in discovery["names"]})
+    assert scraped == {"dispatcher": "imgembed-dispatcher", "worker": "imgembed-worker", "worker-gpu": "imgembed-worker"}
+    # Grafana: the datasource and the dashboard folder it is provisioned with are the repository's.
+    mounts = dict(volume.split(":")[:2] for volume in services["grafana"]["volumes"])
+    assert mounts == {"./docker/grafana/provisioning": "/etc/grafana/provisioning",
+                      "./docker/grafana/dashboards": "/var/lib/grafana/dashboards"}
+    provisioning = REPO / "docker" / "grafana" / "provisioning"
+    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "imgembed.yml").read_text())["providers"]
+    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+    assert "flower" in services["flower"]["command"] and "IMGEMBED_CELERY_EVENTS" in compose["x-imgembed"]["environment"]
+
+
+def test_dashboard_panels_use_only_metrics_imgembed_serves() -> None:
+    import json
+    import re
+
+    from imgembed.metrics import METRIC_NAMES
+
+    dashboard = json.loads((REPO / "docker" / "grafana" / "dashboards" / "imgembed.json").read_text())
+    assert dashboard["uid"] == "imgembed" and dashboard["panels"]
+    served = {name + suffix for name in METRIC_NAMES for suffix in ("", "_bucket", "_sum", "_count")}
+    used = set()
+    for panel in dashboard["panels"]:
+        assert panel["title"] and panel["targets"], panel
+        for target in panel["targets"]:
+            names = set(re.findall(r"\bimgembed_[a-z_]+", target["expr"]))
+            assert names and names <= served, (panel["title"], names - served)
+            assert target["datasource"]["uid"] == "prometheus"
+            used |= names
+    # Throughput, backlog, failures by reason, batch timings and memory are all on it.
+    assert {"imgembed_rows_embedded_total", "imgembed_backlog_jobs", "imgembed_rows_failed_total",
+            "imgembed_forward_pass_seconds_bucket", "imgembed_process_resident_bytes"} <= used
+
+
+def test_celery_task_events_follow_the_setting() -> None:
+    from imgembed.celery_app import create_celery_app
+    from imgembed.settings import load_settings
+
+    for raw, expected in (("0", False), ("1", True)):
+        app = create_celery_app(load_settings({"REDIS_URL": "redis://localhost:1/0", "IMGEMBED_CELERY_EVENTS": raw}))
+        assert app.conf.worker_send_task_events is expected and app.conf.task_send_sent_event is expected
