@@ -24,6 +24,8 @@ model = sa.Table(
     sa.Column("dim", sa.Integer, sa.CheckConstraint("dim > 0 AND dim <= 16000"), nullable=False),
     sa.Column("is_default", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    # false: an image-only model (timm's), which embeds no texts (revision 0011)
+    sa.Column("text_tower", sa.Boolean, nullable=False, server_default=sa.true()),
 )
 sa.Index("model_one_default", model.c.is_default, unique=True, postgresql_where=model.c.is_default)
 

@@ -89,15 +89,17 @@ BEGIN
     END IF;
 END $$;
 
--- Register (or confirm) a model. Its name is what workers load: `imgembed-tiny`, `ARCH:TAG` or
--- `ARCH:/path/to/checkpoint`. The dimension must match what the model outputs.
+-- Register (or confirm) a model. Its name is what workers load: `imgembed-tiny`, `ARCH:TAG`,
+-- `ARCH:/path/to/checkpoint` or `timm:ARCH.TAG`. The dimension must match what the model outputs.
+-- p_text_tower: whether it embeds texts too (CLIP models), or images only (timm's).
 CREATE OR REPLACE FUNCTION imgembed.register_model(
     p_name text,
     p_architecture text,
     p_pretrained text,
     p_dim integer,
     p_sha256 text DEFAULT NULL,
-    p_make_default boolean DEFAULT false
+    p_make_default boolean DEFAULT false,
+    p_text_tower boolean DEFAULT true
 ) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -118,8 +120,8 @@ BEGIN
         END IF;
         UPDATE imgembed.model SET sha256 = coalesce(p_sha256, sha256) WHERE id = v_model.id;
     ELSE
-        INSERT INTO imgembed.model (name, architecture, pretrained, sha256, dim)
-        VALUES (p_name, p_architecture, p_pretrained, p_sha256, p_dim)
+        INSERT INTO imgembed.model (name, architecture, pretrained, sha256, dim, text_tower)
+        VALUES (p_name, p_architecture, p_pretrained, p_sha256, p_dim, coalesce(p_text_tower, true))
         RETURNING * INTO v_model;
     END IF;
 
@@ -135,6 +137,19 @@ BEGIN
         END LOOP;
     END IF;
     RETURN v_model.id;
+END $$;
+
+-- A model that embeds texts (a CLIP model), or a clear error naming what to use instead.
+CREATE OR REPLACE FUNCTION imgembed._require_text_model(p_model text)
+RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM imgembed.model m WHERE m.name = p_model AND NOT m.text_tower) THEN
+        RAISE EXCEPTION 'model % embeds images only (no text tower): texts need a CLIP model', p_model
+            USING HINT = 'attach one and name it: imgembed.add_model(table, ''ViT-B-32:laion2b_s34b_b79k''), '
+                         'then model => ''ViT-B-32:laion2b_s34b_b79k''',
+                  ERRCODE = 'feature_not_supported';
+    END IF;
 END $$;
 
 -- imgembed's own query tables: texts to search with, label prompts and query images. Every model

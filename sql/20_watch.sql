@@ -87,7 +87,9 @@ BEGIN
     -- Text queries, label prompts and query images are embedded by every model an image table uses.
     IF p_watch.tbl <> ALL (imgembed._query_tables()) THEN
         PERFORM imgembed._attach_model(ROW(query_watch.*)::imgembed.watch, p_model, false)
-           FROM imgembed._live_watch query_watch WHERE query_watch.tbl = ANY (imgembed._query_tables());
+           FROM imgembed._live_watch query_watch
+          WHERE query_watch.tbl = ANY (imgembed._query_tables())
+            AND (query_watch.text_column IS NULL OR p_model.text_tower);  -- texts only for CLIP models
     END IF;
     RETURN v_link;
 END $$;

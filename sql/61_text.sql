@@ -106,6 +106,7 @@ DECLARE
     v_state record;
     v_deadline timestamptz := clock_timestamp() + make_interval(secs => coalesce(timeout_seconds, 0));
 BEGIN
+    PERFORM imgembed._require_text_model(text_vector.model);
     IF NOT EXISTS (SELECT 1 FROM imgembed.watch w JOIN imgembed.watch_model wm ON wm.watch_id = w.id
                      JOIN imgembed.model m ON m.id = wm.model_id
                     WHERE w.tbl = 'imgembed.text_query'::regclass AND m.name = text_vector.model) THEN
@@ -231,6 +232,7 @@ DECLARE
     v_pending text[];
     v_failed text;
 BEGIN
+    PERFORM imgembed._require_text_model((SELECT m.name FROM imgembed.model m WHERE m.id = v_link.model_id));
     SELECT wm.storage_table INTO v_prompt_storage FROM imgembed.watch_model wm
      WHERE wm.watch_id = v_prompt_watch.id AND wm.model_id = v_link.model_id;
     IF v_prompt_storage IS NULL THEN

@@ -121,7 +121,12 @@ class WorkerRuntime:
             return self.models[key]
 
     def _load(self, spec: ModelSpec, tower: Tower) -> EmbeddingModel:
-        """The tower on ONNX Runtime (IMGEMBED_RUNTIME, see imgembed.worker.engine) or PyTorch."""
+        """The tower on ONNX Runtime (IMGEMBED_RUNTIME, see imgembed.worker.engine) or PyTorch; timm's
+        image-only models on PyTorch."""
+        if spec.is_timm:
+            from imgembed.worker.timm_model import load_timm_model
+
+            return load_timm_model(spec, self.settings.device, tower)
         if use_onnx(self.settings):
             from imgembed.worker.onnx_cache import ExportFailed, OnnxUnsupported
             from imgembed.worker.onnx_model import load_onnx_model

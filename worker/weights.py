@@ -114,7 +114,10 @@ def resolve_weights(spec: ModelSpec, model_dir: Path) -> Weights:
 
 def weights_problem(spec: ModelSpec, model_dir: Path) -> str | None:
     """Why this host cannot have the model's weights (one line, with what to do), or None when it
-    can: they are here, or can be downloaded now (which this does, once)."""
+    can: they are here, or can be downloaded now (which this does, once). timm's models: timm
+    fetches them itself when a worker loads them."""
+    if spec.is_timm:
+        return None
     try:
         resolve_weights(spec, model_dir)
     except ModelLoadError as error:

@@ -5,7 +5,10 @@
 - ``ARCH:TAG``: an OpenCLIP architecture with a pretrained tag (downloaded once by OpenCLIP);
 - ``ARCH:/path/to/checkpoint.pt`` (or ``file://``): an architecture with a local checkpoint;
 - ``ARCH``: the architecture with random weights from the fixed seed (speed measurements);
-- ``imgembed-shapes``: a tiny CLIP trained by this project on generated shapes (weights shipped).
+- ``imgembed-shapes``: a tiny CLIP trained by this project on generated shapes (weights shipped);
+- ``timm:ARCH`` (seeded random weights), ``timm:ARCH.TAG`` (timm's pretrained weights, e.g.
+  ``timm:resnet50.a1_in1k``) or ``timm:ARCH:/path/to/checkpoint.pth``: an image-only model from
+  timm (no text tower), its pooled penultimate feature as the embedding.
 """
 
 from __future__ import annotations
@@ -22,6 +25,13 @@ from imgembed.errors import ImgembedError
 # Models whose trained weights ship with the package (see README: "A model made here").
 BUNDLED_CHECKPOINTS = {"imgembed-shapes": "imgembed-shapes.pt"}
 RANDOM_INIT_SEED = 20261127
+TIMM_PREFIX = "timm:"
+# The timm architectures whose output dimension imgembed ships (timm_dims.json): the classic CNN
+# and ViT backbones, and timm's tiny test models.
+TIMM_FAMILIES = ("resnet*", "resnext*", "wide_resnet*", "mobilenetv2_*", "mobilenetv3_*", "inception_v3",
+                 "inception_v4", "vgg*", "vit_*", "deit_*", "convnext_*", "efficientnet_b*", "efficientnetv2_*",
+                 "regnet*", "densenet*", "swin_*", "test_*")
+TIMM_DIMS_FILE = Path(__file__).resolve().parent / "timm_dims.json"
 
 
 def bundled_config_dir() -> Path:
@@ -55,6 +65,20 @@ class ModelSpec:
     def random_weights(self) -> bool:
         return self.pretrained is None
 
+    @property
+    def is_timm(self) -> bool:
+        """An image-only model from timm."""
+        return self.architecture.startswith(TIMM_PREFIX)
+
+    @property
+    def timm_architecture(self) -> str:
+        return self.architecture.removeprefix(TIMM_PREFIX)
+
+    @property
+    def embeds_text(self) -> bool:
+        """Whether the model has a text tower (CLIP models do; timm's image models do not)."""
+        return not self.is_timm
+
 
 def parse_model_spec(name: str) -> ModelSpec:
     text = name.strip()
@@ -62,6 +86,12 @@ def parse_model_spec(name: str) -> ModelSpec:
         raise ModelSpecError("empty model name; use e.g. ViT-B-32:laion2b_s34b_b79k or imgembed-tiny")
     if text in BUNDLED_CHECKPOINTS:
         return ModelSpec(name=text, architecture=text, pretrained=str(bundled_weights_dir() / BUNDLED_CHECKPOINTS[text]))
+    if text.startswith(TIMM_PREFIX):
+        named, _, checkpoint = text.removeprefix(TIMM_PREFIX).partition(":")
+        architecture, _, tag = named.partition(".")
+        if not architecture:
+            raise ModelSpecError(f"model name {name!r} names no timm architecture (e.g. timm:resnet50.a1_in1k)")
+        return ModelSpec(name=text, architecture=TIMM_PREFIX + architecture, pretrained=checkpoint or tag or None)
     architecture, _, pretrained = text.partition(":")
     if not architecture:
         raise ModelSpecError(f"model name {name!r} has no architecture before ':'")
@@ -93,6 +123,8 @@ def embedding_dimension(spec: ModelSpec) -> int:
     """The output dimension of the spec's architecture, read from its config (no weights loaded):
     imgembed's own configurations, OpenCLIP's when it is installed, else the table shipped with
     imgembed."""
+    if spec.is_timm:
+        return _timm_dimension(spec)
     path = _config_path(spec.architecture)
     if path is not None:
         return int(json.loads(path.read_text())["embed_dim"])
@@ -103,6 +135,16 @@ def embedding_dimension(spec: ModelSpec) -> int:
         f"unknown OpenCLIP architecture {spec.architecture!r} (see open_clip.list_models(), or use imgembed-tiny; "
         "an architecture newer than this imgembed is known where OpenCLIP is installed: pip install 'imgembed[worker]')"
     )
+
+
+def _timm_dimension(spec: ModelSpec) -> int:
+    known = json.loads(TIMM_DIMS_FILE.read_text(encoding="utf-8"))["dim"]
+    if spec.timm_architecture not in known:
+        raise ModelSpecError(
+            f"unknown timm architecture {spec.timm_architecture!r}: imgembed knows the output dimension of "
+            f"{len(known)} of timm's ({', '.join(TIMM_FAMILIES)}); others after `python -m "
+            "imgembed.worker.timm_model` on a host with timm")
+    return int(known[spec.timm_architecture])
 
 
 def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:

@@ -24,8 +24,8 @@ def register_model(connection: psycopg.Connection, name: str, *, make_default: b
     else:
         sha256 = file_sha256(checkpoint) if checkpoint is not None and checkpoint.is_file() else None
     row = connection.execute(
-        "SELECT imgembed.register_model(%s, %s, %s, %s, %s, %s)",
-        (spec.name, spec.architecture, spec.pretrained, dim, sha256, make_default),
+        "SELECT imgembed.register_model(%s, %s, %s, %s, %s, %s, %s)",
+        (spec.name, spec.architecture, spec.pretrained, dim, sha256, make_default, spec.embeds_text),
     ).fetchone()
     return int(row[0])  # type: ignore[index]
 

@@ -6,8 +6,10 @@
 --    imgembed._attach_model (sql/20_watch.sql).
 -- 2. imgembed.image_query: images that are in no watched table (search_image, search_image_at).
 --    One row per distinct content (by its SHA-256) or location. The definitions in sql/ watch it.
--- 3. finish_batch takes the hashes as one more argument, and claimed_images names each job's table
---    (for the workers' metrics): their earlier forms go here.
+-- 3. finish_batch takes the hashes as one more argument, claimed_images names each job's table
+--    (for the workers' metrics), and register_model says whether a model embeds texts: their
+--    earlier forms go here.
+-- 4. imgembed.model.text_tower: false for image-only models (timm's), which embed no texts.
 DO $$
 DECLARE
     v_storage text;
@@ -19,7 +21,8 @@ BEGIN
                        v_storage || '_content', v_storage);
     END LOOP;
     FOR v_function IN SELECT p.oid::regprocedure FROM pg_proc p
-                       WHERE p.pronamespace = 'imgembed'::regnamespace AND p.proname IN ('finish_batch', 'claimed_images')
+                       WHERE p.pronamespace = 'imgembed'::regnamespace
+                         AND p.proname IN ('finish_batch', 'claimed_images', 'register_model')
     LOOP
         EXECUTE format('DROP FUNCTION %s', v_function);
     END LOOP;
@@ -34,3 +37,5 @@ CREATE TABLE imgembed.image_query (
     CONSTRAINT image_query_content_or_uri CHECK (num_nonnulls(content, uri) = 1),
     CONSTRAINT image_query_hash_of_content CHECK ((content IS NULL) = (content_sha256 IS NULL))
 );
+
+ALTER TABLE imgembed.model ADD COLUMN text_tower boolean NOT NULL DEFAULT true;

@@ -1,7 +1,7 @@
 -- Revision 0011, downgrade: back to revision 0010. Query images (imgembed.image_query, its watch and
--- vectors), the content hashes beside vectors, hybrid search and backlog() go, and revision 0010's
--- definitions (sql/ as released with it) are applied again, making the earlier forms of
--- finish_batch and claimed_images.
+-- vectors), the content hashes beside vectors, hybrid search, backlog() and model.text_tower go
+-- (image-only models stay registered), and revision 0010's definitions (sql/ as released with it)
+-- are applied again, making the earlier forms of finish_batch, claimed_images and register_model.
 DO $$
 DECLARE
     v_storage text;
@@ -16,7 +16,8 @@ BEGIN
     END LOOP;
     FOR v_function IN SELECT p.oid::regprocedure FROM pg_proc p
                        WHERE p.pronamespace = 'imgembed'::regnamespace
-                         AND p.proname IN ('finish_batch', 'claimed_images', 'backlog', 'vectors_by_content', '_query_tables', '_request_elsewhere',
+                         AND p.proname IN ('finish_batch', 'claimed_images', 'register_model', 'backlog',
+                                           '_require_text_model', 'vectors_by_content', '_query_tables', '_request_elsewhere',
                                            '_check_image_backlog', 'request_image', 'request_image_at', '_image_state',
                                            '_request_image_elsewhere', '_query_image_vector', 'image_vector',
                                            '_search_image', 'search_image', 'search_image_at', '_text_tsvector_sql',
@@ -26,6 +27,7 @@ BEGIN
     END LOOP;
 END $$;
 DROP TABLE imgembed.image_query;
+ALTER TABLE imgembed.model DROP COLUMN text_tower;
 -- sql/05_optional_extensions.sql as released with revision 0010
 DO $imgembed_definition$
 DECLARE

@@ -222,8 +222,8 @@ RELEASED_REVISION_FILES = {
     "0010_relevance_cutoff.sql": "2fd161e610a5b8a73f7bb8c91d04f1cf924b7bb1d5073a0575e241266af64d03",
     "0010_relevance_cutoff_down.sql": "c7831c7f36513911fb74dba6db1176c70d6dd4e0eb8c23bcf2aadf94779f25b9",
     "0011_content_and_query_images.py": "22851c77daa71e0c6aaccdcf31921ad325c4a299102a832ab6bfb488dee42828",
-    "0011_content_and_query_images.sql": "3517657c97fba66a869396c451fe07f8bb452597bc49e5ff25a307134af66a54",
-    "0011_content_and_query_images_down.sql": "07fda267f598864141edb40ec336db088e2b5091a8fbd16b463d139569310b2c",
+    "0011_content_and_query_images.sql": "78f6a932d3d67cb148dbc2fdefc75cb8d4df6904a8363d07a9ff5c66a5da8126",
+    "0011_content_and_query_images_down.sql": "6a2f2d3bf510eda2858c79d8cbf551799801ae029528f59a1c587aa07e1356bd",
 }
 RELEASED_0001 = REPO / "tests" / "fixtures" / "imgembed-0001-as-released.sql.gz"
 

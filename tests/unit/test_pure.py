@@ -261,3 +261,22 @@ def test_jobs_with_identical_bytes_are_grouped_once() -> None:
     assert groups.unreadable == [(4, missing)]
     assert groups.hash_of_job() == {1: hashlib.sha256(b"a").digest(), 3: hashlib.sha256(b"a").digest(),
                                     5: hashlib.sha256(b"a").digest(), 2: hashlib.sha256(b"b").digest()}
+
+
+def test_timm_model_names() -> None:
+    from imgembed.models.names import ModelSpecError, embedding_dimension, parse_model_spec
+
+    tagged = parse_model_spec("timm:resnet50.a1_in1k")
+    assert (tagged.architecture, tagged.pretrained, tagged.is_timm, tagged.embeds_text) == (
+        "timm:resnet50", "a1_in1k", True, False)
+    assert parse_model_spec("timm:resnet50").random_weights
+    local = parse_model_spec("timm:vgg16:/models/vgg16.pth")
+    assert (local.timm_architecture, str(local.checkpoint_path)) == ("vgg16", "/models/vgg16.pth")
+    assert not parse_model_spec("ViT-B-32:laion2b_s34b_b79k").is_timm
+    # The article's backbones, their pooled penultimate features.
+    assert {name: embedding_dimension(parse_model_spec(f"timm:{name}")) for name in (
+        "resnet50", "mobilenetv2_100", "inception_v3", "vgg16", "vit_base_patch16_224")} == {
+        "resnet50": 2048, "mobilenetv2_100": 1280, "inception_v3": 2048, "vgg16": 4096, "vit_base_patch16_224": 768}
+    for bad in ("timm:", "timm:no_such_net"):
+        with pytest.raises(ModelSpecError):
+            embedding_dimension(parse_model_spec(bad))
