@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from imgembed.bench.results import BenchSize
+from imgembed.bench.timing import images_per_s
 from imgembed.models.names import parse_model_spec
 from imgembed.settings import Settings
 from imgembed.worker.embedding import load_model
@@ -46,13 +47,7 @@ class RawModel:
         pixels: object = np.random.default_rng(0).standard_normal((batch_size, 3, size, size), dtype=np.float32)
         if not isinstance(self.model, OnnxModel):
             pixels = torch.from_numpy(pixels)  # type: ignore[arg-type]
-        self.model.embed_pixels(pixels)  # warm-up
-        started = time.perf_counter()
-        done = 0
-        while done < images or time.perf_counter() - started < seconds:
-            self.model.embed_pixels(pixels)  # returns the vectors on the CPU: the device has finished
-            done += batch_size
-        return done / (time.perf_counter() - started)
+        return images_per_s(self.model.embed_pixels, pixels, batch_size, images, seconds)
 
     def decode_images_per_s(self, photos: list[bytes], settings: Settings) -> float:
         """JPEG bytes to model-ready tensors alone, as the worker does it (Pillow in

@@ -16,6 +16,7 @@ import numpy as np
 
 from imgembed.bench.photos import photo_files
 from imgembed.bench.results import BenchSize, Results
+from imgembed.bench.timing import images_per_s
 from imgembed.settings import Settings
 
 # A worker's model alone, in a process of its own: load the image tower on one runtime, embed the
@@ -43,16 +44,6 @@ for start in range(0, len(paths), 32):
 peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
 print(json.dumps({"peak_rss_mb": peak / 1024, "torch_loaded": "torch" in sys.modules}))
 """
-
-
-def _images_per_s(embed: object, pixels: np.ndarray, seconds: float, images: int) -> float:
-    embed(pixels)  # type: ignore[operator]  # warm-up
-    started = time.perf_counter()
-    done = 0
-    while done < images or time.perf_counter() - started < seconds:
-        embed(pixels)  # type: ignore[operator]
-        done += len(pixels)
-    return done / (time.perf_counter() - started)
 
 
 def _recall_at_10(reference: np.ndarray, other: np.ndarray) -> float:
@@ -94,7 +85,8 @@ def runtime_figures(results: Results, settings: Settings, size: BenchSize, model
     measured: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(size.repeats):  # the runtimes in turn, so that the machine's drift touches each alike
         for name, (embed, batch_pixels) in runs.items():
-            measured[name].append(_images_per_s(embed, batch_pixels, size.raw_seconds, size.raw_images))  # type: ignore[arg-type]
+            measured[name].append(images_per_s(embed, batch_pixels, len(batch_pixels), size.raw_images,  # type: ignore[arg-type]
+                                                size.raw_seconds))
     rates = {name: statistics.median(values) for name, values in measured.items()}
     results.add("runtime_images_per_s", rates,
                 f"- (8) {model} image tower alone, {batch} images per pass, {torch.get_num_threads()} threads: PyTorch "

@@ -21,6 +21,8 @@ def _figures(text: str) -> tuple[int, ...]:
 
 
 def bench(settings: Settings, args: argparse.Namespace) -> int:
+    if args.models is not None:
+        return _model_table(args)
     figures = _figures(args.figures)
     from imgembed.bench.photos import generated_photos, photo_files
     from imgembed.bench.results import SMOKE, BenchSize
@@ -35,8 +37,23 @@ def bench(settings: Settings, args: argparse.Namespace) -> int:
         photos = settings.data_dir / "bench-photos"
         note = f"{len(generated_photos(photos))} generated 500x375 JPEGs (no --photos given)"
     device = args.device or ("cuda" if settings.device.startswith("cuda") else "cpu")
-    run_bench(settings, size=SMOKE if args.smoke else BenchSize(), model=args.model, out=Path(args.out),
-              photos=photos, photos_note=note, device=device, figures=figures)
+    run_bench(settings, size=SMOKE if args.smoke else BenchSize(), model=args.model,
+              out=Path(args.out or "bench/RESULTS.md"), photos=photos, photos_note=note, device=device, figures=figures)
+    return 0
+
+
+def _model_table(args: argparse.Namespace) -> int:
+    from imgembed.bench.models import DEFAULT_MODELS, model_table
+    from imgembed.bench.results import SMOKE, BenchSize
+    from imgembed.models.names import ModelSpecError, embedding_dimension, parse_model_spec
+
+    models = [name.strip() for name in args.models.split(",") if name.strip()] or list(DEFAULT_MODELS)
+    for name in models:
+        try:
+            embedding_dimension(parse_model_spec(name))
+        except ModelSpecError as error:
+            raise UsageError(f"--models: {error}") from error
+    model_table(models, SMOKE if args.smoke else BenchSize(), Path(args.out or "docs/models.md"))
     return 0
 
 
@@ -53,5 +70,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
                               "--device cuda, GPU memory and use come with 2")
     command.add_argument("--photos", help="folder of *.JPEG photos for (2), (3) and (9) (default: photo-sized JPEGs "
                          "generated in IMGEMBED_DATA_DIR)")
-    command.add_argument("--out", default="bench/RESULTS.md", help="where to write the results "
-                         "(default bench/RESULTS.md)")
+    command.add_argument("--models", nargs="?", const="", metavar="NAME,...",
+                         help="instead of the figures, the model table: dimension, parameters, GFLOPs, images/s on "
+                              "the CPU, peak memory and text for each model (default: the classic backbones from "
+                              "timm, ViT-B-32, ViT-L-14 and MobileCLIP-S2), written to docs/models.md")
+    command.add_argument("--out", help="where to write the results (default bench/RESULTS.md, or docs/models.md "
+                         "with --models)")

@@ -147,9 +147,19 @@ def _timm_dimension(spec: ModelSpec) -> int:
     return int(known[spec.timm_architecture])
 
 
+_hashed: dict[tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime) -> sha256, for this process
+
+
 def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """The file's SHA-256, read once per process while the file stays the same (inode, size and
+    modification time): a worker loading a model checks its checkpoint and names its ONNX export by
+    it, and ViT-L-14's checkpoint is 1.7 GB."""
+    info = path.stat()
+    key = (str(path.resolve()), info.st_ino, info.st_size, info.st_mtime_ns)
+    if key not in _hashed:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            while chunk := handle.read(chunk_bytes):
+                digest.update(chunk)
+        _hashed[key] = digest.hexdigest()
+    return _hashed[key]

@@ -42,3 +42,19 @@ def test_bench_measures_only_the_figures_asked_for(tmp_path: Path, redis_url: st
     text = out.read_text()
     assert "(2) end to end" in text and "(6) peak RSS" in text and "generated 500x375 JPEGs" in text
     assert "(1) raw" not in text and "(3) one INSERT" not in text and "ef_search" not in text
+
+
+def test_bench_writes_the_model_table(tmp_path: Path) -> None:
+    out = tmp_path / "models.md"
+    result = subprocess.run([sys.executable, "-m", "imgembed", "bench", "--smoke", "--models",
+                             "imgembed-tiny,timm:test_resnet", "--out", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in out.read_text().splitlines() if line.startswith("| `")}
+    assert rows["`imgembed-tiny`"][0] == "64" and rows["`imgembed-tiny`"][-1] == "yes"
+    assert rows["`timm:test_resnet`"][:2] == ["96", "160 px"] and rows["`timm:test_resnet`"][-1] == "no"
+    refused = subprocess.run([sys.executable, "-m", "imgembed", "bench", "--models", "timm:no_such_net"],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "unknown timm architecture" in refused.stderr
+

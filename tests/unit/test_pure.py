@@ -280,3 +280,17 @@ def test_timm_model_names() -> None:
     for bad in ("timm:", "timm:no_such_net"):
         with pytest.raises(ModelSpecError):
             embedding_dimension(parse_model_spec(bad))
+
+
+def test_a_file_is_hashed_again_once_it_changes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import hashlib
+    import os
+
+    from imgembed.models.names import file_sha256
+
+    checkpoint = tmp_path / "weights.pt"
+    checkpoint.write_bytes(b"first")
+    assert file_sha256(checkpoint) == hashlib.sha256(b"first").hexdigest()
+    checkpoint.write_bytes(b"other")  # rewritten in place, same size
+    os.utime(checkpoint, ns=(1, 1))
+    assert file_sha256(checkpoint) == hashlib.sha256(b"other").hexdigest()
