@@ -28,14 +28,21 @@ class ContentGroups:
         return {job_id: digest for digest, job_ids in self.jobs_by_hash.items() for job_id in job_ids}
 
 
-def group_by_content(job_ids: Sequence[int], reads: Sequence[bytes | ImageError]) -> ContentGroups:
-    """Group jobs whose bytes are identical; a job whose image could not be read stays alone with its error."""
+def hashed(data: bytes | ImageError) -> tuple[bytes, bytes] | ImageError:
+    """Bytes read with their SHA-256 (in the reading thread: hashlib lets other threads run), or
+    why they could not be read."""
+    return data if isinstance(data, ImageError) else (data, content_hash(data))
+
+
+def group_by_content(job_ids: Sequence[int], reads: Sequence[tuple[bytes, bytes] | ImageError]) -> ContentGroups:
+    """Group jobs whose bytes (read with their hash, see ``hashed``) are identical; a job whose
+    image could not be read stays alone with its error."""
     groups = ContentGroups()
-    for job_id, data in zip(job_ids, reads, strict=True):
-        if isinstance(data, ImageError):
-            groups.unreadable.append((job_id, data))
+    for job_id, read in zip(job_ids, reads, strict=True):
+        if isinstance(read, ImageError):
+            groups.unreadable.append((job_id, read))
             continue
-        digest = content_hash(data)
+        data, digest = read
         groups.jobs_by_hash.setdefault(digest, []).append(job_id)
         groups.data_by_hash.setdefault(digest, data)
     return groups

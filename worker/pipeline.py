@@ -15,7 +15,7 @@ import psycopg
 from imgembed import queue
 from imgembed.settings import Settings
 from imgembed.worker.batcher import ForwardBatcher
-from imgembed.worker.content import group_by_content
+from imgembed.worker.content import group_by_content, hashed
 from imgembed.worker.decode import decode_image
 from imgembed.worker.engine import EmbeddingModel
 from imgembed.worker.image_error import ImageError, Reason
@@ -170,7 +170,7 @@ def _embed_pictures(runtime: WorkerRuntime, model_name: str, pictures: list[queu
     settings = runtime.settings
     started = time.perf_counter()
     groups = group_by_content([item.job_id for item in pictures],
-                              list(runtime.decoders().map(lambda item: _read(item, settings), pictures)))
+                              list(runtime.decoders().map(lambda item: hashed(_read(item, settings)), pictures)))
     results.failures += [queue.JobFailure(job_id, str(error), error.retryable) for job_id, error in groups.unreadable]
     results.content_hashes.update(groups.hash_of_job())
     known = _known_vectors(runtime, model_name, list(groups.jobs_by_hash))

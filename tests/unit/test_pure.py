@@ -251,11 +251,11 @@ def test_open_clip_dimensions_shipped_with_the_core_agree_with_open_clip() -> No
 def test_jobs_with_identical_bytes_are_grouped_once() -> None:
     import hashlib
 
-    from imgembed.worker.content import group_by_content
+    from imgembed.worker.content import group_by_content, hashed
     from imgembed.worker.image_error import ImageError, Reason
 
     missing = ImageError(Reason.FILE_NOT_FOUND, "/nowhere.jpg")
-    groups = group_by_content([1, 2, 3, 4, 5], [b"a", b"b", b"a", missing, b"a"])
+    groups = group_by_content([1, 2, 3, 4, 5], [hashed(read) for read in (b"a", b"b", b"a", missing, b"a")])
     assert list(groups.jobs_by_hash.values()) == [[1, 3, 5], [2]]
     assert groups.data_by_hash[hashlib.sha256(b"a").digest()] == b"a"
     assert groups.unreadable == [(4, missing)]
