@@ -57,7 +57,8 @@ def pictures_from_table(connection: psycopg.Connection, table: str, image_column
     from psycopg import sql
 
     columns = [sql.Identifier(image_column), sql.Identifier(label_column) if label_column else sql.NULL]
-    rows = connection.execute(sql.SQL("SELECT {}, {}::text FROM {} WHERE {} IS NOT NULL").format(
+    # In the images' order, not the heap's: the held-out split (seeded) is then the same every time.
+    rows = connection.execute(sql.SQL("SELECT {}, {}::text FROM {} WHERE {} IS NOT NULL ORDER BY 1, 2").format(
         *columns, sql.SQL(table), sql.Identifier(image_column))).fetchall()  # table: checked by the CLI as regclass
     pictures, skipped = [], Counter[str]()
     for value, label in rows:
@@ -134,7 +135,9 @@ def train(model: LoadedModel, pictures: Sequence[Picture], *, epochs: int, batch
             shuffler.shuffle(order)
             for step in range(steps_per_epoch):
                 batch = [pictures[i].image for i in order[step * batch_size:(step + 1) * batch_size]]
-                first, second = (torch.stack(list(pool.map(lambda image: to_pixels(augment(image)), batch)))
+                # The random views in this thread, in order (torchvision draws from torch's one
+                # generator: threads would take its numbers in any order); their pixels in the pool.
+                first, second = (torch.stack(list(pool.map(to_pixels, [augment(image) for image in batch])))
                                  for _ in range(2))
                 loss = nt_xent(head(visual(first)), head(visual(second)), temperature)
                 optimizer.zero_grad(set_to_none=True)
