@@ -42,6 +42,22 @@ def wait_embedded(connection: psycopg.Connection, table: str, rows: int, timeout
     raise TimeoutError(f"{table}: {rows} rows not embedded within {timeout}s")
 
 
+def insert_watched(connection: psycopg.Connection, table: str, column: str, images: list[object]) -> tuple[float, float]:
+    """A new watched table ``table (id bigint, image <column>)`` holding ``images`` (bytes or paths),
+    inserted in one binary COPY, image bytes stored without a compression attempt. Returns when the
+    COPY started (time.perf_counter(): a run is timed from there) and the seconds it took."""
+    connection.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, image {column})")
+    if column == "bytea":
+        connection.execute(f"ALTER TABLE {table} ALTER COLUMN image SET STORAGE EXTERNAL")
+    connection.execute(f"SELECT imgembed.watch('{table}', 'image')")
+    started = time.perf_counter()
+    with connection.cursor() as cursor, cursor.copy(f"COPY {table} (id, image) FROM STDIN WITH (FORMAT BINARY)") as copy:
+        copy.set_types(["bigint", column])
+        for number, image in enumerate(images):
+            copy.write_row((number, image))
+    return started, time.perf_counter() - started
+
+
 def end_to_end(connection: psycopg.Connection, rows: int, as_bytes: bool, round_number: int,
                photo_dir: Path, copies_dir: Path) -> tuple[float, float]:
     """(2) rows inserted (real JPEGs) until the last vector is committed: images/s, and the seconds
@@ -54,21 +70,11 @@ def end_to_end(connection: psycopg.Connection, rows: int, as_bytes: bool, round_
     photos = [photo.read_bytes() for photo in sorted(photo_dir.glob("*.JPEG"))]
     table = f"bench_e2e_{'bytes' if as_bytes else 'paths'}_{round_number}"
     tags = [f"{table}-{i}" for i in range(rows)]
-    column = "bytea" if as_bytes else "text"
-    connection.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, image {column})")
-    if as_bytes:
-        connection.execute(f"ALTER TABLE {table} ALTER COLUMN image SET STORAGE EXTERNAL")
-    connection.execute(f"SELECT imgembed.watch('{table}', 'image')")
-    payload = ([tagged_copy(photos[i % len(photos)], tag) for i, tag in enumerate(tags)] if as_bytes
-               else [str(path) for path in tagged_files(photos, tags, copies_dir / table)])
-    started = time.perf_counter()
-    with connection.cursor() as cursor, cursor.copy(f"COPY {table} (id, image) FROM STDIN WITH (FORMAT BINARY)") as copy:
-        copy.set_types(["bigint", column])
-        for i in range(rows):
-            copy.write_row((i, payload[i]))
-    inserted = time.perf_counter()
+    payload: list[object] = ([tagged_copy(photos[i % len(photos)], tag) for i, tag in enumerate(tags)] if as_bytes
+                             else [str(path) for path in tagged_files(photos, tags, copies_dir / table)])
+    started, inserted = insert_watched(connection, table, "bytea" if as_bytes else "text", payload)
     wait_embedded(connection, f"public.{table}", rows)
-    return rows / (time.perf_counter() - started), inserted - started
+    return rows / (time.perf_counter() - started), inserted
 
 
 def end_to_end_figures(connection: psycopg.Connection, results: Results, size: BenchSize, settings: Settings,

@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 
 from imgembed.bench.photos import tagged_copy
-from imgembed.bench.pipeline import wait_embedded
+from imgembed.bench.pipeline import insert_watched, wait_embedded
 from imgembed.bench.results import BenchSize, Results
 
 REPEATS_PER_IMAGE = 10  # 1,000 rows repeat 100 distinct images
@@ -18,14 +18,7 @@ REPEATS_PER_IMAGE = 10  # 1,000 rows repeat 100 distinct images
 
 def _seconds_to_embed(connection: psycopg.Connection, table: str, images: list[bytes]) -> float:
     """Rows of ``images`` (as bytea, one COPY) from the insert to the last vector committed."""
-    connection.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, image bytea)")
-    connection.execute(f"ALTER TABLE {table} ALTER COLUMN image SET STORAGE EXTERNAL")
-    connection.execute(f"SELECT imgembed.watch('{table}', 'image')")
-    started = time.perf_counter()
-    with connection.cursor() as cursor, cursor.copy(f"COPY {table} (id, image) FROM STDIN WITH (FORMAT BINARY)") as copy:
-        copy.set_types(["bigint", "bytea"])
-        for number, image in enumerate(images):
-            copy.write_row((number, image))
+    started, _ = insert_watched(connection, table, "bytea", list(images))
     wait_embedded(connection, f"public.{table}", len(images))
     return time.perf_counter() - started
 

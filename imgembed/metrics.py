@@ -5,6 +5,7 @@ their own port. Metric names are listed in METRIC_NAMES (the dashboard's panels 
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -57,8 +58,6 @@ def serve(settings: Settings, role: str) -> CollectorRegistry | None:
 
 def _resident_bytes() -> float:
     with open("/proc/self/statm") as handle:
-        import os
-
         return float(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 

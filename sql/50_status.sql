@@ -1,5 +1,30 @@
 -- What users look at: exact backlog per (table, model), failures, a row's stored vector.
 
+-- Jobs per (watched table, model), in one pass over the queue: rows queued (jobs pending, and keys
+-- the triggers wrote that are not jobs yet), in flight and failed, and when the oldest queued row
+-- was queued. What status and backlog() count; each role counts the jobs it may see.
+CREATE OR REPLACE FUNCTION imgembed._job_counts()
+RETURNS TABLE (watch_id integer, model_id integer, queued bigint, in_flight bigint, failed bigint,
+               oldest_queued timestamptz)
+LANGUAGE sql STABLE AS $$
+    WITH jobs AS (
+        SELECT j.watch_id, j.model_id, count(*) FILTER (WHERE j.status = 'pending') AS pending,
+               count(*) FILTER (WHERE j.status = 'in_flight') AS in_flight,
+               count(*) FILTER (WHERE j.status = 'failed') AS failed,
+               min(j.enqueued_at) FILTER (WHERE j.status = 'pending') AS oldest
+          FROM imgembed.job j GROUP BY j.watch_id, j.model_id),
+    written AS (
+        SELECT i.watch_id, wm.model_id, sum(cardinality(i.keys)) AS keys, min(i.created_at) AS oldest
+          FROM imgembed.intake i
+          JOIN imgembed.watch_model wm ON wm.watch_id = i.watch_id AND (i.model_id IS NULL OR i.model_id = wm.model_id)
+         GROUP BY i.watch_id, wm.model_id)
+    SELECT wm.watch_id, wm.model_id, (coalesce(j.pending, 0) + coalesce(k.keys, 0))::bigint, coalesce(j.in_flight, 0),
+           coalesce(j.failed, 0), least(j.oldest, k.oldest)
+      FROM imgembed.watch_model wm
+      LEFT JOIN jobs j ON j.watch_id = wm.watch_id AND j.model_id = wm.model_id
+      LEFT JOIN written k ON k.watch_id = wm.watch_id AND k.model_id = wm.model_id
+$$;
+
 CREATE OR REPLACE FUNCTION imgembed._status_rows()
 RETURNS TABLE (
     table_name text,
@@ -20,10 +45,12 @@ DECLARE
 BEGIN
     FOR v_link IN
         SELECT w.id AS watch_id, w.tbl, w.table_name, m.id AS model_id, m.name, wm.is_default, wm.storage_table,
-               imgembed._has_image_sql(ROW(w.*)::imgembed.watch, 's') AS has_image
+               imgembed._has_image_sql(ROW(w.*)::imgembed.watch, 's') AS has_image,
+               c.queued, c.in_flight, c.failed, now() - c.oldest_queued AS oldest_queued_age
           FROM imgembed._live_watch w
           JOIN imgembed.watch_model wm ON wm.watch_id = w.id
           JOIN imgembed.model m ON m.id = wm.model_id
+          JOIN imgembed._job_counts() c ON c.watch_id = wm.watch_id AND c.model_id = wm.model_id
          WHERE has_table_privilege(w.tbl, 'SELECT')  -- a role sees the tables it may read
          ORDER BY w.table_name, m.name
     LOOP
@@ -35,19 +62,10 @@ BEGIN
                        ' count(*) FILTER (WHERE embedded_at > now() - interval ''5 minutes'') FROM imgembed.%I',
                        v_link.storage_table)
            INTO embedded, embedded_last_minute, embedded_last_5_minutes;
-        SELECT count(*) FILTER (WHERE j.status = 'pending'),
-               count(*) FILTER (WHERE j.status = 'in_flight'),
-               count(*) FILTER (WHERE j.status = 'failed'),
-               now() - min(j.enqueued_at) FILTER (WHERE j.status = 'pending')
-          INTO pending, in_flight, failed, oldest_pending_age
-          FROM imgembed.job j
-         WHERE j.watch_id = v_link.watch_id AND j.model_id = v_link.model_id;
-        -- Keys still in the intake (not yet expanded into jobs) are pending too.
-        SELECT pending + coalesce(sum(cardinality(i.keys)), 0),
-               greatest(oldest_pending_age, now() - min(i.created_at))
-          INTO pending, oldest_pending_age
-          FROM imgembed.intake i
-         WHERE i.watch_id = v_link.watch_id AND (i.model_id IS NULL OR i.model_id = v_link.model_id);
+        pending := v_link.queued;  -- keys still in the intake (not yet jobs) are pending too
+        in_flight := v_link.in_flight;
+        failed := v_link.failed;
+        oldest_pending_age := v_link.oldest_queued_age;
         RETURN NEXT;
     END LOOP;
 END $$;
@@ -65,23 +83,10 @@ SELECT * FROM imgembed._status_rows();
 CREATE OR REPLACE FUNCTION imgembed.backlog()
 RETURNS TABLE (table_name text, model text, queued bigint, in_flight bigint, oldest_queued_seconds double precision)
 LANGUAGE sql STABLE AS $$
-    WITH jobs AS (
-        SELECT j.watch_id, j.model_id, count(*) FILTER (WHERE j.status = 'pending') AS pending,
-               count(*) FILTER (WHERE j.status = 'in_flight') AS in_flight,
-               min(j.enqueued_at) FILTER (WHERE j.status = 'pending') AS oldest
-          FROM imgembed.job j WHERE j.status <> 'failed' GROUP BY j.watch_id, j.model_id),
-    written AS (
-        SELECT i.watch_id, wm.model_id, sum(cardinality(i.keys)) AS keys, min(i.created_at) AS oldest
-          FROM imgembed.intake i
-          JOIN imgembed.watch_model wm ON wm.watch_id = i.watch_id AND (i.model_id IS NULL OR i.model_id = wm.model_id)
-         GROUP BY i.watch_id, wm.model_id)
-    SELECT w.table_name, m.name, (coalesce(j.pending, 0) + coalesce(k.keys, 0))::bigint, coalesce(j.in_flight, 0),
-           extract(epoch FROM now() - least(j.oldest, k.oldest))::float8
+    SELECT w.table_name, m.name, c.queued, c.in_flight, extract(epoch FROM now() - c.oldest_queued)::float8
       FROM imgembed._live_watch w
-      JOIN imgembed.watch_model wm ON wm.watch_id = w.id
-      JOIN imgembed.model m ON m.id = wm.model_id
-      LEFT JOIN jobs j ON j.watch_id = wm.watch_id AND j.model_id = wm.model_id
-      LEFT JOIN written k ON k.watch_id = wm.watch_id AND k.model_id = wm.model_id
+      JOIN imgembed._job_counts() c ON c.watch_id = w.id
+      JOIN imgembed.model m ON m.id = c.model_id
      ORDER BY 1, 2
 $$;
 

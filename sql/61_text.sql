@@ -2,6 +2,21 @@
 -- rows that the workers embed with the same model as the images, so SQL searches by text
 -- without a model inside PostgreSQL.
 
+-- Refuse one more text or query image while 1,000 of them (rows of p_tbl, one of imgembed's query
+-- tables) wait for a worker: no one can bury the workers in them. p_what names them in the error.
+CREATE OR REPLACE FUNCTION imgembed._check_waiting(p_tbl regclass, p_what text)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_watch_id integer := (SELECT w.id FROM imgembed.watch w WHERE w.tbl = p_tbl);
+BEGIN
+    IF (SELECT count(*) FROM imgembed.job j WHERE j.watch_id = v_watch_id AND j.status <> 'failed')
+       + (SELECT coalesce(sum(cardinality(i.keys)), 0) FROM imgembed.intake i WHERE i.watch_id = v_watch_id) >= 1000 THEN
+        RAISE EXCEPTION 'too many % wait for a worker (1,000); try again in a moment', p_what
+            USING HINT = 'is an imgembed worker running? (see imgembed.status)', ERRCODE = 'too_many_connections';
+    END IF;
+END $$;
+
 -- Queue a text for embedding (idempotent); returns its id. Commit before waiting for it. Runs as
 -- its owner: texts are private (no reader may list them), and a text is at most 1,000 characters
 -- while at most 1,000 texts wait for a worker, so no one can bury the workers in texts.
@@ -10,7 +25,6 @@ RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     v_id bigint;
-    v_watch_id integer := (SELECT w.id FROM imgembed.watch w WHERE w.tbl = 'imgembed.text_query'::regclass);
 BEGIN
     IF query IS NULL OR btrim(query) = '' THEN
         RAISE EXCEPTION 'the text query is empty' USING ERRCODE = 'invalid_parameter_value';
@@ -23,11 +37,7 @@ BEGIN
     IF v_id IS NOT NULL THEN
         RETURN v_id;
     END IF;
-    IF (SELECT count(*) FROM imgembed.job j WHERE j.watch_id = v_watch_id AND j.status <> 'failed')
-       + (SELECT coalesce(sum(cardinality(i.keys)), 0) FROM imgembed.intake i WHERE i.watch_id = v_watch_id) >= 1000 THEN
-        RAISE EXCEPTION 'too many texts wait for a worker (1,000); try again in a moment'
-            USING HINT = 'is an imgembed worker running? (see imgembed.status)', ERRCODE = 'too_many_connections';
-    END IF;
+    PERFORM imgembed._check_waiting('imgembed.text_query', 'texts');
     INSERT INTO imgembed.text_query (query) VALUES (request_text.query) ON CONFLICT DO NOTHING;
     SELECT t.id INTO v_id FROM imgembed.text_query t WHERE t.query = request_text.query;
     RETURN v_id;

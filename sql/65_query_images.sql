@@ -20,20 +20,6 @@ BEGIN
                      WHERE wm.model_id = m.id AND w.tbl <> ALL (imgembed._query_tables()));
 END $$;
 
--- Refuse a new query image while 1,000 wait for a worker: no one can bury the workers in them.
-CREATE OR REPLACE FUNCTION imgembed._check_image_backlog()
-RETURNS void
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_watch_id integer := (SELECT w.id FROM imgembed.watch w WHERE w.tbl = 'imgembed.image_query'::regclass);
-BEGIN
-    IF (SELECT count(*) FROM imgembed.job j WHERE j.watch_id = v_watch_id AND j.status <> 'failed')
-       + (SELECT coalesce(sum(cardinality(i.keys)), 0) FROM imgembed.intake i WHERE i.watch_id = v_watch_id) >= 1000 THEN
-        RAISE EXCEPTION 'too many query images wait for a worker (1,000); try again in a moment'
-            USING HINT = 'is an imgembed worker running? (see imgembed.status)', ERRCODE = 'too_many_connections';
-    END IF;
-END $$;
-
 -- Queue image bytes for embedding (idempotent: the same bytes are one row); returns its id.
 -- Commit before waiting for it. Runs as its owner: query images are private (no reader may list
 -- them); one is at most 32 MB.
@@ -54,7 +40,7 @@ BEGIN
     v_hash := sha256(image);
     SELECT q.id INTO v_id FROM imgembed.image_query q WHERE q.content_sha256 = v_hash;
     IF v_id IS NULL THEN
-        PERFORM imgembed._check_image_backlog();
+        PERFORM imgembed._check_waiting('imgembed.image_query', 'query images');
         INSERT INTO imgembed.image_query (content, content_sha256) VALUES (image, v_hash) ON CONFLICT DO NOTHING;
         SELECT q.id INTO v_id FROM imgembed.image_query q WHERE q.content_sha256 = v_hash;
     END IF;
@@ -81,7 +67,7 @@ BEGIN
     END IF;
     SELECT q.id INTO v_id FROM imgembed.image_query q WHERE q.uri = location;
     IF v_id IS NULL THEN
-        PERFORM imgembed._check_image_backlog();
+        PERFORM imgembed._check_waiting('imgembed.image_query', 'query images');
         INSERT INTO imgembed.image_query (uri) VALUES (location) ON CONFLICT DO NOTHING;
         SELECT q.id INTO v_id FROM imgembed.image_query q WHERE q.uri = location;
     ELSE

@@ -16,9 +16,9 @@ BEGIN
     END LOOP;
     FOR v_function IN SELECT p.oid::regprocedure FROM pg_proc p
                        WHERE p.pronamespace = 'imgembed'::regnamespace
-                         AND p.proname IN ('finish_batch', 'claimed_images', 'register_model', 'backlog',
+                         AND p.proname IN ('finish_batch', 'claimed_images', 'register_model', 'backlog', '_job_counts',
                                            '_require_text_model', 'vectors_by_content', '_query_tables', '_request_elsewhere',
-                                           '_check_image_backlog', 'request_image', 'request_image_at', '_image_state',
+                                           '_check_waiting', 'request_image', 'request_image_at', '_image_state',
                                            '_request_image_elsewhere', '_query_image_vector', 'image_vector',
                                            '_search_image', 'search_image', 'search_image_at', '_text_tsvector_sql',
                                            'search_hybrid')

@@ -223,7 +223,7 @@ RELEASED_REVISION_FILES = {
     "0010_relevance_cutoff_down.sql": "c7831c7f36513911fb74dba6db1176c70d6dd4e0eb8c23bcf2aadf94779f25b9",
     "0011_content_and_query_images.py": "22851c77daa71e0c6aaccdcf31921ad325c4a299102a832ab6bfb488dee42828",
     "0011_content_and_query_images.sql": "78f6a932d3d67cb148dbc2fdefc75cb8d4df6904a8363d07a9ff5c66a5da8126",
-    "0011_content_and_query_images_down.sql": "6a2f2d3bf510eda2858c79d8cbf551799801ae029528f59a1c587aa07e1356bd",
+    "0011_content_and_query_images_down.sql": "73f03a93600b78bbf24864f7b6c302876151dc9480998b1920aa9752828e4a70",
 }
 RELEASED_0001 = REPO / "tests" / "fixtures" / "imgembed-0001-as-released.sql.gz"
 
