@@ -12,6 +12,7 @@ from imgembed.settings import Settings, require_redis_url
 
 TASK_EMBED_BATCH = "imgembed.embed_batch"
 TASK_CLUSTER = "imgembed.cluster"
+TASK_REDUCE = "imgembed.reduce"
 
 
 def create_celery_app(settings: Settings) -> Celery:

@@ -1,6 +1,6 @@
 """The dispatcher: wakes on NOTIFY (or every sweep interval), expands the triggers' intake into
 jobs, recovers expired leases, claims pending jobs in batches and sends one Celery task per batch
-(and one per clustering run). Several may run at once: claims use ``FOR UPDATE SKIP LOCKED``. It
+(and one per clustering run or reduced model's fit). Several may run at once: claims use ``FOR UPDATE SKIP LOCKED``. It
 never imports torch."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import psycopg
 from celery import Celery
 
 from imgembed import db, queue
-from imgembed.celery_app import TASK_CLUSTER, TASK_EMBED_BATCH
+from imgembed.celery_app import TASK_CLUSTER, TASK_EMBED_BATCH, TASK_REDUCE
 from imgembed.metrics import DispatcherMetrics
 from imgembed.settings import Settings, require_database_url
 
@@ -50,7 +50,8 @@ class Dispatcher:
             if self.metrics is not None:
                 self.metrics.recovered.inc(recovered)
         self._measure_backlog(connection)
-        sent = self._dispatch_cluster_runs(connection)
+        sent = self._dispatch_analysis(connection, "claim_cluster_run", TASK_CLUSTER, "cluster run")
+        sent += self._dispatch_analysis(connection, "claim_reduction", TASK_REDUCE, "fit of reduced model")
         while not self.stop_event.is_set():
             if queue.in_flight_count(connection) >= self.settings.max_in_flight:
                 break
@@ -72,16 +73,17 @@ class Dispatcher:
             log.info("dispatched claim=%s model=%s jobs=%d", claim.claim_id, claim.model_name, len(claim.job_ids))
         return sent
 
-    def _dispatch_cluster_runs(self, connection: psycopg.Connection) -> int:
+    def _dispatch_analysis(self, connection: psycopg.Connection, claim_function: str, task: str, what: str) -> int:
+        """Send one task per clustering run or fit that ``imgembed.<claim_function>`` hands out."""
         sent = 0
         while not self.stop_event.is_set():
-            (run_id,) = connection.execute(
-                "SELECT imgembed.claim_cluster_run(%s, %s)", (self.settings.lease_seconds, self.settings.max_attempts)
+            (claimed,) = connection.execute(
+                f"SELECT imgembed.{claim_function}(%s, %s)", (self.settings.lease_seconds, self.settings.max_attempts)
             ).fetchone()  # type: ignore[misc]
-            if run_id is None:
+            if claimed is None:
                 return sent
-            self.celery_app.send_task(TASK_CLUSTER, args=[run_id], queue=self.settings.queue)
-            log.info("dispatched cluster run %s", run_id)
+            self.celery_app.send_task(task, args=[claimed], queue=self.settings.queue)
+            log.info("dispatched %s %s", what, claimed)
             sent += 1
         return sent
 

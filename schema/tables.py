@@ -7,6 +7,7 @@ the source table's key type and the model's dimension (see ``sql/20_watch.sql``)
 from __future__ import annotations
 
 import sqlalchemy as sa
+from pgvector.sqlalchemy import VECTOR
 from sqlalchemy.dialects import postgresql as pg
 
 SCHEMA = "imgembed"
@@ -26,6 +27,8 @@ model = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     # false: an image-only model (timm's), which embeds no texts (revision 0011)
     sa.Column("text_tower", sa.Boolean, nullable=False, server_default=sa.true()),
+    # a reduced model (imgembed.reduce): its vectors are projections of this model's (revision 0012)
+    sa.Column("derived_from", sa.Integer, sa.ForeignKey("model.id")),
 )
 sa.Index("model_one_default", model.c.is_default, unique=True, postgresql_where=model.c.is_default)
 
@@ -258,6 +261,40 @@ projection = sa.Table(
     sa.Column("x", sa.Float, nullable=False),
     sa.Column("y", sa.Float, nullable=False),
     sa.Column("computed_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+
+reduction = sa.Table(
+    "reduction",
+    metadata,
+    sa.Column("model_id", sa.Integer, sa.ForeignKey("model.id", ondelete="CASCADE"), primary_key=True),
+    # the table whose vectors the fit learns from (NULL once it is no longer watched)
+    sa.Column("watch_id", sa.Integer, sa.ForeignKey("watch.id", ondelete="SET NULL")),
+    sa.Column("method", sa.Text, sa.CheckConstraint("method IN ('pca')", name="reduction_method_known"),
+              nullable=False, server_default="pca"),
+    sa.Column("sample_rows", sa.Integer, sa.CheckConstraint("sample_rows > 0", name="reduction_sample_positive"),
+              nullable=False),
+    sa.Column("status", sa.Text, sa.CheckConstraint("status IN ('pending', 'running', 'done', 'failed')",
+                                                      name="reduction_status_known"),
+              nullable=False, server_default="pending"),
+    sa.Column("lease_until", sa.DateTime(timezone=True)),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("error", sa.Text),
+    sa.Column("fitted_rows", sa.Integer),
+    sa.Column("explained_variance", sa.Float),  # share of the fitted vectors' variance the dimensions keep
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("finished_at", sa.DateTime(timezone=True)),
+)
+sa.Index("reduction_pending", reduction.c.model_id, postgresql_where=reduction.c.status == "pending")
+
+# A reduced model's fit, one row per output dimension: the component (a unit vector of the source
+# model's space) and the source vectors' mean coordinate along it.
+reduction_axis = sa.Table(
+    "reduction_axis",
+    metadata,
+    sa.Column("model_id", sa.Integer, sa.ForeignKey("reduction.model_id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("axis", sa.Integer, primary_key=True),
+    sa.Column("direction", VECTOR(), nullable=False),
+    sa.Column("shift", sa.Float, nullable=False),
 )
 
 worker_heartbeat = sa.Table(

@@ -108,6 +108,7 @@ BEGIN
     FOR v_link IN SELECT * FROM imgembed.watch_model wm WHERE wm.watch_id = p_watch.id LOOP
         EXECUTE format('DELETE FROM imgembed.%I e WHERE NOT EXISTS (SELECT 1 FROM %s s WHERE s.%I = e.id)',
                        v_link.storage_table, p_watch.tbl, p_watch.key_column);
+        CONTINUE WHEN (SELECT m.derived_from IS NOT NULL FROM imgembed.model m WHERE m.id = v_link.model_id);
         EXECUTE imgembed._enqueue_sql(
             p_watch, format('%s n', p_watch.tbl),
             format('NOT EXISTS (SELECT 1 FROM imgembed.%I e WHERE e.id = n.%I) AND NOT EXISTS (SELECT 1 FROM '

@@ -46,7 +46,8 @@ BEGIN
     END IF;
 END $$;
 
--- Create the vector table of (watch, model), its HNSW index, and enqueue every existing row.
+-- Create the vector table of (watch, model), its HNSW index, and enqueue every existing row (or,
+-- for a reduced model, project its source model's vectors).
 CREATE OR REPLACE FUNCTION imgembed._attach_model(
     p_watch imgembed.watch,
     p_model imgembed.model,
@@ -62,6 +63,13 @@ BEGIN
     IF FOUND THEN
         RETURN v_link;
     END IF;
+    IF p_model.derived_from IS NOT NULL THEN
+        IF p_watch.tbl = ANY (imgembed._query_tables()) THEN
+            RETURN NULL;  -- queries under a reduced model are embedded by its source and projected
+        END IF;
+        -- A reduced model projects its source model's vectors of the table: the source comes too.
+        PERFORM imgembed._attach_model(p_watch, source, false) FROM imgembed.model source WHERE source.id = p_model.derived_from;
+    END IF;
     EXECUTE format(
         'CREATE TABLE imgembed.%I (id %s PRIMARY KEY, embedding @vector@.vector(%s) NOT NULL, '
         'job_id bigint NOT NULL, embedded_at timestamptz NOT NULL DEFAULT now(), content_sha256 bytea)',
@@ -76,10 +84,18 @@ BEGIN
     END IF;
     PERFORM imgembed._create_index(v_storage, p_model.dim);
     PERFORM imgembed._secure_storage(p_watch, v_storage);
+    IF p_make_default THEN
+        -- A reduced model made the default as it is attached: its source came first, as the default.
+        UPDATE imgembed.watch_model SET is_default = false WHERE watch_id = p_watch.id AND is_default;
+    END IF;
     INSERT INTO imgembed.watch_model (watch_id, model_id, storage_table, is_default)
     VALUES (p_watch.id, p_model.id, v_storage,
             p_make_default OR NOT EXISTS (SELECT 1 FROM imgembed.watch_model WHERE watch_id = p_watch.id))
     RETURNING * INTO v_link;
+    IF p_model.derived_from IS NOT NULL THEN
+        PERFORM imgembed._fill_reduced(v_link);  -- no jobs: its vectors are projections (sql/71_reductions.sql)
+        RETURN v_link;
+    END IF;
 
     EXECUTE imgembed._enqueue_sql(p_watch, format('%s n', p_watch.tbl), 'true', p_model.id);
     GET DIAGNOSTICS v_queued = ROW_COUNT;

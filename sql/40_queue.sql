@@ -2,8 +2,8 @@
 -- vectors it produced. A claim id ties a batch to the one task that may finish it, so a stale
 -- Celery message (redelivered after its lease expired) can never write or complete anything.
 
--- Turn up to p_max_rows intake rows into jobs: one per (key, model attached to the table), at
--- most one pending per row and model. Returns the number of intake rows expanded.
+-- Turn up to p_max_rows intake rows into jobs: one per (key, model attached to the table, except
+-- reduced models), at most one pending per row and model. Returns the number of intake rows expanded.
 CREATE OR REPLACE FUNCTION imgembed.expand_intake(p_max_rows integer DEFAULT 100)
 RETURNS integer
 LANGUAGE plpgsql AS $$
@@ -19,6 +19,7 @@ BEGIN
           FROM unnest(v_intake.keys) AS k(key)
           JOIN imgembed.watch_model wm
             ON wm.watch_id = v_intake.watch_id AND (v_intake.model_id IS NULL OR wm.model_id = v_intake.model_id)
+          JOIN imgembed.model m ON m.id = wm.model_id AND m.derived_from IS NULL  -- reduced models: projected
         ON CONFLICT (watch_id, model_id, key) WHERE status = 'pending' DO NOTHING;
         DELETE FROM imgembed.intake WHERE id = v_intake.id;
         v_expanded := v_expanded + 1;
@@ -159,7 +160,8 @@ END $$;
 -- (retried with exponential backoff when p_retryable and attempts remain, else failed).
 -- Only jobs this claim still owns are touched. Returns the number of vectors written.
 -- p_hashes: the SHA-256 of the image bytes each vector was made from (NULL for texts), kept beside
--- it so that the same bytes are not embedded again (vectors_by_content).
+-- it so that the same bytes are not embedded again (vectors_by_content). The table's reduced
+-- models get the projections of the vectors written.
 CREATE OR REPLACE FUNCTION imgembed.finish_batch(
     p_claim uuid,
     p_done_ids bigint[],
@@ -186,7 +188,7 @@ BEGIN
              ORDER BY id FOR UPDATE SKIP LOCKED) owned;
 
     FOR v_target IN
-        SELECT w.tbl, w.key_column, w.key_type, w.id AS watch_id, wm.storage_table
+        SELECT ROW(w.*)::imgembed.watch AS watch, wm AS link, w.tbl, w.key_column, w.key_type, w.id AS watch_id, wm.storage_table
           FROM imgembed._live_watch w
           JOIN imgembed.watch_model wm ON wm.watch_id = w.id
          WHERE (w.id, wm.model_id) IN (SELECT j.watch_id, j.model_id FROM imgembed.job j WHERE j.id = ANY (v_owned))
@@ -207,6 +209,8 @@ BEGIN
         USING p_done_ids, p_vectors, v_owned, v_target.watch_id, p_hashes;
         GET DIAGNOSTICS v_count = ROW_COUNT;
         v_written := v_written + v_count;
+        -- The table's reduced models of this model follow in the same transaction.
+        PERFORM imgembed._project_written(v_target.watch, v_target.link, v_owned);
     END LOOP;
 
     -- A success makes older failures of the same row and model moot.

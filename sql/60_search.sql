@@ -59,6 +59,8 @@ DECLARE
     v_vector @vector@.vector := imgembed._stored_vector(p_watch, p_link, p_key);
 BEGIN
     IF v_vector IS NULL THEN
+        -- A reduced model that is not fitted says so.
+        PERFORM imgembed._reduction_source(m.name) FROM imgembed.model m WHERE m.id = p_link.model_id;
         RAISE EXCEPTION 'row % of % has no vector yet (pending, failed, or no such row)', p_key, p_watch.table_name
             USING HINT = 'see imgembed.status and imgembed.failures', ERRCODE = 'no_data_found';
     END IF;
@@ -125,6 +127,15 @@ BEGIN
         RAISE EXCEPTION 'the query vector is NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
     SELECT dim INTO v_dim FROM imgembed.model WHERE model.id = p_link.model_id;
+    -- A vector of a reduced model's source (a CLIP vector an application made itself) is projected.
+    IF @vector@.vector_dims(p_query) <> v_dim AND EXISTS (
+           SELECT 1 FROM imgembed.model m JOIN imgembed.model s ON s.id = m.derived_from
+            WHERE m.id = p_link.model_id AND s.dim = @vector@.vector_dims(p_query)) THEN
+        p_query := imgembed._project(p_link.model_id, p_query);
+        IF p_query IS NULL THEN
+            PERFORM imgembed._reduction_source((SELECT m.name FROM imgembed.model m WHERE m.id = p_link.model_id));
+        END IF;
+    END IF;
     IF @vector@.vector_dims(p_query) <> v_dim THEN
         RAISE EXCEPTION 'query vector has % dimensions but the model has %', @vector@.vector_dims(p_query), v_dim
             USING ERRCODE = 'data_exception';

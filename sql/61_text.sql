@@ -115,8 +115,13 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_state record;
     v_deadline timestamptz := clock_timestamp() + make_interval(secs => coalesce(timeout_seconds, 0));
+    v_source imgembed.model := imgembed._reduction_source(text_vector.model);
 BEGIN
     PERFORM imgembed._require_text_model(text_vector.model);
+    IF v_source.id IS NOT NULL THEN
+        RETURN imgembed._project((imgembed._model_named(text_vector.model)).id,
+                                 imgembed.text_vector(query, v_source.name, timeout_seconds));
+    END IF;
     IF NOT EXISTS (SELECT 1 FROM imgembed.watch w JOIN imgembed.watch_model wm ON wm.watch_id = w.id
                      JOIN imgembed.model m ON m.id = wm.model_id
                     WHERE w.tbl = 'imgembed.text_query'::regclass AND m.name = text_vector.model) THEN
@@ -241,10 +246,13 @@ DECLARE
     v_deadline timestamptz := clock_timestamp() + make_interval(secs => coalesce(timeout_seconds, 0));
     v_pending text[];
     v_failed text;
+    -- A reduced model's prompts are its source's, projected.
+    v_source imgembed.model := imgembed._reduction_source((SELECT m.name FROM imgembed.model m WHERE m.id = v_link.model_id));
+    v_prompt_model_id integer := coalesce(v_source.id, v_link.model_id);
 BEGIN
     PERFORM imgembed._require_text_model((SELECT m.name FROM imgembed.model m WHERE m.id = v_link.model_id));
     SELECT wm.storage_table INTO v_prompt_storage FROM imgembed.watch_model wm
-     WHERE wm.watch_id = v_prompt_watch.id AND wm.model_id = v_link.model_id;
+     WHERE wm.watch_id = v_prompt_watch.id AND wm.model_id = v_prompt_model_id;
     IF v_prompt_storage IS NULL THEN
         RAISE EXCEPTION 'model % does not embed label prompts', (SELECT m.name FROM imgembed.model m WHERE m.id = v_link.model_id)
             USING HINT = 'a model embeds texts once it is registered (imgembed models add)', ERRCODE = 'undefined_object';
@@ -252,7 +260,7 @@ BEGIN
     LOOP
         SELECT array_agg(p.label ORDER BY p.label), min(p.label || ': ' || p.error)
           INTO v_pending, v_failed
-          FROM imgembed._pending_prompt_labels(v_prompt_storage, v_link.model_id, labels) p;
+          FROM imgembed._pending_prompt_labels(v_prompt_storage, v_prompt_model_id, labels) p;
         EXIT WHEN v_pending IS NULL;
         IF v_failed IS NOT NULL THEN
             RAISE EXCEPTION 'a prompt of label % could not be embedded', v_failed
@@ -269,16 +277,18 @@ BEGIN
     END LOOP;
     RETURN QUERY EXECUTE format(
         'WITH per_label AS ('
-        '  SELECT p.label, 1 - (@vector@.l2_normalize(@vector@.avg(e.embedding)) OPERATOR(@vector@.<=>) $1)::float8 AS similarity'
-        '    FROM imgembed.label_prompt p JOIN imgembed.%I e ON e.id = p.id'
+        '  SELECT p.label, 1 - (%2$s OPERATOR(@vector@.<=>) $1)::float8 AS similarity'
+        '    FROM imgembed.label_prompt p JOIN imgembed.%1$I e ON e.id = p.id'
         '   WHERE $2::text[] IS NULL OR p.label = ANY ($2)'
         '   GROUP BY p.label),'
         ' scaled AS (SELECT l.label, l.similarity,'
         '                   exp(100 * (l.similarity - max(l.similarity) OVER ())) AS weight FROM per_label l)'
         ' SELECT x.label, x.similarity, x.weight / sum(x.weight) OVER ()'
         '   FROM scaled x ORDER BY x.similarity DESC, x.label',
-        v_prompt_storage)
-    USING v_image, labels;
+        v_prompt_storage,
+        CASE WHEN v_source.id IS NULL THEN '@vector@.l2_normalize(@vector@.avg(e.embedding))'
+             ELSE 'imgembed._project($3, @vector@.l2_normalize(@vector@.avg(e.embedding)))' END)
+    USING v_image, labels, v_link.model_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'no label prompt%', CASE WHEN labels IS NULL THEN '' ELSE format(' for labels %s', labels) END
             USING HINT = 'insert rows into imgembed.label_prompt (label, prompt) and let a worker embed them',

@@ -127,9 +127,14 @@ DECLARE
     v_what text := CASE WHEN p_image IS NULL THEN format('the image at %s', p_location)
                         ELSE format('the query image (%s bytes)', length(p_image)) END;
     v_deadline timestamptz := clock_timestamp() + make_interval(secs => coalesce(p_timeout_seconds, 0));
+    v_source imgembed.model := imgembed._reduction_source(p_model);
 BEGIN
     IF p_image IS NULL AND p_location IS NULL THEN
         RAISE EXCEPTION 'the query image is NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF v_source.id IS NOT NULL THEN
+        RETURN imgembed._project((imgembed._model_named(p_model)).id,
+                                 imgembed._query_image_vector(p_image, p_location, v_source.name, p_timeout_seconds));
     END IF;
     IF NOT EXISTS (SELECT 1 FROM imgembed.watch w JOIN imgembed.watch_model wm ON wm.watch_id = w.id
                      JOIN imgembed.model m ON m.id = wm.model_id

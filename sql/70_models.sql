@@ -20,7 +20,12 @@ DECLARE
     v_watch imgembed.watch := imgembed._watch_of(tbl);
     v_link imgembed.watch_model := imgembed._watch_model_of(v_watch, model);
     v_unfinished bigint := imgembed._unfinished_jobs(v_watch.id, v_link.model_id);
+    v_reduced imgembed.model := imgembed._model_named(use_model.model);
 BEGIN
+    IF v_reduced.derived_from IS NOT NULL AND NOT force THEN
+        PERFORM imgembed._reduction_source(use_model.model);  -- refused while not fitted
+        v_unfinished := imgembed._unfinished_jobs(v_watch.id, v_reduced.derived_from);  -- rows its source has yet to embed
+    END IF;
     IF v_unfinished > 0 AND NOT force THEN
         RAISE EXCEPTION 'model % is still backfilling table % (% rows to go)', model, v_watch.table_name, v_unfinished
             USING HINT = 'wait for it (imgembed models add --wait, or imgembed.status), or pass force => true',
@@ -47,6 +52,13 @@ BEGIN
             USING HINT = 'make another model the default first: imgembed.use_model(table, other_model)',
                   ERRCODE = 'object_in_use';
     END IF;
+    IF EXISTS (SELECT 1 FROM imgembed.watch_model wm JOIN imgembed.model m ON m.id = wm.model_id
+                WHERE wm.watch_id = v_watch.id AND m.derived_from = v_link.model_id) THEN
+        RAISE EXCEPTION 'reduced model % of table % projects the vectors of model %',
+                        (SELECT min(m.name) FROM imgembed.watch_model wm JOIN imgembed.model m ON m.id = wm.model_id
+                          WHERE wm.watch_id = v_watch.id AND m.derived_from = v_link.model_id), v_watch.table_name, model
+            USING HINT = 'drop the reduced model first: imgembed.drop_model(table, reduced_model)', ERRCODE = 'object_in_use';
+    END IF;
     PERFORM imgembed._delete_jobs(v_watch.id, v_link.model_id);
     EXECUTE format('DROP TABLE IF EXISTS imgembed.%I', v_link.storage_table);
     DELETE FROM imgembed.watch_model WHERE watch_id = v_watch.id AND model_id = v_link.model_id;
@@ -61,6 +73,11 @@ DECLARE
     v_model imgembed.model := imgembed._model_named(model);
     v_table regclass;
 BEGIN
+    IF EXISTS (SELECT 1 FROM imgembed.model m WHERE m.derived_from = v_model.id) THEN
+        RAISE EXCEPTION 'model % is the source of reduced model %', model,
+                        (SELECT min(m.name) FROM imgembed.model m WHERE m.derived_from = v_model.id)
+            USING HINT = 'forget the reduced models first: imgembed.forget_model(reduced_model)', ERRCODE = 'object_in_use';
+    END IF;
     SELECT w.tbl INTO v_table FROM imgembed.watch w JOIN imgembed.watch_model wm ON wm.watch_id = w.id
      WHERE wm.model_id = v_model.id AND wm.is_default AND w.tbl <> ALL (imgembed._query_tables()) LIMIT 1;
     IF FOUND THEN

@@ -75,6 +75,7 @@ BEGIN
                'expand_intake', 'claim_batch', 'start_claim', 'release_claim', 'recover_expired', 'in_flight_count',
                'claimed_images', 'finish_batch', 'vectors_by_content', 'requeue_claim', 'backlog', 'claim_cluster_run', 'cluster_run_spec',
                'cluster_input', 'finish_cluster_run', 'fail_cluster_run', 'worker_beat', 'model_checksum',
+               'claim_reduction', 'reduction_spec', 'reduction_input', 'finish_reduction', 'fail_reduction',
                -- the triggers on watched tables, and the event triggers: nobody calls them, they fire
                '_on_insert', '_on_update', '_on_delete', '_on_truncate', '_on_truncate_partition', '_on_replicated_row',
                '_on_ddl_end', '_on_sql_drop',

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 TESTDATA = REPO.parent / "shared" / "testdata"
 TEST_MODEL = "imgembed-tiny"
 TEMPLATE_DATABASE = "imgembed_template"
-HEAD_REVISION = "0011"  # imgembed's newest migration (test_application checks it is the head)
+HEAD_REVISION = "0012"  # imgembed's newest migration (test_application checks it is the head)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, message: str, interval: float = 0.1) -> object:

@@ -7,7 +7,7 @@ from uuid import UUID
 
 from celery import Celery
 
-from imgembed.celery_app import TASK_CLUSTER, TASK_EMBED_BATCH
+from imgembed.celery_app import TASK_CLUSTER, TASK_EMBED_BATCH, TASK_REDUCE
 from imgembed.settings import load_settings
 from imgembed.worker.pipeline import run_claim
 from imgembed.worker.runtime import WorkerRuntime
@@ -35,7 +35,15 @@ def cluster(run_id: int) -> dict[str, object]:
     return run_clustering(runtime().connection(), run_id)
 
 
+def reduce(model_id: int) -> dict[str, object]:
+    """Fit one reduced model (imgembed.reduce, claimed by a dispatcher) with scikit-learn."""
+    from imgembed.analysis.reduction import run_reduction
+
+    return run_reduction(runtime().connection(), model_id)
+
+
 def register_worker_tasks(app: Celery) -> None:
     """Attach the task implementations to the app (only worker processes call this)."""
     app.task(name=TASK_EMBED_BATCH, acks_late=True, reject_on_worker_lost=True)(embed_batch)
     app.task(name=TASK_CLUSTER, acks_late=True, reject_on_worker_lost=True)(cluster)
+    app.task(name=TASK_REDUCE, acks_late=True, reject_on_worker_lost=True)(reduce)

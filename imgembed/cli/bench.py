@@ -23,6 +23,8 @@ def _figures(text: str) -> tuple[int, ...]:
 def bench(settings: Settings, args: argparse.Namespace) -> int:
     if args.models is not None:
         return _model_table(args)
+    if args.reduce is not None:
+        return _reductions(settings, args)
     figures = _figures(args.figures)
     from imgembed.bench.photos import generated_photos, photo_files
     from imgembed.bench.results import SMOKE, BenchSize
@@ -57,6 +59,23 @@ def _model_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reductions(settings: Settings, args: argparse.Namespace) -> int:
+    from imgembed.bench.photos import photo_files
+    from imgembed.bench.reduction import reduction_figures
+
+    try:
+        dims = tuple(int(part) for part in args.reduce.split(","))
+    except ValueError:
+        raise UsageError(f"--reduce {args.reduce!r}: give dimensions separated by commas, e.g. 256,128,64") from None
+    if not args.photos or not photo_files(Path(args.photos)):
+        raise UsageError("--reduce varies real photos: give --photos FOLDER holding *.JPEG files")
+    photos = Path(args.photos).resolve()
+    rows = args.rows or (200 if args.smoke else 3000)
+    reduction_figures(settings, model=args.model, dims=dims, rows=rows, queries=5 if args.smoke else 100,
+                      photos=photos, out=Path(args.out or "bench/RESULTS-reduce.md"))
+    return 0
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     command = add_command(commands, "bench", bench, "Measure throughput, latency, trigger cost, search speed and "
                           "memory on the embedded services; write the figures to bench/RESULTS.md.")
@@ -74,5 +93,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
                          help="instead of the figures, the model table: dimension, parameters, GFLOPs, images/s on "
                               "the CPU, peak memory and text for each model (default: the classic backbones from "
                               "timm, ViT-B-32, ViT-L-14 and MobileCLIP-S2), written to docs/models.md")
-    command.add_argument("--out", help="where to write the results (default bench/RESULTS.md, or docs/models.md "
-                         "with --models)")
+    command.add_argument("--reduce", nargs="?", const="256,128,64", metavar="DIMS,...",
+                         help="instead of the figures, reduced models (imgembed.reduce) of --model to these dimensions "
+                              "(default 256,128,64): variance kept, recall@10 against the full model, search time, "
+                              "index size; written to bench/RESULTS-reduce.md")
+    command.add_argument("--rows", type=int, help="rows embedded for --reduce (default 3000: varied crops of --photos)")
+    command.add_argument("--out", help="where to write the results (default bench/RESULTS.md, docs/models.md with "
+                         "--models, bench/RESULTS-reduce.md with --reduce)")

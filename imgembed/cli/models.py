@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import psycopg
 
 from imgembed.cli.common import UsageError, add_command
+from imgembed.errors import ImgembedError
 from imgembed.models.names import parse_model_spec
 from imgembed.settings import Settings, require_database_url
 
@@ -46,7 +48,30 @@ def _drop(connection: psycopg.Connection, args: argparse.Namespace) -> None:
     print(f"dropped {args.name}" + (f" from {', '.join(args.table)}" if args.table else " everywhere"))
 
 
-ACTIONS = {"list": _list, "add": _add, "use": _use, "drop": _drop}
+def _reduce(connection: psycopg.Connection, args: argparse.Namespace) -> None:
+    (name,) = connection.execute(
+        "SELECT imgembed.reduce(%s::regclass, %s, %s, %s, %s)",
+        (args.table, args.model, args.dims, args.name, args.sample_rows)).fetchone()  # type: ignore[misc]
+    print(f"{name}: {args.dims} dimensions of {args.table}'s vectors, fitted by a worker")
+    if not args.wait:
+        return
+    deadline = time.monotonic() + args.timeout
+    while True:
+        status, error, fitted_rows, kept = connection.execute(
+            "SELECT status, error, fitted_rows, explained_variance FROM imgembed.reductions WHERE model = %s",
+            (name,)).fetchone()  # type: ignore[misc]
+        if status == "done":
+            print(f"fitted on {fitted_rows} vectors; the {args.dims} dimensions keep {kept:.1%} of their variance.\n"
+                  f"Search with model => '{name}', or make it the default: imgembed models use {args.table} {name}")
+            return
+        if status == "failed":
+            raise ImgembedError(f"the fit of {name} failed: {error}")
+        if time.monotonic() > deadline:
+            raise ImgembedError(f"{name} is still {status} after {args.timeout:.0f}s (is a worker running?)")
+        time.sleep(0.5)
+
+
+ACTIONS = {"list": _list, "add": _add, "use": _use, "drop": _drop, "reduce": _reduce}
 
 
 def _pull(settings: Settings, args: argparse.Namespace) -> None:
@@ -103,7 +128,7 @@ def models(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    command = add_command(commands, "models", models, "List, add (backfill), switch and drop embedding models; "
+    command = add_command(commands, "models", models, "List, add (backfill), switch, reduce and drop embedding models; "
                           "pull and import their weights for hosts without internet; export them to ONNX.")
     actions = command.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     actions.add_parser("list", help="registered models and their tables' progress")
@@ -120,6 +145,17 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     action = actions.add_parser("drop", help="drop a model's vectors (from --table, or everywhere)")
     action.add_argument("name")
     action.add_argument("--table", action="append", help="only from this table (repeatable)")
+    action = actions.add_parser(
+        "reduce", help="fewer dimensions for a table's vectors: PCA fitted by a worker, kept as a model of its own "
+                       "(its own index) that follows every row")
+    action.add_argument("table")
+    action.add_argument("--dims", type=int, default=128, help="dimensions to keep (default 128)")
+    action.add_argument("--model", help="model whose vectors to reduce (default: the table's default)")
+    action.add_argument("--name", help="the reduced model's name (default MODEL@pcaDIMS)")
+    action.add_argument("--sample-rows", type=int, default=100000,
+                        help="fit on at most this many of the table's vectors (default 100000)")
+    action.add_argument("--wait", action="store_true", help="wait for the fit and print what it keeps")
+    action.add_argument("--timeout", type=float, default=600.0, help="seconds to wait with --wait (default 600)")
     action = actions.add_parser("pull", help="download a pretrained model's weights once into IMGEMBED_MODEL_DIR "
                                 "(progress bar); workers then load it without the network")
     action.add_argument("name", help="ARCH:TAG, e.g. ViT-B-32:laion2b_s34b_b79k (see open_clip.list_pretrained())")

@@ -45,7 +45,10 @@ def list_models(connection: psycopg.Connection) -> list[tuple[object, ...]]:
     """(name, architecture, pretrained, dim, default, tables: 'table (embedded/rows)')."""
     return connection.execute(
         """
-        SELECT m.name, m.architecture, coalesce(m.pretrained, '(seeded random)'), m.dim, m.is_default,
+        SELECT m.name, m.architecture,
+               CASE WHEN m.derived_from IS NULL THEN coalesce(m.pretrained, '(seeded random)')
+                    ELSE 'PCA of ' || (SELECT s.name FROM imgembed.model s WHERE s.id = m.derived_from) END,
+               m.dim, m.is_default,
                coalesce(string_agg(format('%s%s (%s/%s)', s.table_name, CASE WHEN s.is_default THEN '*' ELSE '' END,
                                           s.embedded, s."rows"), ', ' ORDER BY s.table_name)
                             FILTER (WHERE s.table_name IS NOT NULL), '-')

@@ -8,7 +8,8 @@ A block may follow a marker naming the state it starts from, ``<!-- example: NAM
 - ``catalogue``: ``products`` (80 rows, 13 and 14 the same image), ``faces`` (text keys, some
   unlabelled) and ``parts`` (labels, some ``ok``) watched and embedded, and 20 rows in
   ``imgembed.image``;
-- ``clustered``: the catalogue once every clustering run asked for has finished.
+- ``clustered``: the catalogue once every clustering run asked for has finished;
+- ``reduced``: the state before, once every reduced model asked for is fitted.
 
 A block without a marker continues from the state the previous one left. Python blocks run with
 ``Product`` (a mapped class of ``products``) and ``session`` at hand; a block defining ``upgrade``
@@ -177,8 +178,14 @@ def setup_clustered(stack: Stack) -> None:
                                       ).fetchone()[0], 240, "the clustering runs")
 
 
+def setup_reduced(stack: Stack) -> None:
+    wait_for(lambda: stack.db.execute("SELECT count(*) FILTER (WHERE status IN ('pending', 'running')) = 0 "
+                                      "AND count(*) FILTER (WHERE status = 'done') > 0 FROM imgembed.reductions"
+                                      ).fetchone()[0], 240, "the reduced models' fits")
+
+
 SETUPS: dict[str, Callable[[Stack], None]] = {
-    "products": setup_products, "catalogue": setup_catalogue, "clustered": setup_clustered,
+    "products": setup_products, "catalogue": setup_catalogue, "clustered": setup_clustered, "reduced": setup_reduced,
 }
 
 
@@ -207,7 +214,7 @@ def run_sql(stack: Stack, example: Example) -> None:
             raise AssertionError(f"README line {example.line}: {statement}\n-> {error}") from error
         if cursor.description is not None:
             rows = cursor.fetchall()
-            if example.setup in ("catalogue", "clustered") and not any(part in statement for part in MAY_BE_EMPTY):
+            if example.setup in ("catalogue", "clustered", "reduced") and not any(part in statement for part in MAY_BE_EMPTY):
                 assert rows, f"README line {example.line}: no rows from {statement}"
 
 

@@ -144,7 +144,8 @@ def test_functions_with_owner_rights_are_pinned_and_granted_narrowly(db: psycopg
     worker_functions = {"expand_intake", "claim_batch", "start_claim", "release_claim", "recover_expired",
                         "in_flight_count", "claimed_images", "finish_batch", "requeue_claim", "claim_cluster_run",
                         "cluster_run_spec", "cluster_input", "finish_cluster_run", "fail_cluster_run", "worker_beat",
-                        "model_checksum", "vectors_by_content", "backlog"}
+                        "model_checksum", "vectors_by_content", "backlog", "claim_reduction", "reduction_spec",
+                        "reduction_input", "finish_reduction", "fail_reduction"}
     triggers = {"_on_insert", "_on_update", "_on_delete", "_on_truncate", "_on_truncate_partition",
                 "_on_replicated_row", "_on_ddl_end", "_on_sql_drop"}
     text_role = db.execute("SELECT imgembed._text_request_role()").fetchone()[0]
