@@ -1,5 +1,6 @@
 """Reduced models' fits, performed by a worker with scikit-learn: PCA of a table's vectors onto
-fewer dimensions. The database projects with the fit (``sql/71_reductions.sql``)."""
+fewer dimensions, keeping their mean's direction. The database projects with the fit
+(``sql/71_reductions.sql``)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Reduction:
-    mean: np.ndarray  # (source dims,)
-    components: np.ndarray  # (dims, source dims), unit rows, largest variance first
-    explained_variance: float  # share of the vectors' variance the dims keep
+    axes: np.ndarray  # (dims, source dims): orthonormal rows
+    explained_variance: float  # share of the vectors' variance around their mean that the axes keep
 
 
 def fit_reduction(vectors: np.ndarray, dims: int, seed: int = 0) -> Reduction:
-    """PCA of ``vectors`` onto ``dims`` dimensions."""
+    """Axes onto which ``vectors`` keep their cosine similarities best in ``dims`` dimensions: the
+    first dims - 1 principal components (PCA), and the direction of the vectors' mean that they
+    leave out. Embeddings share a large common part (CLIP's vectors are often at cosine 0.5 or
+    more of each other): PCA centres it away, and cosine similarity of centred projections ranks
+    rows differently from the source model. Kept as an axis of its own, it ranks them the same.
+    When the mean is (nearly) within the components, the next component takes its place."""
     from sklearn.decomposition import PCA
 
     vectors = np.asarray(vectors, dtype=np.float64)
@@ -30,14 +35,19 @@ def fit_reduction(vectors: np.ndarray, dims: int, seed: int = 0) -> Reduction:
         raise ValueError(f"a reduction to {dims} dimensions learns from more than {dims} embedded rows; "
                          f"the table has {len(vectors)}")
     pca = PCA(n_components=dims, random_state=seed).fit(vectors)
-    return Reduction(mean=pca.mean_, components=pca.components_,
-                     explained_variance=float(np.sum(pca.explained_variance_ratio_)))
+    components = pca.components_[: dims - 1]
+    left_out = pca.mean_ - components.T @ (components @ pca.mean_)
+    if np.linalg.norm(left_out) > 1e-6 * max(np.linalg.norm(pca.mean_), 1e-12):
+        axes = np.vstack([components, left_out / np.linalg.norm(left_out)])
+        kept = float(np.sum(pca.explained_variance_ratio_[: dims - 1]))
+    else:
+        axes, kept = pca.components_, float(np.sum(pca.explained_variance_ratio_))
+    return Reduction(axes=axes, explained_variance=kept)
 
 
 def project(reduction: Reduction, vectors: np.ndarray) -> np.ndarray:
-    """What the database stores for ``vectors``: their coordinates along the components, as unit
-    vectors."""
-    coordinates = (np.asarray(vectors, dtype=np.float64) - reduction.mean) @ reduction.components.T
+    """What the database stores for ``vectors``: their coordinates along the axes, as unit vectors."""
+    coordinates = np.asarray(vectors, dtype=np.float64) @ reduction.axes.T
     return coordinates / np.maximum(np.linalg.norm(coordinates, axis=-1, keepdims=True), 1e-12)
 
 
@@ -57,9 +67,8 @@ def run_reduction(connection: psycopg.Connection, model_id: int, seed: int = 0) 
         connection.execute("SELECT imgembed.fail_reduction(%s, %s)", (model_id, str(error).split("\n")[0]))
         return {"model_id": model_id, "status": "failed", "error": str(error)}
     connection.execute(
-        "SELECT imgembed.finish_reduction(%s, %s, %s, %s, %s)",
-        (model_id, _vector_text(result.mean), [_vector_text(row) for row in result.components], len(rows),
-         result.explained_variance),
+        "SELECT imgembed.finish_reduction(%s, %s, %s, %s)",
+        (model_id, [_vector_text(axis) for axis in result.axes], len(rows), result.explained_variance),
     )
     log.info("reduced model %s: %s dimensions from %s vectors keep %.3f of their variance",
              model_id, dims, len(rows), result.explained_variance)

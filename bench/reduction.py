@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import random
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -101,7 +102,9 @@ def reduction_figures(settings: Settings, *, model: str, dims: tuple[int, ...], 
     results.lines += [f"- model: {model} ({weights}); {rows} varied crops of the {len(list(photos.glob('*.JPEG')))} "
                       f"photos in {photos.name}/, embedded through the pipeline; {queries} query rows; recall@{K} "
                       f"against the full model's exact {K} nearest rows", ""]
-    stack_settings = settings.with_overrides(model=model, data_dir=settings.data_dir / "bench-reduce")
+    data_dir = settings.data_dir / "bench-reduce"
+    shutil.rmtree(data_dir, ignore_errors=True)  # a fresh database each run
+    stack_settings = settings.with_overrides(model=model, data_dir=data_dir)
     with local_stack(stack_settings, durable=False) as stack, connect(stack.settings.database_url or "") as connection:
         database = database_description(connection)
         results.lines += [f"- database: PostgreSQL {database['postgres']}, pgvector {database['pgvector']}", ""]

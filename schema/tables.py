@@ -286,15 +286,14 @@ reduction = sa.Table(
 )
 sa.Index("reduction_pending", reduction.c.model_id, postgresql_where=reduction.c.status == "pending")
 
-# A reduced model's fit, one row per output dimension: the component (a unit vector of the source
-# model's space) and the source vectors' mean coordinate along it.
+# A reduced model's fit, one row per output dimension: a unit vector of the source model's space (the
+# principal components, and the direction of the vectors' mean).
 reduction_axis = sa.Table(
     "reduction_axis",
     metadata,
     sa.Column("model_id", sa.Integer, sa.ForeignKey("reduction.model_id", ondelete="CASCADE"), primary_key=True),
     sa.Column("axis", sa.Integer, primary_key=True),
     sa.Column("direction", VECTOR(), nullable=False),
-    sa.Column("shift", sa.Float, nullable=False),
 )
 
 worker_heartbeat = sa.Table(

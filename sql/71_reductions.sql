@@ -1,16 +1,19 @@
 -- Reduced models: fewer dimensions for a table's vectors. imgembed.reduce() registers a model
 -- derived from the table's model, a worker fits PCA on the table's vectors (scikit-learn), and the
--- projected vectors get a vector table and an index of their own. Workers never embed with a
+-- projected vectors get a vector table and an index of their own. The axes are the principal
+-- components and the direction of the vectors' mean: cosine similarity of the projections then
+-- ranks rows as the source model's does (centred projections would not: CLIP vectors share a
+-- large common part, and dropping it changes which rows are nearest). Workers never embed with a
 -- reduced model: every vector its source model writes is projected in the same transaction
 -- (finish_batch), and queries (texts, query images, vectors) are projected when they are asked.
 
 -- The projection of a source model's vector by a reduced model's fit: its coordinate along each
--- component, less the mean's, as a unit vector. NULL while the model is not fitted.
+-- axis, as a unit vector. NULL while the model is not fitted.
 CREATE OR REPLACE FUNCTION imgembed._project(p_model_id integer, p_vec @vector@.vector)
 RETURNS @vector@.vector
 LANGUAGE sql STABLE AS $$
     SELECT @vector@.l2_normalize(
-               array_agg(-(p_vec OPERATOR(@vector@.<#>) a.direction) - a.shift ORDER BY a.axis)::@vector@.vector)
+               array_agg(-(p_vec OPERATOR(@vector@.<#>) a.direction) ORDER BY a.axis)::@vector@.vector)
       FROM imgembed.reduction_axis a WHERE a.model_id = p_model_id
 $$;
 
@@ -209,12 +212,11 @@ BEGIN
     USING v_reduction.sample_rows;
 END $$;
 
--- Store a fit (the mean and the components, each a pgvector text, as long as the source model's
--- vectors) and project every vector of every table the reduced model is attached to.
+-- Store a fit (its axes: unit vectors of the source model's space, as pgvector texts) and project
+-- every vector of every table the reduced model is attached to.
 CREATE OR REPLACE FUNCTION imgembed.finish_reduction(
     p_model_id integer,
-    p_mean text,
-    p_components text[],
+    p_axes text[],
     p_fitted_rows integer,
     p_explained_variance double precision
 ) RETURNS void
@@ -224,15 +226,14 @@ DECLARE
     v_link imgembed.watch_model;
 BEGIN
     SELECT * INTO v_model FROM imgembed.model m WHERE m.id = p_model_id;
-    IF cardinality(p_components) IS DISTINCT FROM v_model.dim THEN
-        RAISE EXCEPTION 'model % has % dimensions: the fit must bring as many components, not %', v_model.name, v_model.dim,
-                        cardinality(p_components)
+    IF cardinality(p_axes) IS DISTINCT FROM v_model.dim THEN
+        RAISE EXCEPTION 'model % has % dimensions: the fit must bring as many axes, not %', v_model.name, v_model.dim,
+                        cardinality(p_axes)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     DELETE FROM imgembed.reduction_axis WHERE model_id = p_model_id;
-    INSERT INTO imgembed.reduction_axis (model_id, axis, direction, shift)
-    SELECT p_model_id, c.n - 1, c.v::@vector@.vector, -(p_mean::@vector@.vector OPERATOR(@vector@.<#>) c.v::@vector@.vector)
-      FROM unnest(p_components) WITH ORDINALITY AS c(v, n);
+    INSERT INTO imgembed.reduction_axis (model_id, axis, direction)
+    SELECT p_model_id, a.n - 1, a.v::@vector@.vector FROM unnest(p_axes) WITH ORDINALITY AS a(v, n);
     UPDATE imgembed.reduction
        SET status = 'done', error = NULL, fitted_rows = p_fitted_rows, explained_variance = p_explained_variance,
            finished_at = now(), lease_until = NULL

@@ -3,8 +3,8 @@
 --    registered model. Workers never embed with it: its vectors are projections of its source's.
 -- 2. imgembed.reduction: one fit per reduced model (PCA of a watched table's vectors), requested in
 --    SQL and performed by a worker like a clustering run.
--- 3. imgembed.reduction_axis: the fitted projection, one row per output dimension: the component
---    (a unit vector in the source model's space) and the mean's coordinate along it.
+-- 3. imgembed.reduction_axis: the fitted projection, one row per output dimension: a unit vector
+--    of the source model's space (principal components, and the direction of the mean).
 ALTER TABLE imgembed.model ADD COLUMN derived_from integer REFERENCES imgembed.model (id);
 
 CREATE TABLE imgembed.reduction (
@@ -36,6 +36,5 @@ BEGIN
                    '    model_id integer NOT NULL REFERENCES imgembed.reduction (model_id) ON DELETE CASCADE,'
                    '    axis integer NOT NULL,'
                    '    direction %s.vector NOT NULL,'
-                   '    shift double precision NOT NULL,'
                    '    PRIMARY KEY (model_id, axis))', v_vector_schema);
 END $$;

@@ -58,3 +58,19 @@ def test_bench_writes_the_model_table(tmp_path: Path) -> None:
                              cwd=REPO, capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "unknown timm architecture" in refused.stderr
 
+
+
+def test_bench_measures_reduced_models(tmp_path: Path, redis_url: str) -> None:
+    out = tmp_path / "RESULTS-reduce.md"
+    env = {**os.environ, "IMGEMBED_DATA_DIR": str(tmp_path / "data"), "REDIS_URL": redis_url,
+           "IMGEMBED_QUEUE": "bench-smoke-reduce", "IMGEMBED_SWEEP_SECONDS": "0.5"}
+    env.pop("DATABASE_URL", None)
+    command = [sys.executable, "-m", "imgembed", "bench", "--smoke", "--model", "imgembed-tiny", "--out", str(out)]
+    refused = subprocess.run([*command, "--reduce"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--photos" in refused.stderr
+    result = subprocess.run([*command, "--reduce", "16,8", "--rows", "60", "--photos", str(TESTDATA / "photos")],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    for line in ("| imgembed-tiny | full | 100% |", "| imgembed-tiny@pca16 | 16 |", "| imgembed-tiny@pca8 | 8 |", "```json"):
+        assert line in text, line
