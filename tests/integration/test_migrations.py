@@ -225,7 +225,7 @@ RELEASED_REVISION_FILES = {
     "0011_content_and_query_images.sql": "78f6a932d3d67cb148dbc2fdefc75cb8d4df6904a8363d07a9ff5c66a5da8126",
     "0011_content_and_query_images_down.sql": "73f03a93600b78bbf24864f7b6c302876151dc9480998b1920aa9752828e4a70",
     "0012_reduced_models.py": "7f63182a16d29b63eb0e43c1a896d86aed0a7a08ecf8335955d4c4721565a682",
-    "0012_reduced_models.sql": "a0da2af53bb9b72da45d6a47b0ecad515c95ad8f2e106d5a3b08b299f0f9f69c",
+    "0012_reduced_models.sql": "bbf315a4f39722e1b632e64b741bb1ecf9682af1afa14cef8fd236fa4ce444a3",
     "0012_reduced_models_down.sql": "3f9035eacefeaee97718029c2c85e8e368098dafaecc2ff43ac8364ab83e2805",
 }
 RELEASED_0001 = REPO / "tests" / "fixtures" / "imgembed-0001-as-released.sql.gz"

@@ -133,6 +133,22 @@ def test_a_reduced_model_follows_its_table(db: psycopg.Connection, services: Ser
     assert ids(db, "SELECT id FROM imgembed.search_text('parts', 'a red circle', 5, model => %s)", REDUCED) == ids(
         db, "SELECT id FROM imgembed.similar_to_vector('parts', %s::vector, 5, model => %s)", source_text, REDUCED)
 
+    # A query image likewise, and zero-shot labels rank the projections of the source's prompts.
+    photo = random_shapes(1, seed=9)[0].png_bytes()
+    source_image = db.execute("SELECT imgembed.image_vector(%s, %s, 60)::text", (photo, TEST_MODEL)).fetchone()[0]
+    assert ids(db, "SELECT id FROM imgembed.search_image('parts', %s, 5, model => %s)", photo, REDUCED) == ids(
+        db, "SELECT id FROM imgembed.similar_to_vector('parts', %s::vector, 5, model => %s)", source_image, REDUCED)
+    db.execute("INSERT INTO imgembed.label_prompt (label, prompt) VALUES ('round', 'a circle'), ('round', 'a disc'), "
+               "('square', 'a square')")
+    labels = db.execute("SELECT label, similarity FROM imgembed.zero_shot('parts', 3, %s, timeout_seconds => 60)",
+                        (REDUCED,)).fetchall()
+    prompts = {label: unit(np.stack([as_array(v) for (v,) in db.execute(
+        "SELECT imgembed.text_vector(prompt, %s) FROM imgembed.label_prompt WHERE label = %s", (TEST_MODEL, label))])
+        ).mean(axis=0) for label in ("round", "square")}
+    expected = {label: float(projected(fit, unit(vector[None]))[0] @ reduced[3]) for label, vector in prompts.items()}
+    assert sorted(label for label, _ in labels) == ["round", "square"]
+    assert all(similarity == pytest.approx(expected[label], abs=1e-4) for label, similarity in labels)
+
     # New rows, changed images and deleted rows: the source model embeds them (a real forward
     # pass) and the reduced model follows in the same transaction.
     shapes = random_shapes(3, seed=5)
