@@ -92,6 +92,13 @@ def test_worker_role_runs_the_pipeline_without_reading_user_tables(
              .fetchone()[0], 180, "products embedded by processes logged in as the worker role")
     wait_for(lambda: db.execute("SELECT count(*) FROM imgembed.workers WHERE alive").fetchone()[0] == 1, 30,
              "the worker's heartbeat")
+    # A reduced model's fit, and the projections it writes, through the worker's functions alone.
+    reduced = db.execute("SELECT imgembed.reduce('products', dims => 4)").fetchone()[0]
+    wait_for(lambda: db.execute("SELECT status FROM imgembed.reductions").fetchone()[0] in ("done", "failed"), 120,
+             "the fit")
+    assert db.execute("SELECT status, error FROM imgembed.reductions").fetchone() == ("done", None)
+    assert db.execute("SELECT embedded FROM imgembed.status WHERE table_name = 'public.products' AND model = %s",
+                      (reduced,)).fetchone()[0] == 12
     with login_as(database_url, worker) as connection:
         # Not one table, imgembed's or the application's, and no change beyond its own functions.
         assert_refused(connection, ["SELECT secret FROM products", "DELETE FROM products",
@@ -114,7 +121,7 @@ def test_reader_role_searches_but_changes_nothing(shop: tuple[psycopg.Connection
         assert connection.execute("SELECT imgembed.request_image('\\x89504e470d0a1a0a')").fetchone()[0] > 0
         worker_calls = [f"SELECT * FROM imgembed.{call}" for call in (
             "claim_batch(10, 60)", "expand_intake()", "recover_expired(5)", "in_flight_count()",
-            "claim_cluster_run(60, 5)", "worker_beat('w', 1, 'cpu', ARRAY['m'], 0, '[]')",
+            "claim_cluster_run(60, 5)", "claim_reduction(60, 5)", "worker_beat('w', 1, 'cpu', ARRAY['m'], 0, '[]')",
             "requeue_claim(gen_random_uuid(), ARRAY[1::bigint], 'x', 0)",
             "vectors_by_content('imgembed-tiny', ARRAY['\\x00'::bytea])")]
         assert_refused(connection, ["DELETE FROM products", "UPDATE products SET secret = 'x'",
