@@ -1,7 +1,7 @@
 """The dispatcher: wakes on NOTIFY (or every sweep interval), expands the triggers' intake into
 jobs, recovers expired leases, claims pending jobs in batches and sends one Celery task per batch
-(and one per clustering run or reduced model's fit). Several may run at once: claims use ``FOR UPDATE SKIP LOCKED``. It
-never imports torch."""
+(and one per clustering run or reduced model's fit). Several may run at once: claims use
+``FOR UPDATE SKIP LOCKED``. It never imports torch."""
 
 from __future__ import annotations
 
