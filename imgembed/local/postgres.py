@@ -5,12 +5,16 @@ starts at import time.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import pwd
 import re
 import secrets
 import shutil
+import stat
 import subprocess
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +26,9 @@ from imgembed.settings import POSTGRES_SHARED_BUFFERS_MB
 log = logging.getLogger(__name__)
 
 POSTGRES_SYSTEM_USER = "embedded_postgres"  # PostgreSQL refuses to run as root
+# A Unix socket's path holds at most 107 bytes; the server's socket file is named .s.PGSQL.<port>.
+SOCKET_PATH_MAX = 107
+LONGEST_SOCKET_NAME = ".s.PGSQL.65535"
 
 
 
@@ -48,6 +55,8 @@ class EmbeddedPostgres:
     Over TCP (127.0.0.1 only) every login needs its password; the superuser's is generated once and
     kept in ``data_dir/postgres-password``, readable by its owner alone. The Unix socket lives in
     the data folder, which only its owner may enter: connections through it need no password.
+    (A data folder whose path is too long for a socket has its socket in a private folder of the
+    system's temporary folder instead.)
     ``durable=False`` turns fsync off: for tests and benchmarks only. ``shared_buffers_mb`` is
     PostgreSQL's buffer cache: searches are fastest when it holds the HNSW indexes searched.
     ``settings`` are more server settings (``{"wal_level": "logical"}`` for a publisher).
@@ -63,6 +72,32 @@ class EmbeddedPostgres:
     @property
     def pgdata(self) -> Path:
         return self.data_dir / "pgdata"
+
+    @property
+    def socket_dir(self) -> Path:
+        """Where the server's Unix socket lives: the data folder, unless its path is too long for a
+        socket's; then a folder named after it in the system's temporary folder."""
+        if len(os.fsencode(self.pgdata)) + 1 + len(LONGEST_SOCKET_NAME) <= SOCKET_PATH_MAX:
+            return self.pgdata
+        digest = hashlib.sha256(os.fsencode(self.pgdata.absolute())).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"imgembed-pg-{digest}"
+
+    def _prepare_socket_dir(self) -> None:
+        """Make the socket's own folder (when it is not the data folder), private to the server's
+        user: whoever may enter it connects without a password."""
+        folder = self.socket_dir
+        if folder == self.pgdata:
+            return
+        folder.mkdir(mode=0o700, exist_ok=True)
+        server_uid = pwd.getpwnam(self._run_as).pw_uid if self._run_as else os.geteuid()
+        info = os.lstat(folder)
+        if self._run_as and info.st_uid == os.geteuid() and stat.S_ISDIR(info.st_mode):
+            shutil.chown(folder, self._run_as, self._run_as)
+            info = os.lstat(folder)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != server_uid or info.st_mode & 0o077:
+            raise ServiceError(f"{folder} (the embedded PostgreSQL's socket folder, as its data folder's path is too "
+                               "long for a socket) exists but is not a private folder of the server's user: remove "
+                               "it, or choose a shorter IMGEMBED_DATA_DIR")
 
     @property
     def log_file(self) -> Path:
@@ -86,7 +121,7 @@ class EmbeddedPostgres:
 
     def socket_url(self, database: str = "postgres", user: str = "postgres") -> str:
         """A URL through the Unix socket, for any role: no password asked."""
-        return f"postgresql://{quote(user)}@/{quote(database)}?host={quote(str(self.pgdata))}&port={self.port}"
+        return f"postgresql://{quote(user)}@/{quote(database)}?host={quote(str(self.socket_dir))}&port={self.port}"
 
     def _require_passwords(self) -> None:
         """The superuser gets its password, and TCP connections must give one (a data folder made
@@ -157,7 +192,8 @@ class EmbeddedPostgres:
             self._run("initdb", "-D", str(self.pgdata), "--auth-local=trust", "--auth-host=scram-sha-256",
                       "--encoding=UTF8", "-U", "postgres", "--no-instructions")
         self.port = self.port or free_port()
-        options = (f"-p {self.port} -h 127.0.0.1 -k {self.pgdata} -c max_connections=200 "
+        self._prepare_socket_dir()
+        options = (f"-p {self.port} -h 127.0.0.1 -k {self.socket_dir} -c max_connections=200 "
                    f"-c shared_buffers={self.shared_buffers_mb}MB")
         if not self.durable:
             options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"

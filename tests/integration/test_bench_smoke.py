@@ -61,7 +61,7 @@ def test_bench_writes_the_model_table(tmp_path: Path) -> None:
 
 
 def test_bench_reduce(tmp_path: Path, redis_url: str) -> None:
-    """--reduce (a short name: the embedded server's socket lives under tmp_path, and its path has a limit)."""
+    """--reduce: the reduced models' table, at a tiny size."""
     out = tmp_path / "RESULTS-reduce.md"
     env = {**os.environ, "IMGEMBED_DATA_DIR": str(tmp_path / "data"), "REDIS_URL": redis_url,
            "IMGEMBED_QUEUE": "bench-smoke-reduce", "IMGEMBED_SWEEP_SECONDS": "0.5"}

@@ -98,3 +98,22 @@ def test_up_says_in_one_line_that_the_model_cannot_be_had(tmp_path: Path) -> Non
     assert (f"imgembed.image keeps its model ViT-B-32:laion2b_s34b_b79k; to move it to {TEST_MODEL}: imgembed models "
             f"add {TEST_MODEL} --table imgembed.image --wait, then imgembed models use imgembed.image {TEST_MODEL}"
             ) in again.read_text()
+
+
+def test_a_data_folder_too_deep_for_a_socket(tmp_path: Path) -> None:
+    """A Unix socket's path holds 107 bytes: a deep data folder gets its socket in a private folder
+    of the temporary folder, and both ways in work."""
+    import stat
+
+    from imgembed.local.postgres import EmbeddedPostgres
+
+    server = EmbeddedPostgres(tmp_path / ("deep-" * 20), durable=False)
+    assert server.socket_dir != server.pgdata and len(str(server.socket_dir)) < 60
+    server.start()
+    try:
+        for url in (server.url(), server.socket_url()):
+            with psycopg.connect(url) as connection:
+                assert connection.execute("SELECT 1").fetchone() == (1,)
+        assert stat.S_IMODE(server.socket_dir.stat().st_mode) == 0o700
+    finally:
+        server.stop(mode="immediate")
