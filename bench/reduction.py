@@ -20,7 +20,7 @@ from imgembed.bench.results import Results, write_results
 from imgembed.db import connect
 from imgembed.local.stack import local_stack
 from imgembed.models.names import parse_model_spec
-from imgembed.models.registry import register_model
+from imgembed.models.registry import register_model, wait_for_fit
 from imgembed.settings import Settings
 
 TABLE = "bench_reduce"
@@ -92,14 +92,8 @@ def _fit(connection: psycopg.Connection, dims: int) -> tuple[str, float, float]:
     to every vector projected and indexed, and the share of variance kept."""
     started = time.perf_counter()
     (name,) = connection.execute("SELECT imgembed.reduce(%s, dims => %s)", (TABLE, dims)).fetchone()  # type: ignore[misc]
-    while True:
-        status, error, kept = connection.execute(
-            "SELECT status, error, explained_variance FROM imgembed.reductions WHERE model = %s", (name,)).fetchone()  # type: ignore[misc]
-        if status == "done":
-            return name, time.perf_counter() - started, float(kept)
-        if status == "failed":
-            raise RuntimeError(f"the fit of {name} failed: {error}")
-        time.sleep(0.1)
+    _, kept = wait_for_fit(connection, name, timeout=3600, poll_seconds=0.1)
+    return name, time.perf_counter() - started, kept
 
 
 def reduction_figures(settings: Settings, *, model: str, dims: tuple[int, ...], rows: int, queries: int,

@@ -42,6 +42,21 @@ BEGIN
     RETURN v_source;
 END $$;
 
+-- SQL that writes the projections of the source vectors p_source_rows selects (as e) into a
+-- reduced model's vector table ($1: the reduced model's id). A row keeps the projection of the
+-- newest source vector: the one with the highest job id.
+CREATE OR REPLACE FUNCTION imgembed._write_projections_sql(p_reduced_storage text, p_source_rows text)
+RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT format(
+        'INSERT INTO imgembed.%I AS d (id, embedding, job_id, embedded_at, content_sha256)'
+        ' SELECT e.id, imgembed._project($1, e.embedding), e.job_id, e.embedded_at, e.content_sha256 FROM %s'
+        ' ON CONFLICT (id) DO UPDATE SET embedding = excluded.embedding, job_id = excluded.job_id,'
+        '     embedded_at = excluded.embedded_at, content_sha256 = excluded.content_sha256'
+        '  WHERE d.job_id <= excluded.job_id',
+        p_reduced_storage, p_source_rows)
+$$;
+
 -- Write the projections of every vector the source model holds for a table into the reduced
 -- model's vector table (nothing while the model is not fitted), then build its index. Source
 -- vectors written meanwhile wait: finish_batch, which projects each new vector, cannot miss the
@@ -63,13 +78,7 @@ BEGIN
     EXECUTE format('LOCK TABLE imgembed.%I IN SHARE MODE', v_source_storage);
     -- One build of the index after the rows, not one insertion into it per row.
     EXECUTE format('DROP INDEX IF EXISTS imgembed.%I', p_link.storage_table || '_hnsw');
-    EXECUTE format(
-        'INSERT INTO imgembed.%1$I AS d (id, embedding, job_id, embedded_at, content_sha256)'
-        ' SELECT e.id, imgembed._project($1, e.embedding), e.job_id, e.embedded_at, e.content_sha256'
-        '   FROM imgembed.%2$I e'
-        ' ON CONFLICT (id) DO UPDATE SET embedding = excluded.embedding, job_id = excluded.job_id,'
-        '     embedded_at = excluded.embedded_at, content_sha256 = excluded.content_sha256',
-        p_link.storage_table, v_source_storage)
+    EXECUTE imgembed._write_projections_sql(p_link.storage_table, format('imgembed.%I e', v_source_storage))
     USING v_model.id;
     GET DIAGNOSTICS v_written = ROW_COUNT;
     PERFORM imgembed._create_index(p_link.storage_table, v_model.dim);
@@ -93,15 +102,9 @@ BEGIN
          WHERE wm.watch_id = p_watch.id AND m.derived_from = p_source_link.model_id AND r.status = 'done'
          ORDER BY wm.model_id
     LOOP
-        EXECUTE format(
-            'INSERT INTO imgembed.%1$I AS d (id, embedding, job_id, embedded_at, content_sha256)'
-            ' SELECT e.id, imgembed._project($1, e.embedding), e.job_id, e.embedded_at, e.content_sha256'
-            '   FROM imgembed.job j JOIN imgembed.%2$I e ON e.id = j.key::%3$s AND e.job_id = j.id'
-            '  WHERE j.id = ANY ($2) AND j.watch_id = $3'
-            ' ON CONFLICT (id) DO UPDATE SET embedding = excluded.embedding, job_id = excluded.job_id,'
-            '     embedded_at = excluded.embedded_at, content_sha256 = excluded.content_sha256'
-            '  WHERE d.job_id < excluded.job_id',
-            v_link.storage_table, p_source_link.storage_table, p_watch.key_type)
+        EXECUTE imgembed._write_projections_sql(v_link.storage_table, format(
+            'imgembed.job j JOIN imgembed.%I e ON e.id = j.key::%s AND e.job_id = j.id WHERE j.id = ANY ($2) AND j.watch_id = $3',
+            p_source_link.storage_table, p_watch.key_type))
         USING v_link.model_id, p_job_ids, p_watch.id;
     END LOOP;
 END $$;
@@ -122,11 +125,11 @@ CREATE OR REPLACE FUNCTION imgembed.reduce(
 LANGUAGE plpgsql AS $$
 DECLARE
     v_watch imgembed.watch := imgembed._watch_of(tbl);
-    v_source imgembed.model := imgembed._model_named(
-        (SELECT m.name FROM imgembed.model m WHERE m.id = (imgembed._watch_model_of(v_watch, reduce.model)).model_id));
+    v_source imgembed.model;
     v_name text;
     v_reduced imgembed.model;
 BEGIN
+    SELECT * INTO v_source FROM imgembed.model m WHERE m.id = (imgembed._watch_model_of(v_watch, reduce.model)).model_id;
     IF v_source.derived_from IS NOT NULL THEN
         RAISE EXCEPTION 'model % is a reduced model already', v_source.name
             USING HINT = format('reduce its source model instead: model => %L', (SELECT m.name FROM imgembed.model m

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import psycopg
 
 from imgembed.cli.common import UsageError, add_command
-from imgembed.errors import ImgembedError
 from imgembed.models.names import parse_model_spec
 from imgembed.settings import Settings, require_database_url
 
@@ -55,20 +53,11 @@ def _reduce(connection: psycopg.Connection, args: argparse.Namespace) -> None:
     print(f"{name}: {args.dims} dimensions of {args.table}'s vectors, fitted by a worker")
     if not args.wait:
         return
-    deadline = time.monotonic() + args.timeout
-    while True:
-        status, error, fitted_rows, kept = connection.execute(
-            "SELECT status, error, fitted_rows, explained_variance FROM imgembed.reductions WHERE model = %s",
-            (name,)).fetchone()  # type: ignore[misc]
-        if status == "done":
-            print(f"fitted on {fitted_rows} vectors; the {args.dims} dimensions keep {kept:.1%} of their variance.\n"
-                  f"Search with model => '{name}', or make it the default: imgembed models use {args.table} {name}")
-            return
-        if status == "failed":
-            raise ImgembedError(f"the fit of {name} failed: {error}")
-        if time.monotonic() > deadline:
-            raise ImgembedError(f"{name} is still {status} after {args.timeout:.0f}s (is a worker running?)")
-        time.sleep(0.5)
+    from imgembed.models.registry import wait_for_fit
+
+    fitted_rows, kept = wait_for_fit(connection, name, args.timeout)
+    print(f"fitted on {fitted_rows} vectors; the {args.dims} dimensions keep {kept:.1%} of their variance.\n"
+          f"Search with model => '{name}', or make it the default: imgembed models use {args.table} {name}")
 
 
 ACTIONS = {"list": _list, "add": _add, "use": _use, "drop": _drop, "reduce": _reduce}

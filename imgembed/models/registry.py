@@ -104,3 +104,26 @@ def wait_for_backfill(
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"{remaining} rows still to embed with {model} after {timeout}s")
             time.sleep(0.5)
+
+
+def wait_for_fit(connection: psycopg.Connection, model: str, timeout: float, poll_seconds: float = 0.5
+                 ) -> tuple[int, float]:
+    """Wait until a reduced model's fit is done (imgembed.reduce): the rows it learnt from and the
+    share of variance it keeps. A failed fit raises ImgembedError with its reason, as does one still
+    waiting after ``timeout`` seconds."""
+    import time
+
+    from imgembed.errors import ImgembedError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        status, error, fitted_rows, kept = connection.execute(
+            "SELECT status, error, fitted_rows, explained_variance FROM imgembed.reductions WHERE model = %s",
+            (model,)).fetchone()  # type: ignore[misc]
+        if status == "done":
+            return int(fitted_rows), float(kept)
+        if status == "failed":
+            raise ImgembedError(f"the fit of {model} failed: {error}")
+        if time.monotonic() > deadline:
+            raise ImgembedError(f"{model} is still {status} after {timeout:.0f}s (is a worker running?)")
+        time.sleep(poll_seconds)

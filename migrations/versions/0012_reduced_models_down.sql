@@ -23,9 +23,9 @@ BEGIN
     END LOOP;
     FOR v_function IN SELECT p.oid::regprocedure FROM pg_proc p
                        WHERE p.pronamespace = 'imgembed'::regnamespace
-                         AND p.proname IN ('_project', '_reduction_source', '_fill_reduced', '_project_written', 'reduce',
-                                           'claim_reduction', 'reduction_spec', 'reduction_input', 'finish_reduction',
-                                           'fail_reduction')
+                         AND p.proname IN ('_project', '_reduction_source', '_write_projections_sql', '_fill_reduced',
+                                           '_project_written', 'reduce', 'claim_reduction', 'reduction_spec',
+                                           'reduction_input', 'finish_reduction', 'fail_reduction')
     LOOP
         EXECUTE format('DROP FUNCTION %s', v_function);
     END LOOP;

@@ -226,7 +226,7 @@ RELEASED_REVISION_FILES = {
     "0011_content_and_query_images_down.sql": "73f03a93600b78bbf24864f7b6c302876151dc9480998b1920aa9752828e4a70",
     "0012_reduced_models.py": "7f63182a16d29b63eb0e43c1a896d86aed0a7a08ecf8335955d4c4721565a682",
     "0012_reduced_models.sql": "bbf315a4f39722e1b632e64b741bb1ecf9682af1afa14cef8fd236fa4ce444a3",
-    "0012_reduced_models_down.sql": "3f9035eacefeaee97718029c2c85e8e368098dafaecc2ff43ac8364ab83e2805",
+    "0012_reduced_models_down.sql": "94fe9c7b2d9bcb184a08a25d4cadca5cbb1074784335988508b4e746998a03bf",
 }
 RELEASED_0001 = REPO / "tests" / "fixtures" / "imgembed-0001-as-released.sql.gz"
 
