@@ -10,12 +10,18 @@ from pathlib import Path
 from tests.conftest import REPO, TESTDATA
 
 
+def bench_env(tmp_path: Path, redis_url: str, queue: str, **more: str) -> dict[str, str]:
+    """The bench's environment: its own data folder (an embedded server), the test Redis, a queue of its own."""
+    env = {**os.environ, "IMGEMBED_DATA_DIR": str(tmp_path / "data"), "REDIS_URL": redis_url,
+           "IMGEMBED_QUEUE": queue, "IMGEMBED_SWEEP_SECONDS": "0.5", **more}
+    env.pop("DATABASE_URL", None)
+    return env
+
+
 def test_bench_smoke(tmp_path: Path, redis_url: str) -> None:
     out = tmp_path / "RESULTS.md"
-    env = {**os.environ, "IMGEMBED_DATA_DIR": str(tmp_path / "data"), "REDIS_URL": redis_url,
-           "IMGEMBED_QUEUE": "bench-smoke", "IMGEMBED_SWEEP_SECONDS": "0.5",
-           "IMGEMBED_PG_SHARED_BUFFERS_MB": "160"}  # reaches the embedded server: the results name it
-    env.pop("DATABASE_URL", None)
+    # IMGEMBED_PG_SHARED_BUFFERS_MB reaches the embedded server: the results name it.
+    env = bench_env(tmp_path, redis_url, "bench-smoke", IMGEMBED_PG_SHARED_BUFFERS_MB="160")
     result = subprocess.run([sys.executable, "-m", "imgembed", "bench", "--smoke", "--model", "imgembed-tiny",
                              "--photos", str(TESTDATA / "photos"), "--out", str(out)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -31,9 +37,7 @@ def test_bench_smoke(tmp_path: Path, redis_url: str) -> None:
 
 def test_bench_measures_only_the_figures_asked_for(tmp_path: Path, redis_url: str) -> None:
     out = tmp_path / "RESULTS.md"
-    env = {**os.environ, "IMGEMBED_DATA_DIR": str(tmp_path / "data"), "REDIS_URL": redis_url,
-           "IMGEMBED_QUEUE": "bench-smoke-2", "IMGEMBED_SWEEP_SECONDS": "0.5"}
-    env.pop("DATABASE_URL", None)
+    env = bench_env(tmp_path, redis_url, "bench-smoke-2")
     command = [sys.executable, "-m", "imgembed", "bench", "--smoke", "--model", "imgembed-tiny", "--out", str(out)]
     refused = subprocess.run([*command, "--figures", "2,7"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "--figures" in refused.stderr
@@ -59,13 +63,10 @@ def test_bench_writes_the_model_table(tmp_path: Path) -> None:
     assert refused.returncode != 0 and "unknown timm architecture" in refused.stderr
 
 
-
 def test_bench_reduce(tmp_path: Path, redis_url: str) -> None:
     """--reduce: the reduced models' table, at a tiny size."""
     out = tmp_path / "RESULTS-reduce.md"
-    env = {**os.environ, "IMGEMBED_DATA_DIR": str(tmp_path / "data"), "REDIS_URL": redis_url,
-           "IMGEMBED_QUEUE": "bench-smoke-reduce", "IMGEMBED_SWEEP_SECONDS": "0.5"}
-    env.pop("DATABASE_URL", None)
+    env = bench_env(tmp_path, redis_url, "bench-smoke-reduce")
     command = [sys.executable, "-m", "imgembed", "bench", "--smoke", "--model", "imgembed-tiny", "--out", str(out)]
     refused = subprocess.run([*command, "--reduce"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "--photos" in refused.stderr
