@@ -14,20 +14,32 @@ import torch
 from imgembed.settings import Settings
 
 
-def machine_description() -> list[str]:
-    cpu = platform.processor() or platform.machine()
+def _cpu_info() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
+        return ""
+
+
+def _vector_instructions(cpu_info: str) -> str:
+    """The widest vector instructions the CPU has, and whether it has VNNI (int8 speed and agreement
+    depend on it: imgembed.worker.int8_weights)."""
+    flags = set(next((line.split(":", 1)[1].split() for line in cpu_info.splitlines() if line.startswith("flags")), []))
+    if not flags:
+        return ""
+    widest = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f" ({widest}, {'with' if flags & {'avx512_vnni', 'avx_vnni'} else 'without'} VNNI)"
+
+
+def machine_description() -> list[str]:
+    cpu_info = _cpu_info()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpu_info.splitlines() if line.startswith("model name")),
+               platform.processor() or platform.machine())
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     import open_clip
 
     return [
-        f"- machine: {cpu}, {os.cpu_count()} cores, GPU: {gpu}",
+        f"- machine: {cpu}{_vector_instructions(cpu_info)}, {os.cpu_count()} cores, GPU: {gpu}",
         f"- python {platform.python_version()}, torch {torch.__version__}, open_clip {open_clip.__version__}, "
         f"pgvector-python {version('pgvector')}{_onnxruntime_version()}",
     ]

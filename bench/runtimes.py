@@ -1,6 +1,7 @@
 """(8): PyTorch against ONNX Runtime on this machine, in one run: the image tower alone (images/s at
-the worker's batch size, float32 and int8), how far int8 moves the vectors (recall@10 of int8
-neighbours among fp32 neighbours, over the bench photos), and the peak memory of a process that
+the worker's batch size, float32 and int8), the most any float32 runtime could give here
+(imgembed.bench.ceiling), how far int8 moves the vectors (recall@10 of int8 neighbours among fp32
+neighbours, over the bench photos, for 8- and 7-bit weights), and the peak memory of a process that
 loads the tower the way a worker does and embeds photos with it."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imgembed.bench.ceiling import SIDE, flops_per_image, matrix_product_rates
 from imgembed.bench.photos import photo_files
 from imgembed.bench.results import BenchSize, Results
 from imgembed.bench.timing import images_per_s
@@ -64,6 +66,21 @@ def _process_peak(runtime: str, model: str, photos: Path) -> dict[str, object]:
     return json.loads(finished.stdout.strip().splitlines()[-1])
 
 
+def _ceiling_figure(results: Results, size: BenchSize, torch_model: object, input_size: int, rates: dict[str, float],
+                    threads: int) -> None:
+    """How close each float32 runtime comes to the most this CPU allows (imgembed.bench.ceiling)."""
+    products = matrix_product_rates(threads, rounds=size.repeats, seconds=size.raw_seconds / 4)
+    flops = flops_per_image(torch_model.model, input_size)  # type: ignore[attr-defined]
+    most = max(products.values()) * 1e9 / flops
+    ceiling = {"matrix_product_gflop_per_s": products, "gflop_per_image": flops / 1e9, "most_images_per_s": most,
+               "share_of_most": {name: rates[name] / most for name in ("torch", "onnx")}}
+    results.add("runtime_float32_ceiling", ceiling,
+                f"- (8) float32 ceiling: a {SIDE}-cubed matrix product runs at {products['torch']:.0f} GFLOP/s on "
+                f"PyTorch and {products['onnx']:.0f} on ONNX Runtime; at {flops / 1e9:.3g} GFLOP an image, no float32 "
+                f"runtime passes {most:.1f} images/s here, {most / rates['torch']:.2f}x PyTorch's. PyTorch runs at "
+                f"{rates['torch'] / most:.0%} of it, ONNX Runtime at {rates['onnx'] / most:.0%}")
+
+
 def runtime_figures(results: Results, settings: Settings, size: BenchSize, model: str, photos: Path) -> None:
     """(8), measured in this process and two helpers; writes its lines to ``results``."""
     import torch
@@ -76,7 +93,9 @@ def runtime_figures(results: Results, settings: Settings, size: BenchSize, model
     spec = parse_model_spec(model)
     torch_model = load_model(spec, "cpu", tower="image", model_dir=settings.models_path)
     fp32 = load_onnx_model(spec, "image", settings.with_overrides(onnx_quantize="none"))
-    int8 = load_onnx_model(spec, "image", settings.with_overrides(onnx_quantize="int8"))
+    int8 = load_onnx_model(spec, "image", settings.with_overrides(onnx_quantize="int8"))  # this CPU's weights
+    other_bits = 15 - int(int8.int8_bits or 8)  # the other int8 weights (8 or 7 bits): their agreement too
+    int8_other = load_onnx_model(spec, "image", settings.with_overrides(onnx_quantize="int8"), int8_bits=other_bits)
     batch = settings.batch_size
     pixels = np.random.default_rng(0).standard_normal((batch, 3, fp32.input_size, fp32.input_size), dtype=np.float32)
     tensor = torch.from_numpy(pixels)
@@ -91,21 +110,28 @@ def runtime_figures(results: Results, settings: Settings, size: BenchSize, model
     results.add("runtime_images_per_s", rates,
                 f"- (8) {model} image tower alone, {batch} images per pass, {torch.get_num_threads()} threads: PyTorch "
                 f"{rates['torch']:.1f} images/s, ONNX Runtime {rates['onnx']:.1f} ({rates['onnx'] / rates['torch']:.2f}x), "
-                f"ONNX Runtime int8 {rates['onnx_int8']:.1f} ({rates['onnx_int8'] / rates['torch']:.2f}x)")
+                f"ONNX Runtime int8 ({int8.int8_bits}-bit weights, as this CPU runs them) {rates['onnx_int8']:.1f} "
+                f"({rates['onnx_int8'] / rates['torch']:.2f}x)")
+    _ceiling_figure(results, size, torch_model, fp32.input_size, rates, torch.get_num_threads())
 
     pictures = [decode_image(path.read_bytes(), settings, target_size=fp32.input_size) for path in photo_files(photos)]
     prepared = [fp32.prepare(picture) for picture in pictures]
     exact = np.concatenate([fp32.embed_images(prepared[i:i + batch]) for i in range(0, len(prepared), batch)])
     reference = np.concatenate([torch_model.embed_images([torch_model.prepare(p) for p in pictures[i:i + batch]])
                                 for i in range(0, len(pictures), batch)])
-    quantized = np.concatenate([int8.embed_images(prepared[i:i + batch]) for i in range(0, len(prepared), batch)])
-    agreement = {"onnx_min_cosine": float((exact * reference).sum(axis=1).min()),
-                 "int8_mean_cosine": float((quantized * exact).sum(axis=1).mean()),
-                 "int8_recall_at_10": _recall_at_10(exact, quantized), "photos": len(pictures)}
+    agreement: dict[str, object] = {"onnx_min_cosine": float((exact * reference).sum(axis=1).min()),
+                                    "photos": len(pictures)}
+    said = []
+    for quantized_model in sorted((int8, int8_other), key=lambda each: -int(each.int8_bits or 8)):
+        quantized = np.concatenate([quantized_model.embed_images(prepared[i:i + batch])
+                                    for i in range(0, len(prepared), batch)])
+        mean_cosine, recall = float((quantized * exact).sum(axis=1).mean()), _recall_at_10(exact, quantized)
+        agreement[f"int8_{quantized_model.int8_bits}bit"] = {"mean_cosine": mean_cosine, "recall_at_10": recall}
+        said.append(f"{quantized_model.int8_bits}-bit weights cosine {mean_cosine:.5f} on average, recall@10 of "
+                    f"their neighbours {recall:.3f}")
     results.add("runtime_agreement", agreement,
                 f"- (8) over {len(pictures)} photos: ONNX Runtime against PyTorch, cosine at least "
-                f"{agreement['onnx_min_cosine']:.7f}; int8 against float32, cosine {agreement['int8_mean_cosine']:.4f} "
-                f"on average, recall@10 of its neighbours {agreement['int8_recall_at_10']:.3f}")
+                f"{agreement['onnx_min_cosine']:.7f}; int8 against float32: {'; '.join(said)}")
 
     peaks = {runtime: _process_peak(runtime, model, photos) for runtime in ("onnx", "torch")}
     results.add("runtime_process_rss_mb", peaks,

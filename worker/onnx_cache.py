@@ -27,7 +27,9 @@ from imgembed.worker.weights import require_checkpoint_file
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT = 2  # raised when exports are made differently: older ones are then made again
+# Raised when exports are made differently: older ones are then made again. 3: int8 weights per
+# output channel, in 8 and in 7 bits, the patch convolution left float32.
+EXPORT_FORMAT = 3
 EXPORT_TIMEOUT_SECONDS = 1800.0
 
 
@@ -72,8 +74,10 @@ def _manifest(folder: Path, tower: str, quantize: str) -> dict | None:
         manifest = json.loads((folder / f"{tower}.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    wanted = manifest.get("int8_file") if quantize == "int8" else manifest.get("file")
-    return manifest if wanted and (folder / wanted).is_file() else None
+    wanted = [manifest.get("file")]
+    if quantize == "int8":
+        wanted += [variant.get("file") for variant in manifest.get("int8", {}).values()] or [None]
+    return manifest if all(name and (folder / name).is_file() for name in wanted) else None
 
 
 def _run_exporter(spec: ModelSpec, tower: str, folder: Path, quantize: str, model_dir: Path) -> dict:

@@ -17,6 +17,7 @@ from PIL import Image
 from imgembed.models.names import ModelSpec
 from imgembed.settings import Settings
 from imgembed.worker.clip_tokenizer import MERGES_FILE, ClipTokenizer
+from imgembed.worker.int8_weights import int8_weight_bits
 from imgembed.worker.onnx_cache import exported_tower
 from imgembed.worker.onnx_pixels import ImageSteps
 
@@ -42,7 +43,7 @@ class OnnxModel:
     input_size: int
     image_steps: ImageSteps | None = None
     tokenizer: ClipTokenizer | None = None
-    quantized: bool = False
+    int8_bits: int | None = None  # the weights' bits when quantised (imgembed.worker.int8_weights), else None
     device: OnnxDevice = field(default_factory=OnnxDevice)
     cut: None = None  # the PyTorch model's transform cut, for GPUs: none here
     tensor_preprocess: None = None  # decoding on a GPU: not on this path
@@ -83,17 +84,19 @@ def _session(path: Path) -> Any:
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def load_onnx_model(spec: ModelSpec, tower: str, settings: Settings) -> OnnxModel:
+def load_onnx_model(spec: ModelSpec, tower: str, settings: Settings, int8_bits: int | None = None) -> OnnxModel:
     """The tower exported to ONNX (exported first if this is the first time; see
-    imgembed.worker.onnx_cache) in an ONNX Runtime session on the CPU."""
+    imgembed.worker.onnx_cache) in an ONNX Runtime session on the CPU. With
+    IMGEMBED_ONNX_QUANTIZE=int8, the int8 weights this CPU suits, or those of ``int8_bits``."""
     folder, manifest = exported_tower(spec, tower, settings.models_path, settings.onnx_quantize)
-    quantized = settings.onnx_quantize == "int8"
-    model = OnnxModel(spec, tower, _session(folder / manifest["int8_file" if quantized else "file"]),
-                      int(manifest["dim"]), int(manifest["input_size"]), quantized=quantized)
+    bits = (int8_bits or int8_weight_bits()) if settings.onnx_quantize == "int8" else None
+    file = manifest["file"] if bits is None else manifest["int8"][str(bits)]["file"]
+    model = OnnxModel(spec, tower, _session(folder / file), int(manifest["dim"]), int(manifest["input_size"]),
+                      int8_bits=bits)
     if tower == "image":
         model.image_steps = ImageSteps.from_dict(manifest["image_steps"])
     else:
         model.tokenizer = ClipTokenizer(folder / MERGES_FILE, int(manifest["context_length"]))
     log.info("loaded model %s (%s tower) on ONNX Runtime%s (dim %s, input %spx)", spec.name, tower,
-             ", int8" if quantized else "", model.dim, model.input_size)
+             "" if bits is None else f", int8 ({bits}-bit weights)", model.dim, model.input_size)
     return model

@@ -96,7 +96,8 @@ def _export(settings: Settings, args: argparse.Namespace) -> None:
         except OnnxUnsupported as error:
             raise UsageError(f"{spec.name}: its {tower} tower cannot run on ONNX Runtime ({error}); its workers use "
                              "PyTorch") from None
-        int8 = f", int8 agreement {manifest['int8_agreement']:.6f}" if "int8_agreement" in manifest else ""
+        int8 = "".join(f", int8 {bits}-bit agreement {variant['agreement']:.6f}"
+                       for bits, variant in manifest.get("int8", {}).items())
         print(f"{spec.name} ({tower} tower): {folder} (agreement with PyTorch {manifest['agreement']:.7f}{int8})")
     print(f"CPU workers whose IMGEMBED_MODEL_DIR is {settings.models_path} run it on ONNX Runtime at once.")
 

@@ -30,7 +30,8 @@ def test_bench_smoke(tmp_path: Path, redis_url: str) -> None:
     for figure in ("shared_buffers 160MB", "(1) raw model throughput", "(2) end to end", "as file paths",
                    "of the bound", "tensors alone", "(3) one INSERT", "(4) 500 rows",
                    "ef_search=100", "filter matching 1%", "as a reader role", "row-level policy of its own", "(6) peak RSS", "own memory at most",
-                   "(8) imgembed-tiny image tower alone", "ONNX Runtime int8", "ONNX Runtime against PyTorch",
+                   "(8) imgembed-tiny image tower alone", "ONNX Runtime int8", "float32 ceiling", "ONNX Runtime against PyTorch",
+                   "7-bit weights cosine",
                    "(PyTorch loaded: False)", "(9) 24 rows as bytea", "repeating 2 distinct images", "```json"):
         assert figure in text, figure
 
