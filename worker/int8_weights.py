@@ -15,6 +15,7 @@ from pathlib import Path
 
 CPU_INFO = Path("/proc/cpuinfo")
 VNNI_FLAGS = {"avx512_vnni", "avx_vnni"}
+WEIGHT_BITS = (8, 7)  # the int8 weights an export makes
 
 
 def int8_weight_bits(cpu_info: str | None = None) -> int:

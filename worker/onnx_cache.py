@@ -22,6 +22,7 @@ from pathlib import Path
 
 from imgembed.models.names import RANDOM_INIT_SEED, ModelSpec, file_sha256
 from imgembed.models.store import stored_checkpoint
+from imgembed.worker.int8_weights import WEIGHT_BITS
 from imgembed.worker.model_errors import ModelLoadError
 from imgembed.worker.weights import require_checkpoint_file
 
@@ -76,7 +77,8 @@ def _manifest(folder: Path, tower: str, quantize: str) -> dict | None:
         return None
     wanted = [manifest.get("file")]
     if quantize == "int8":
-        wanted += [variant.get("file") for variant in manifest.get("int8", {}).values()] or [None]
+        variants = manifest.get("int8") or {}
+        wanted += [variants.get(str(bits), {}).get("file") for bits in WEIGHT_BITS]
     return manifest if all(name and (folder / name).is_file() for name in wanted) else None
 
 

@@ -28,11 +28,12 @@ from typing import Any
 import numpy as np
 
 from imgembed.worker.clip_tokenizer import MERGES_FILE, ClipTokenizer
+from imgembed.worker.int8_weights import WEIGHT_BITS
 from imgembed.worker.model_errors import ModelLoadError
 from imgembed.worker.onnx_pixels import ImageSteps
 
 AGREEMENT = 0.9999  # least cosine between a tower's ONNX and PyTorch vectors
-INT8_FILES = {8: "int8", 7: "int8-7bit"}  # weight bits -> the quantised file's middle name
+INT8_NAMES = {8: "int8", 7: "int8-7bit"}  # weight bits -> the quantised file's middle name
 SAMPLE_TEXTS = ["a photo of a dog", "Two RED squares!", "naïve café ✓", "it's 3 o'clock &amp; more", "x" * 200, ""]
 
 
@@ -134,8 +135,8 @@ def _quantized(fp32: Path, out_dir: Path, name: str, bits: int, feed: dict[str, 
                expected: np.ndarray) -> dict[str, Any]:
     """Dynamic int8 quantisation of the matrix products' weights, one scale per output channel, in
     ``bits`` bits (7: for x86 CPUs without VNNI, see imgembed.worker.int8_weights). The patch
-    convolution stays float32: ONNX Runtime's integer convolution made ViT-B-32 slower (49 images/s
-    against 62 on 2 cores), and it is 3% of the work."""
+    convolution stays float32: ONNX Runtime's integer convolution is slow (ViT-B-32 on 2 cores: 45
+    images/s with it quantised too, 54 without), and it is 3% of the work."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     int8 = _written(out_dir, name, lambda path: quantize_dynamic(
@@ -202,8 +203,8 @@ def export_tower(model_name: str, tower: str, out_dir: Path, quantize: str | Non
         raise Unsupported(f"ONNX Runtime's vectors agree with PyTorch's to cosine {manifest['agreement']:.6f} only")
     manifest["file"] = fp32.name
     if quantize == "int8":
-        manifest["int8"] = {str(bits): _quantized(fp32, out_dir, f"{tower}.{INT8_FILES[bits]}.onnx", bits, feed, expected)
-                            for bits in INT8_FILES}
+        manifest["int8"] = {str(bits): _quantized(fp32, out_dir, f"{tower}.{INT8_NAMES[bits]}.onnx", bits, feed, expected)
+                            for bits in WEIGHT_BITS}
     _written(out_dir, f"{tower}.json", lambda path: path.write_text(json.dumps(manifest, indent=1), encoding="utf-8"))
     return manifest
 
