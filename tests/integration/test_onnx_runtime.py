@@ -52,7 +52,7 @@ def test_onnx_and_pytorch_give_the_same_vectors(name: str) -> None:
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
 
 
-def test_exported_ahead_with_int8_weights(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_exported_ahead_with_int8_weights(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
     """`imgembed models export --int8` fills the model directory ahead of the workers; with
     IMGEMBED_ONNX_QUANTIZE=int8 they run the quantised copy this CPU suits (8-bit weights, or 7-bit
     on x86 without VNNI), close to the float one; the patch convolution stays float32."""
@@ -76,6 +76,11 @@ def test_exported_ahead_with_int8_weights(tmp_path) -> None:  # type: ignore[no-
         operators = {node.op_type for node in graph.graph.node}
         assert {"MatMulInteger", "Conv"} <= operators and "ConvInteger" not in operators
         assert (quantized.embed_images(pictures) * reference).sum(axis=1).mean() >= 0.999
+    assert "agree with PyTorch's only" not in caplog.text
+    manifest["int8"]["7"]["agreement"] = 0.98  # as a model whose activations int8 cannot hold would give
+    manifest_file.write_text(json.dumps(manifest))
+    load_onnx_model(spec, "image", settings, int8_bits=7)
+    assert "int8 weights agree with PyTorch's only to cosine 0.9800" in caplog.text
 
 
 WORKER_REPORTING_ITS_MODULES = (  # written past Celery, which takes over sys.stdout
