@@ -102,7 +102,31 @@ def _export(settings: Settings, args: argparse.Namespace) -> None:
     print(f"CPU workers whose IMGEMBED_MODEL_DIR is {settings.models_path} run it on ONNX Runtime at once.")
 
 
-WITHOUT_DATABASE = {"pull": _pull, "import": _import, "export": _export}
+def _prune_exports(settings: Settings, args: argparse.Namespace) -> None:
+    """Remove the ONNX exports no current model, checkpoint and export format maps to."""
+    from imgembed.worker.onnx_prune import remove_export, stale_exports
+
+    stale = stale_exports(settings.models_path)
+    if not stale:
+        print(f"no stale ONNX exports in {settings.models_path / 'onnx'}")
+        return
+    freed = 0
+    for export in stale:
+        size = f"{export.size_bytes / 1e6:,.0f} MB"
+        if args.dry_run:
+            print(f"would remove {export.folder} ({export.model}, {size})")
+        elif remove_export(export.folder):
+            freed += export.size_bytes
+            print(f"removed {export.folder} ({export.model}, {size})")
+            if not any(export.folder.parent.iterdir()):
+                export.folder.parent.rmdir()
+        else:
+            print(f"left {export.folder} ({export.model}, {size}): another process holds its lock")
+    if not args.dry_run:
+        print(f"freed {freed / 1e6:,.0f} MB")
+
+
+WITHOUT_DATABASE = {"pull": _pull, "import": _import, "export": _export, "prune-exports": _prune_exports}
 
 
 def models(settings: Settings, args: argparse.Namespace) -> int:
@@ -157,3 +181,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     action.add_argument("name", help="ARCH:TAG, ARCH:/path/to/checkpoint.pt, imgembed-tiny or imgembed-shapes")
     action.add_argument("--tower", action="append", choices=["image", "text"], help="only this tower (repeatable)")
     action.add_argument("--int8", action="store_true", help="also the int8 weights (IMGEMBED_ONNX_QUANTIZE=int8)")
+    action = actions.add_parser(
+        "prune-exports", help="remove ONNX exports in IMGEMBED_MODEL_DIR that no current model, checkpoint or export "
+                              "format maps to (left by upgrades and replaced checkpoints)")
+    action.add_argument("--dry-run", action="store_true", help="only list what would be removed")

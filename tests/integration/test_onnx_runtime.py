@@ -3,8 +3,10 @@ same search results through the whole pipeline, and a worker process that never 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -151,3 +153,40 @@ def test_workers_starting_together_export_once(tmp_path) -> None:  # type: ignor
     assert exported == [".lock", "bpe_simple_vocab_16e6.txt.gz", "text.json", "text.onnx", "text.onnx.data"]
     logs = "".join(error for _, error in outputs)
     assert logs.count("exporting its text tower to ONNX") == 1, logs[-3000:]
+
+
+def test_prune_exports_removes_only_what_no_model_maps_to(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`imgembed models prune-exports` removes export folders left by an older export format or a
+    replaced checkpoint, and keeps the current one, an export under way, and a folder whose lock
+    another process holds."""
+    env = {**os.environ, "IMGEMBED_MODEL_DIR": str(tmp_path)}
+
+    def prune(*options: str) -> str:
+        finished = subprocess.run([sys.executable, "-m", "imgembed", "models", "prune-exports", *options], env=env,
+                                  cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert finished.returncode == 0, finished.stderr[-2000:]
+        return finished.stdout
+
+    assert "no stale ONNX exports" in prune()
+    exported = subprocess.run([sys.executable, "-m", "imgembed", "models", "export", "imgembed-tiny", "--tower", "image"],
+                              env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    (current,) = (tmp_path / "onnx" / "imgembed-tiny").iterdir()
+    older, locked = current.with_name("0" * 20), current.with_name("1" * 20)  # as an older format would have named it
+    shutil.copytree(current, older)
+    shutil.copytree(current, locked)
+    under_way = current.with_name("2" * 20)
+    under_way.mkdir()
+    (under_way / ".lock").touch()
+    listed = prune("--dry-run")  # the copies name imgembed-tiny, which maps to the current folder only
+    assert f"would remove {older}" in listed and f"would remove {locked}" in listed and str(current) not in listed
+    assert older.is_dir() and locked.is_dir()
+    with (locked / ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a worker exporting into it
+        said = prune()
+    assert f"removed {older}" in said and f"left {locked}" in said and "freed" in said
+    assert not older.exists() and locked.is_dir() and current.is_dir() and under_way.is_dir()
+    assert f"removed {locked}" in prune()
+    written = (current / "image.onnx").stat().st_mtime_ns
+    model = load_onnx_model(parse_model_spec("imgembed-tiny"), "image", load_settings({"IMGEMBED_MODEL_DIR": str(tmp_path)}))
+    assert model.dim > 0 and (current / "image.onnx").stat().st_mtime_ns == written  # loaded, not exported again
