@@ -54,6 +54,8 @@ def stale_exports(model_dir: Path) -> list[StaleExport]:
             current = export_dir(parse_model_spec(model), model_dir)
         except ModelSpecError:
             current = None  # a name this version cannot read: nothing here loads it
+        except OSError:
+            continue  # its checkpoint cannot be read now: whether the folder is current cannot be told
         if current is None or current.resolve() != folder.resolve():
             found.append(StaleExport(folder, model, _folder_size(folder)))
     return found
