@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     bench/gpu_check.sh runs on a GPU machine's CPUs, where only these wheels travel)."""
     import argparse
 
-    from imgembed.bench.machine import machine_description
+    from imgembed.bench.machine import git_revision, machine_description
     from imgembed.bench.photos import generated_photos
     from imgembed.bench.results import BenchSize, write_results
     from imgembed.settings import load_settings
@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         generated_photos(photos)
     results = Results()
     results.lines += ["# imgembed benchmark: runtimes", "", f"`python -m imgembed.bench.runtimes --model {arguments.model}`"
-                      f" at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "", *machine_description(),
+                      f" at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {git_revision()}.", "",
+                      *machine_description(),
                       f"- photos: {len(photo_files(photos))} JPEGs from {photos}", "", "## Figures", ""]
     size = BenchSize(repeats=arguments.repeats, raw_images=arguments.images)
     results.lines.insert(3, f"`--repeats {size.repeats} --images {size.raw_images}`: each speed figure is the median "
