@@ -5,9 +5,11 @@ private redis-server), and real dispatcher / Celery worker processes."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 TESTDATA = REPO.parent / "shared" / "testdata"
 TEST_MODEL = "imgembed-tiny"
 TEMPLATE_DATABASE = "imgembed_template"
+_OWN_BASETEMP = pytest.StashKey[Path]()
 HEAD_REVISION = "0012"  # imgembed's newest migration (test_application checks it is the head)
 
 
@@ -42,6 +45,22 @@ def wait_for(predicate: Callable[[], object], timeout: float, message: str, inte
 
 
 _SERVERS: dict[int, EmbeddedPostgres] = {}  # the embedded servers of this session, by port
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """As root, each session's temporary folders go in a folder of its own: the embedded servers
+    then run as their own system user, and pytest makes /tmp/pytest-of-root private at each session
+    start, which would cut another session's running servers off from their files."""
+    if config.option.basetemp is None and os.geteuid() == 0:
+        config.option.basetemp = tempfile.mkdtemp(prefix="imgembed-tests-")
+        config.stash[_OWN_BASETEMP] = Path(config.option.basetemp)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The session's own temporary folder goes when every test passed; kept for a look otherwise."""
+    folder = session.config.stash.get(_OWN_BASETEMP, None)
+    if folder is not None and exitstatus == 0:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def as_role(database_url: str, role: str) -> str:
