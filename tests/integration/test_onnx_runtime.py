@@ -92,15 +92,15 @@ WORKER_REPORTING_ITS_MODULES = (  # written past Celery, which takes over sys.st
     "runpy.run_module('imgembed', run_name='__main__')\n")
 
 
-def test_a_worker_on_onnx_runtime(db: psycopg.Connection, services: Services) -> None:
-    """A real worker with IMGEMBED_RUNTIME=onnx embeds photos and a text query without ever
-    importing torch; its vectors are PyTorch's (cosine >= 0.9999) and similar() answers as PyTorch's
-    vectors would."""
+def _photos_through_an_onnx_worker(db: psycopg.Connection, services: Services,
+                                   **settings: str) -> tuple[str, np.ndarray, np.ndarray]:
+    """A real worker on ONNX Runtime (with ``settings`` besides) embeds the photos and answers a
+    text query; returns its log, the stored vectors and PyTorch's vectors of the same photos."""
     db.execute("CREATE TABLE shots (id bigint PRIMARY KEY, photo bytea)")
     with db.cursor() as cursor:
         cursor.executemany("INSERT INTO shots VALUES (%s, %s)", [(i, path.read_bytes()) for i, path in enumerate(PHOTOS)])
     db.execute("SELECT imgembed.watch('shots', 'photo')")
-    services.extra_env["IMGEMBED_RUNTIME"] = "onnx"
+    services.extra_env.update(IMGEMBED_RUNTIME="onnx", **settings)
     services.start("dispatch")
     log_path = services.log_dir / "onnx-worker.log"
     worker = subprocess.Popen([sys.executable, "-c", WORKER_REPORTING_ITS_MODULES], env=services.env(), cwd=REPO,
@@ -112,22 +112,40 @@ def test_a_worker_on_onnx_runtime(db: psycopg.Connection, services: Services) ->
     found = db.execute("SELECT id FROM imgembed.search_text('shots', NULL::bigint, 'a photo of a bird', 5)").fetchall()
     assert len(found) == 5
     services.stop(worker)
-    assert "torch loaded: False" in log_path.read_text(), log_path.read_text()[-3000:]
+    log = log_path.read_text()
 
     reference = load_model(parse_model_spec("imgembed-tiny"), "cpu")
-    settings = load_settings({})
-    expected = reference.embed_images([reference.prepare(decode_image(path.read_bytes(), settings,
+    expected = reference.embed_images([reference.prepare(decode_image(path.read_bytes(), load_settings({}),
                                                                       target_size=reference.input_size))
                                        for path in PHOTOS])
     storage = db.execute("SELECT imgembed.storage_table('shots')").fetchone()[0]
     stored = dict(db.execute(f"SELECT id, embedding FROM {storage}").fetchall())
-    vectors = np.stack([as_array(stored[i]) for i in range(len(PHOTOS))])
+    return log, np.stack([as_array(stored[i]) for i in range(len(PHOTOS))]), expected
+
+
+def test_a_worker_on_onnx_runtime(db: psycopg.Connection, services: Services) -> None:
+    """A real worker with IMGEMBED_RUNTIME=onnx embeds photos and a text query without ever
+    importing torch; its vectors are PyTorch's (cosine >= 0.9999) and similar() answers as PyTorch's
+    vectors would."""
+    log, vectors, expected = _photos_through_an_onnx_worker(db, services)
+    assert "torch loaded: False" in log, log[-3000:]
     assert (vectors * expected).sum(axis=1).min() >= AGREEMENT
     for query in range(0, len(PHOTOS), 5):
         order = [int(i) for i in np.argsort(-(expected @ expected[query])) if i != query][:5]
         answered = [row[0] for row in db.execute("SELECT id FROM imgembed.similar('shots', %s::bigint, 5)",
                                                  (query,)).fetchall()]
         assert answered == order
+
+
+def test_a_worker_on_int8_weights(db: psycopg.Connection, services: Services) -> None:
+    """With IMGEMBED_ONNX_QUANTIZE=int8 a real worker runs both towers on the int8 weights its CPU
+    suits, still without torch, and its vectors stay close to PyTorch's float32 ones."""
+    log, vectors, expected = _photos_through_an_onnx_worker(db, services, IMGEMBED_ONNX_QUANTIZE="int8")
+    assert "torch loaded: False" in log, log[-3000:]
+    bits = int8_weight_bits()
+    for tower in ("image", "text"):
+        assert f"({tower} tower) on ONNX Runtime, int8 ({bits}-bit weights)" in log, log[-3000:]
+    assert (vectors * expected).sum(axis=1).mean() >= 0.999
 
 
 LOAD_TOWER = (
