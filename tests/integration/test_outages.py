@@ -40,7 +40,10 @@ def test_rows_wait_for_a_model_whose_checkpoint_is_missing(db: psycopg.Connectio
     with db.cursor() as cursor:
         cursor.executemany("INSERT INTO parts VALUES (%s, %s)",
                            [(i, shape.png_bytes()) for i, shape in enumerate(random_shapes(ROWS, seed=21))])
-    services.extra_env.update(IMGEMBED_MODEL_RETRY_MAX_SECONDS="2", IMGEMBED_MAX_ATTEMPTS="2")
+    # A model directory of its own: the ONNX export of a checkpoint named after this test's folder
+    # would otherwise stay in the shared one.
+    services.extra_env.update(IMGEMBED_MODEL_RETRY_MAX_SECONDS="2", IMGEMBED_MAX_ATTEMPTS="2",
+                              IMGEMBED_MODEL_DIR=str(tmp_path / "model-dir"))
     services.start("dispatch")
     worker = services.start("worker")
 
