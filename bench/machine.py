@@ -6,33 +6,26 @@ import os
 import platform
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 import psycopg
 import torch
 
 from imgembed.settings import Settings
-
-
-def _cpu_info() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
+from imgembed.worker.int8_weights import VNNI_FLAGS, read_cpu_info, x86_flags
 
 
 def _vector_instructions(cpu_info: str) -> str:
     """The widest vector instructions the CPU has, and whether it has VNNI (int8 speed and agreement
     depend on it: imgembed.worker.int8_weights)."""
-    flags = set(next((line.split(":", 1)[1].split() for line in cpu_info.splitlines() if line.startswith("flags")), []))
+    flags = x86_flags(cpu_info)
     if not flags:
         return ""
     widest = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return f" ({widest}, {'with' if flags & {'avx512_vnni', 'avx_vnni'} else 'without'} VNNI)"
+    return f" ({widest}, {'with' if flags & VNNI_FLAGS else 'without'} VNNI)"
 
 
 def machine_description() -> list[str]:
-    cpu_info = _cpu_info()
+    cpu_info = read_cpu_info()
     cpu = next((line.split(":", 1)[1].strip() for line in cpu_info.splitlines() if line.startswith("model name")),
                platform.processor() or platform.machine())
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"

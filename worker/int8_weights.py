@@ -18,15 +18,26 @@ VNNI_FLAGS = {"avx512_vnni", "avx_vnni"}
 WEIGHT_BITS = (8, 7)  # the int8 weights an export makes
 
 
-def int8_weight_bits(cpu_info: str | None = None) -> int:
-    """7 on an x86 CPU without VNNI, else 8; ``cpu_info`` is /proc/cpuinfo's text (read if None)."""
-    if cpu_info is None:
-        try:
-            cpu_info = CPU_INFO.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return 8  # not Linux: nothing to go by, and most such hosts (Apple, Windows on ARM) do not saturate
+def read_cpu_info() -> str:
+    """/proc/cpuinfo's text; empty where there is none (not Linux)."""
+    try:
+        return CPU_INFO.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def x86_flags(cpu_info: str) -> set[str] | None:
+    """The CPU's x86 feature flags from /proc/cpuinfo's text; None for other CPUs (ARM calls its
+    features "Features") or when there is nothing to go by."""
     for line in cpu_info.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() == "flags":  # x86 names its features "flags"; ARM calls them "Features"
-            return 8 if VNNI_FLAGS & set(value.split()) else 7
-    return 8
+        if key.strip() == "flags":
+            return set(value.split())
+    return None
+
+
+def int8_weight_bits(cpu_info: str | None = None) -> int:
+    """7 on an x86 CPU without VNNI, else 8 (also where nothing tells: most such hosts, Apple's and
+    ARM's, do not saturate); ``cpu_info`` is /proc/cpuinfo's text (read if None)."""
+    flags = x86_flags(read_cpu_info() if cpu_info is None else cpu_info)
+    return 7 if flags is not None and not VNNI_FLAGS & flags else 8
