@@ -64,10 +64,7 @@ def _model_alone(results: Results, settings: Settings, size: BenchSize, model: s
     """(1): the model's throughput and one image's forward pass; returns the model and that pass in ms."""
     raw_model = RawModel(model, settings, size)
     raw = median_of(size.repeats, raw_model.throughput)
-    runtime = "PyTorch"
-    if isinstance(raw_model.model, OnnxModel):
-        bits = raw_model.model.int8_bits
-        runtime = "ONNX Runtime" + (f" int8 ({bits}-bit weights)" if bits else "")
+    runtime = raw_model.model.runtime if isinstance(raw_model.model, OnnxModel) else "PyTorch"
     results.add("raw_images_per_s", raw, f"- (1) raw model throughput on {runtime} (the worker's runtime), the image "
                 f"tower on preprocessed pixels, {raw_model.batch} images per pass: {raw:.1f} images/s")
     single_ms = 1000 / median_of(size.repeats, lambda: raw_model.images_per_s(4, 1))

@@ -53,6 +53,11 @@ class OnnxModel:
     cut: None = None  # the PyTorch model's transform cut, for GPUs: none here
     tensor_preprocess: None = None  # decoding on a GPU: not on this path
 
+    @property
+    def runtime(self) -> str:
+        """What runs it, as logs and benchmarks say: ONNX Runtime, and the int8 weights if any."""
+        return "ONNX Runtime" if self.int8_bits is None else f"ONNX Runtime, int8 ({self.int8_bits}-bit weights)"
+
     def prepare(self, image: Image.Image) -> np.ndarray:
         """A decoded picture -> float32 (3, H, W) pixels, as the model takes them."""
         if self.image_steps is None:
@@ -102,8 +107,8 @@ def load_onnx_model(spec: ModelSpec, tower: str, settings: Settings, int8_bits: 
         model.image_steps = ImageSteps.from_dict(manifest["image_steps"])
     else:
         model.tokenizer = ClipTokenizer(folder / MERGES_FILE, int(manifest["context_length"]))
-    log.info("loaded model %s (%s tower) on ONNX Runtime%s (dim %s, input %spx)", spec.name, tower,
-             "" if bits is None else f", int8 ({bits}-bit weights)", model.dim, model.input_size)
+    log.info("loaded model %s (%s tower) on %s (dim %s, input %spx)", spec.name, tower, model.runtime, model.dim,
+             model.input_size)
     if bits is not None and manifest["int8"][str(bits)]["agreement"] < INT8_AGREEMENT_WARNING:
         log.warning("model %s (%s tower): its int8 weights agree with PyTorch's only to cosine %.4f on the export's "
                     "samples, so neighbours may change; IMGEMBED_ONNX_QUANTIZE=none runs it in float32", spec.name,
