@@ -62,15 +62,18 @@ def stale_exports(model_dir: Path) -> list[StaleExport]:
 
 
 def remove_export(folder: Path) -> bool:
-    """Remove ``folder`` unless another process holds its lock; True when removed."""
+    """Remove ``folder`` unless another process holds its lock, and its model's folder once empty;
+    True when removed."""
     lock_path = folder / ".lock"
-    if not lock_path.exists():
+    if lock_path.exists():
+        with lock_path.open("a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            shutil.rmtree(folder)
+    else:
         shutil.rmtree(folder)
-        return True
-    with lock_path.open("a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        shutil.rmtree(folder)
+    if not any(folder.parent.iterdir()):
+        folder.parent.rmdir()
     return True

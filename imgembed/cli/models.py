@@ -118,8 +118,6 @@ def _prune_exports(settings: Settings, args: argparse.Namespace) -> None:
         elif remove_export(export.folder):
             freed += export.size_bytes
             print(f"removed {export.folder} ({export.model}, {size})")
-            if not any(export.folder.parent.iterdir()):
-                export.folder.parent.rmdir()
         else:
             print(f"left {export.folder} ({export.model}, {size}): another process holds its lock")
     if not args.dry_run:
