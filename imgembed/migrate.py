@@ -7,6 +7,8 @@ from importlib.resources import files
 from alembic import command
 from alembic.config import Config
 
+PINNED_SEARCH_PATH = "SET search_path = pg_catalog, imgembed, pg_temp"
+
 
 def sqlalchemy_url(database_url: str) -> str:
     """The SQLAlchemy form of a libpq URL, using the psycopg 3 driver."""
@@ -38,6 +40,7 @@ def upgrade(database_url: str, revision: str = "head", *, sql_only: bool = False
 
     settings = load_settings()
     with connect(database_url) as connection:
+        connection.execute(PINNED_SEARCH_PATH)  # as the migration itself: no name from another role's schema
         register_model(connection, model or settings.model, model_dir=settings.models_path)
 
 

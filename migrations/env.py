@@ -14,7 +14,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, create_engine, pool, text
 
-from imgembed.migrations.sql_files import apply_definitions, load_pgvector
+from imgembed.migrations.sql_files import apply_definitions, load_pgvector, pin_search_path
 from imgembed.schema import SCHEMA, metadata
 
 MIGRATION_LOCK_ID = 0x1E6E_3BED  # pg_advisory_xact_lock key shared by every imgembed migration run
@@ -44,6 +44,7 @@ def run_offline() -> None:
         transactional_ddl=True,
     )
     with context.begin_transaction():
+        pin_search_path(context.get_context())
         context.get_context().impl.static_output(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA};\n")
         load_pgvector(context.get_context())
         context.run_migrations()
@@ -64,7 +65,8 @@ def run_online() -> None:
     engine = create_engine(context.config.get_main_option("sqlalchemy.url"), poolclass=pool.NullPool)
     with engine.connect() as connection:
         with connection.begin():
-            connection.execute(text("SELECT pg_advisory_xact_lock(:lock_id)"), {"lock_id": MIGRATION_LOCK_ID})
+            connection.exec_driver_sql("SET LOCAL search_path = pg_catalog, pg_temp")
+            connection.execute(text("SELECT pg_catalog.pg_advisory_xact_lock(:lock_id)"), {"lock_id": MIGRATION_LOCK_ID})
             connection.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
             context.configure(
                 connection=connection,
@@ -73,6 +75,7 @@ def run_online() -> None:
                 version_table_schema=SCHEMA,
                 transactional_ddl=True,
             )
+            pin_search_path(context.get_context())
             load_pgvector(context.get_context())
             context.run_migrations()
             _finish_online(connection, context.get_context())

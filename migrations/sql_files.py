@@ -39,9 +39,29 @@ def run_script(context: MigrationContext, script: str) -> None:
         cursor.execute(script)
 
 
+def with_vector_schema(script: str, name: str) -> str:
+    """The script run with pgvector's schema named where it writes ``@vector@`` (see
+    ``apply_definition.sql``): the migration's search_path holds pg_catalog and imgembed only."""
+    if "$imgembed_sql$" in script:
+        raise ValueError(f"{name} may not contain the quote $imgembed_sql$ that applies it")
+    wrapper = (files("imgembed.migrations") / "apply_definition.sql").read_text(encoding="utf-8")
+    return wrapper.replace("@definition@", script)
+
+
 def apply_revision_sql(filename: str) -> None:
-    """Run one of the calling revision's frozen files (called from a revision's upgrade/downgrade)."""
-    run_script(op.get_context(), read_revision_sql(filename))
+    """Run one of the calling revision's frozen files (called from a revision's upgrade/downgrade).
+    A file that names pgvector's objects as ``@vector@.vector`` runs with that schema put in; the
+    files that wrap their parts themselves (``$imgembed_sql$``) run as they are."""
+    script = read_revision_sql(filename)
+    if "@vector@" in script and "$imgembed_sql$" not in script:
+        script = with_vector_schema(script, filename)
+    run_script(op.get_context(), script)
+
+
+def pin_search_path(context: MigrationContext) -> None:
+    """Resolve every name of the migration in pg_catalog and imgembed only (see
+    ``pin_search_path.sql``), after creating pgvector where it is missing and the migrating role may."""
+    run_script(context, (files("imgembed.migrations") / "pin_search_path.sql").read_text(encoding="utf-8"))
 
 
 def load_pgvector(context: MigrationContext) -> None:
@@ -52,9 +72,6 @@ def load_pgvector(context: MigrationContext) -> None:
 def apply_definitions(context: MigrationContext) -> None:
     """Apply every definition file of ``sql/`` again, each with pgvector's schema named where the
     file writes ``@vector@`` (see ``apply_definition.sql``)."""
-    wrapper = (files("imgembed.migrations") / "apply_definition.sql").read_text(encoding="utf-8")
     for name in definition_files():
         definition = (files("imgembed.sql") / name).read_text(encoding="utf-8")
-        if "$imgembed_sql$" in definition:
-            raise ValueError(f"sql/{name} may not contain the quote $imgembed_sql$ that applies it")
-        run_script(context, wrapper.replace("@definition@", definition))
+        run_script(context, with_vector_schema(definition, f"sql/{name}"))

@@ -139,6 +139,28 @@ END $$;
 
 -- Attach to a table with explicit input columns: image bytes (bytea) and/or image location (text);
 -- or, for imgembed's own text tables, text to embed with the text tower.
+-- Workers read every row of a watched table with the rights of imgembed's owner, with row-level
+-- security off (every function that runs with those rights is set so: 95_roles.sql): so no policy
+-- of the table, nor any function a policy calls, ever runs with them. A table whose row-level
+-- security applies to imgembed's owner (enabled, and the owner neither owns the table nor has
+-- BYPASSRLS; or forced) could not be read that way: it is refused here, with what to do.
+CREATE OR REPLACE FUNCTION imgembed._require_rows_readable(p_tbl regclass)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_owner oid := (SELECT n.nspowner FROM pg_namespace n WHERE n.nspname = 'imgembed');
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_class c JOIN pg_roles r ON r.oid = v_owner
+                WHERE c.oid = p_tbl AND c.relrowsecurity AND NOT r.rolbypassrls AND NOT r.rolsuper
+                  AND (c.relforcerowsecurity OR c.relowner <> v_owner)) THEN
+        RAISE EXCEPTION 'imgembed cannot watch %: its row-level security applies to imgembed''s owner %, whose workers '
+                        'read every row and never run a table''s policies with their rights', p_tbl, v_owner::regrole
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('a superuser runs: ALTER ROLE %I BYPASSRLS; (policies then apply to every other role '
+                                'as before, and imgembed''s searches show each role only its rows)', v_owner::regrole);
+    END IF;
+END $$;
+
 CREATE OR REPLACE FUNCTION imgembed._watch(
     p_tbl regclass,
     p_content_column text,
@@ -168,6 +190,7 @@ BEGIN
        AND p_tbl <> ALL (imgembed._query_tables() || 'imgembed.image'::regclass) THEN
         RAISE EXCEPTION 'imgembed''s own table % cannot be watched', p_tbl USING ERRCODE = 'wrong_object_type';
     END IF;
+    PERFORM imgembed._require_rows_readable(p_tbl);
 
     SELECT count(*), min(a.attname), min(format_type(a.atttypid, NULL))
       INTO v_key_count, v_key_column, v_key_type

@@ -130,10 +130,12 @@ BEGIN
 END $$;
 
 -- What a claim's jobs embed (image bytes, image location or text), read from the watched tables,
--- with the table's name. A job whose row is gone is absent.
+-- with the table's name. A job whose row is gone is absent. A table imgembed's owner may not read
+-- now (its SELECT was revoked, or row-level security was turned on for it since watch()) costs its
+-- jobs latency, never their rows: they wait a minute, with the reason, and no attempt is spent.
 CREATE OR REPLACE FUNCTION imgembed.claimed_images(p_claim uuid)
 RETURNS TABLE (job_id bigint, key text, content bytea, uri text, body text, table_name text)
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql AS $$
 DECLARE
     v_watch imgembed.watch;
 BEGIN
@@ -141,6 +143,7 @@ BEGIN
         SELECT w.* FROM imgembed._live_watch w
          WHERE w.id IN (SELECT j.watch_id FROM imgembed.job j WHERE j.claim_id = p_claim)
     LOOP
+      BEGIN
         RETURN QUERY EXECUTE format(
             'SELECT j.id, j.key, %s, %s, %s, $3 FROM imgembed.job j JOIN %s s ON s.%I = j.key::%s '
             'WHERE j.claim_id = $1 AND j.watch_id = $2 AND j.status = ''in_flight''',
@@ -152,6 +155,13 @@ BEGIN
                  ELSE format('s.%I::text', v_watch.text_column) END,
             v_watch.tbl, v_watch.key_column, v_watch.key_type)
         USING p_claim, v_watch.id, v_watch.table_name;
+      EXCEPTION WHEN insufficient_privilege THEN
+        UPDATE imgembed.job
+           SET status = 'pending', attempts = greatest(attempts - 1, 0), claim_id = NULL, lease_until = NULL,
+               last_error = format('imgembed''s owner cannot read %s (%s); waiting', v_watch.table_name, SQLERRM),
+               not_before = now() + interval '60 seconds', updated_at = now()
+         WHERE claim_id = p_claim AND watch_id = v_watch.id AND status = 'in_flight';
+      END;
     END LOOP;
 END $$;
 

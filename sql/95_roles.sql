@@ -83,7 +83,9 @@ BEGIN
                'request_text', '_text_state', '_request_text_elsewhere',
                'request_image', 'request_image_at', '_image_state', '_request_image_elsewhere')
     LOOP
-        EXECUTE format('ALTER FUNCTION %s SECURITY DEFINER', v_function);
+        -- Row-level security off: no policy of a watched table, nor a function it calls, runs with the
+        -- owner's rights (a table where it would apply is refused: imgembed._require_rows_readable).
+        EXECUTE format('ALTER FUNCTION %s SECURITY DEFINER SET row_security = off', v_function);
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', v_function);
         FOREACH v_role_name IN ARRAY v_callers LOOP
             IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = v_role_name) THEN

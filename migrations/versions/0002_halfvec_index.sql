@@ -20,7 +20,7 @@ BEGIN
             p_storage;
         RETURN;
     END IF;
-    EXECUTE format('CREATE INDEX %I ON imgembed.%I USING hnsw ((embedding::halfvec(%s)) halfvec_cosine_ops) '
+    EXECUTE format('CREATE INDEX %I ON imgembed.%I USING hnsw ((embedding::@vector@.halfvec(%s)) @vector@.halfvec_cosine_ops) '
                    'WITH (m = %s, ef_construction = %s)',
                    p_storage || '_hnsw', p_storage, p_dim, p_m, p_ef_construction);
 END $$;
@@ -42,7 +42,7 @@ BEGIN
         RETURN v_link;
     END IF;
     EXECUTE format(
-        'CREATE TABLE imgembed.%I (id %s PRIMARY KEY, embedding vector(%s) NOT NULL, '
+        'CREATE TABLE imgembed.%I (id %s PRIMARY KEY, embedding @vector@.vector(%s) NOT NULL, '
         'job_id bigint NOT NULL, embedded_at timestamptz NOT NULL DEFAULT now())',
         v_storage, p_watch.key_type, p_model.dim);
     -- Vectors of up to 1,536 dimensions (6 KB) stay in the row instead of going to TOAST: exact
@@ -416,7 +416,7 @@ END $$;
 CREATE OR REPLACE FUNCTION imgembed.finish_batch(
     p_claim uuid,
     p_done_ids bigint[],
-    p_vectors vector[],
+    p_vectors @vector@.vector[],
     p_failed_ids bigint[],
     p_errors text[],
     p_retryable boolean[],
@@ -446,7 +446,7 @@ BEGIN
         EXECUTE format($f$
             INSERT INTO imgembed.%1$I AS e (id, embedding, job_id)
             SELECT s.%3$I, v.vec, j.id
-              FROM unnest($1::bigint[], $2::vector[]) AS v(job_id, vec)
+              FROM unnest($1::bigint[], $2::@vector@.vector[]) AS v(job_id, vec)
               JOIN imgembed.job j ON j.id = v.job_id
               JOIN %2$s s ON s.%3$I = j.key::%4$s
              WHERE v.vec IS NOT NULL AND j.id = ANY ($3) AND j.watch_id = $4
@@ -549,10 +549,10 @@ END $$;
 
 -- The stored vector of one row, or a clear error while it has none.
 CREATE OR REPLACE FUNCTION imgembed._stored_vector(p_watch imgembed.watch, p_link imgembed.watch_model, p_key text)
-RETURNS vector
+RETURNS @vector@.vector
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    v_vector vector;
+    v_vector @vector@.vector;
 BEGIN
     EXECUTE format('SELECT embedding FROM imgembed.%I WHERE id = $1::%s', p_link.storage_table, p_watch.key_type)
        INTO v_vector USING p_key;
@@ -560,10 +560,10 @@ BEGIN
 END $$;
 
 CREATE OR REPLACE FUNCTION imgembed._require_vector(p_watch imgembed.watch, p_link imgembed.watch_model, p_key text)
-RETURNS vector
+RETURNS @vector@.vector
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    v_vector vector := imgembed._stored_vector(p_watch, p_link, p_key);
+    v_vector @vector@.vector := imgembed._stored_vector(p_watch, p_link, p_key);
 BEGIN
     IF v_vector IS NULL THEN
         RAISE EXCEPTION 'row % of % has no vector yet (pending, failed, or no such row)', p_key, p_watch.table_name
@@ -598,7 +598,7 @@ $$;
 CREATE OR REPLACE FUNCTION imgembed._knn(
     p_watch imgembed.watch,
     p_link imgembed.watch_model,
-    p_query vector,
+    p_query @vector@.vector,
     p_k integer,
     p_exclude text[] DEFAULT '{}',
     p_filter jsonb DEFAULT NULL,
@@ -626,15 +626,15 @@ BEGIN
         RAISE EXCEPTION 'the query vector is NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
     SELECT dim INTO v_dim FROM imgembed.model WHERE model.id = p_link.model_id;
-    IF vector_dims(p_query) <> v_dim THEN
-        RAISE EXCEPTION 'query vector has % dimensions but the model has %', vector_dims(p_query), v_dim
+    IF @vector@.vector_dims(p_query) <> v_dim THEN
+        RAISE EXCEPTION 'query vector has % dimensions but the model has %', @vector@.vector_dims(p_query), v_dim
             USING ERRCODE = 'data_exception';
     END IF;
     p_exact := p_exact OR v_dim > 4000;  -- no index above 4,000 dimensions (see _create_index)
     -- The first %%s below is the ORDER BY, the second the LIMIT; both are filled per path.
     v_template := format(
         'SELECT (array_agg(q.id ORDER BY q.d, q.id))[1:$2], (array_agg(q.d ORDER BY q.d, q.id))[1:$2] FROM ('
-        ' SELECT e.id::text AS id, (e.embedding <=> $1)::float8 AS d FROM imgembed.%1$I e %2$s'
+        ' SELECT e.id::text AS id, (e.embedding OPERATOR(@vector@.<=>) $1)::float8 AS d FROM imgembed.%1$I e %2$s'
         ' WHERE e.id::text <> ALL ($3) AND (%3$s) AND (%4$s) AND (%5$s) ORDER BY %%s LIMIT %%s) q',
         p_link.storage_table,
         CASE WHEN v_filter IS NULL AND p_condition IS NULL THEN ''
@@ -642,7 +642,7 @@ BEGIN
         coalesce(v_filter, 'true'),
         coalesce(p_condition, 'true'),
         CASE WHEN p_after_distance IS NULL THEN 'true'
-             ELSE '(e.embedding <=> $1) > $5 OR ((e.embedding <=> $1) = $5 AND e.id::text > $6)' END);
+             ELSE '(e.embedding OPERATOR(@vector@.<=>) $1) > $5 OR ((e.embedding OPERATOR(@vector@.<=>) $1) = $5 AND e.id::text > $6)' END);
 
     PERFORM set_config('hnsw.ef_search', greatest(coalesce(p_ef_search, imgembed._ef_search()), 1)::text, true);
     -- A very selective filter: scanning its few matching rows exactly is both faster and exact.
@@ -654,13 +654,13 @@ BEGIN
     END IF;
     IF NOT p_exact THEN
         -- The same expression as the index, so the planner walks it.
-        EXECUTE format(v_template, format('e.embedding::halfvec(%1$s) <=> $1::halfvec(%1$s)', v_dim), '$2 * 2')
+        EXECUTE format(v_template, format('e.embedding::@vector@.halfvec(%1$s) OPERATOR(@vector@.<=>) $1::@vector@.halfvec(%1$s)', v_dim), '$2 * 2')
            INTO v_ids, v_distances
           USING p_query, p_k, coalesce(p_exclude, '{}'), p_filter, p_after_distance, p_after_id;
     END IF;
     IF p_exact OR ((v_filter IS NOT NULL OR p_condition IS NOT NULL) AND coalesce(cardinality(v_ids), 0) < p_k) THEN
         -- "+ 0" keeps the planner off the index: an exact scan in (distance, key) order.
-        EXECUTE format(v_template, '(e.embedding <=> $1) + 0, e.id::text', '$2')
+        EXECUTE format(v_template, '(e.embedding OPERATOR(@vector@.<=>) $1) + 0, e.id::text', '$2')
            INTO v_ids, v_distances
           USING p_query, p_k, coalesce(p_exclude, '{}'), p_filter, p_after_distance, p_after_id;
     END IF;
@@ -696,7 +696,7 @@ END $$;
 -- overload with a key_type argument (e.g. NULL::bigint) returns them in that type.
 CREATE OR REPLACE FUNCTION imgembed.similar_to_vector(
     tbl regclass,
-    vec vector,
+    vec @vector@.vector,
     k integer DEFAULT 10,
     model text DEFAULT NULL,
     filter jsonb DEFAULT NULL,
@@ -717,7 +717,7 @@ END $$;
 CREATE OR REPLACE FUNCTION imgembed.similar_to_vector(
     tbl regclass,
     key_type anyelement,
-    vec vector,
+    vec @vector@.vector,
     k integer DEFAULT 10,
     model text DEFAULT NULL,
     filter jsonb DEFAULT NULL,
@@ -753,9 +753,9 @@ BEGIN
         ' SELECT DISTINCT ON (least(e.id, n.id), greatest(e.id, n.id))'
         '        least(e.id, n.id) AS a, greatest(e.id, n.id) AS b, n.d'
         '   FROM imgembed.%1$I e'
-        '   CROSS JOIN LATERAL (SELECT f.id, (f.embedding <=> e.embedding)::float8 AS d FROM imgembed.%1$I f'
+        '   CROSS JOIN LATERAL (SELECT f.id, (f.embedding OPERATOR(@vector@.<=>) e.embedding)::float8 AS d FROM imgembed.%1$I f'
         '                        WHERE f.id <> e.id'
-        '                        ORDER BY f.embedding::halfvec(%2$s) <=> e.embedding::halfvec(%2$s) LIMIT $2) n'
+        '                        ORDER BY f.embedding::@vector@.halfvec(%2$s) OPERATOR(@vector@.<=>) e.embedding::@vector@.halfvec(%2$s) LIMIT $2) n'
         '  WHERE n.d <= $1 ORDER BY least(e.id, n.id), greatest(e.id, n.id)) p'
         ' ORDER BY p.d, p.a, p.b',
         v_link.storage_table, (SELECT dim FROM imgembed.model WHERE model.id = v_link.model_id))
@@ -778,14 +778,14 @@ BEGIN
         END IF;
         EXECUTE format('DROP INDEX IF EXISTS imgembed.%I', v_table.storage_table || '_hnsw');
         IF v_table.dim <= 1536 THEN
-            EXECUTE format('UPDATE imgembed.%I SET embedding = embedding::real[]::vector', v_table.storage_table);
+            EXECUTE format('UPDATE imgembed.%I SET embedding = embedding::real[]::@vector@.vector', v_table.storage_table);
         END IF;
         PERFORM imgembed._create_index(v_table.storage_table, v_table.dim);
     END LOOP;
 END $$;
 
 -- Pin the search_path of every imgembed function (applied last by each migration): objects resolve
--- to pg_catalog, imgembed and the schema holding pgvector, never to what a caller put first.
+-- to pg_catalog and imgembed, never to what a caller put first; pgvector's are named in its schema.
 DO $$
 DECLARE
     v_vector_schema text;
@@ -798,7 +798,7 @@ BEGIN
         SELECT p.oid::regprocedure FROM pg_proc p
          WHERE p.pronamespace = 'imgembed'::regnamespace AND p.prokind = 'f'
     LOOP
-        EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, imgembed, %I, pg_temp',
+        EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, imgembed, pg_temp',
                        v_function, v_vector_schema);
     END LOOP;
 END $$;

@@ -16,10 +16,10 @@ BEGIN
         EXECUTE format('DROP INDEX IF EXISTS imgembed.%I', v_table.storage_table || '_hnsw');
         EXECUTE format('ALTER TABLE imgembed.%I ALTER COLUMN embedding SET STORAGE EXTERNAL', v_table.storage_table);
         IF v_table.dim <= 2000 THEN
-            EXECUTE format('CREATE INDEX %I ON imgembed.%I USING hnsw (embedding vector_cosine_ops)',
+            EXECUTE format('CREATE INDEX %I ON imgembed.%I USING hnsw (embedding @vector@.vector_cosine_ops)',
                            v_table.storage_table || '_hnsw', v_table.storage_table);
         ELSE
-            EXECUTE format('CREATE INDEX %I ON imgembed.%I USING hnsw ((embedding::halfvec(%s)) halfvec_cosine_ops)',
+            EXECUTE format('CREATE INDEX %I ON imgembed.%I USING hnsw ((embedding::@vector@.halfvec(%s)) @vector@.halfvec_cosine_ops)',
                            v_table.storage_table || '_hnsw', v_table.storage_table, v_table.dim);
         END IF;
     END LOOP;
@@ -45,15 +45,15 @@ BEGIN
         RETURN v_link;
     END IF;
     EXECUTE format(
-        'CREATE TABLE imgembed.%I (id %s PRIMARY KEY, embedding vector(%s) NOT NULL, '
+        'CREATE TABLE imgembed.%I (id %s PRIMARY KEY, embedding @vector@.vector(%s) NOT NULL, '
         'job_id bigint NOT NULL, embedded_at timestamptz NOT NULL DEFAULT now())',
         v_storage, p_watch.key_type, p_model.dim);
     IF p_model.dim <= 2000 THEN
-        EXECUTE format('CREATE INDEX %I ON imgembed.%I USING hnsw (embedding vector_cosine_ops)',
+        EXECUTE format('CREATE INDEX %I ON imgembed.%I USING hnsw (embedding @vector@.vector_cosine_ops)',
                        v_storage || '_hnsw', v_storage);
     ELSE
         -- HNSW indexes vectors up to 2,000 dimensions; halfvec goes to 4,000.
-        EXECUTE format('CREATE INDEX %I ON imgembed.%I USING hnsw ((embedding::halfvec(%s)) halfvec_cosine_ops)',
+        EXECUTE format('CREATE INDEX %I ON imgembed.%I USING hnsw ((embedding::@vector@.halfvec(%s)) @vector@.halfvec_cosine_ops)',
                        v_storage || '_hnsw', v_storage, p_model.dim);
     END IF;
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'imgembed_reader') THEN
@@ -78,7 +78,7 @@ END $$;
 CREATE OR REPLACE FUNCTION imgembed._knn(
     p_watch imgembed.watch,
     p_link imgembed.watch_model,
-    p_query vector,
+    p_query @vector@.vector,
     p_k integer,
     p_exclude text[] DEFAULT '{}',
     p_filter jsonb DEFAULT NULL,
@@ -107,12 +107,12 @@ BEGIN
         RAISE EXCEPTION 'the query vector is NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
     SELECT dim INTO v_dim FROM imgembed.model WHERE model.id = p_link.model_id;
-    IF vector_dims(p_query) <> v_dim THEN
-        RAISE EXCEPTION 'query vector has % dimensions but the model has %', vector_dims(p_query), v_dim
+    IF @vector@.vector_dims(p_query) <> v_dim THEN
+        RAISE EXCEPTION 'query vector has % dimensions but the model has %', @vector@.vector_dims(p_query), v_dim
             USING ERRCODE = 'data_exception';
     END IF;
-    v_distance := CASE WHEN v_dim <= 2000 THEN 'e.embedding <=> $1'
-                       ELSE format('e.embedding::halfvec(%1$s) <=> $1::halfvec(%1$s)', v_dim) END;
+    v_distance := CASE WHEN v_dim <= 2000 THEN 'e.embedding OPERATOR(@vector@.<=>) $1'
+                       ELSE format('e.embedding::@vector@.halfvec(%1$s) OPERATOR(@vector@.<=>) $1::@vector@.halfvec(%1$s)', v_dim) END;
     -- %%s below is the ORDER BY, filled per path.
     v_template := format(
         'SELECT array_agg(q.id ORDER BY q.d, q.id), array_agg(q.d ORDER BY q.d, q.id) FROM ('
@@ -170,8 +170,8 @@ BEGIN
         ' SELECT DISTINCT ON (least(e.id, n.id), greatest(e.id, n.id))'
         '        least(e.id, n.id) AS a, greatest(e.id, n.id) AS b, n.d'
         '   FROM imgembed.%1$I e'
-        '   CROSS JOIN LATERAL (SELECT f.id, (f.embedding <=> e.embedding)::float8 AS d FROM imgembed.%1$I f'
-        '                        WHERE f.id <> e.id ORDER BY f.embedding <=> e.embedding LIMIT $2) n'
+        '   CROSS JOIN LATERAL (SELECT f.id, (f.embedding OPERATOR(@vector@.<=>) e.embedding)::float8 AS d FROM imgembed.%1$I f'
+        '                        WHERE f.id <> e.id ORDER BY f.embedding OPERATOR(@vector@.<=>) e.embedding LIMIT $2) n'
         '  WHERE n.d <= $1 ORDER BY least(e.id, n.id), greatest(e.id, n.id)) p'
         ' ORDER BY p.d, p.a, p.b',
         v_link.storage_table)
@@ -241,7 +241,7 @@ BEGIN
 END $$;
 
 -- Pin the search_path of every imgembed function (applied last by each migration): objects resolve
--- to pg_catalog, imgembed and the schema holding pgvector, never to what a caller put first.
+-- to pg_catalog and imgembed, never to what a caller put first; pgvector's are named in its schema.
 DO $$
 DECLARE
     v_vector_schema text;
@@ -254,7 +254,7 @@ BEGIN
         SELECT p.oid::regprocedure FROM pg_proc p
          WHERE p.pronamespace = 'imgembed'::regnamespace AND p.prokind = 'f'
     LOOP
-        EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, imgembed, %I, pg_temp',
+        EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, imgembed, pg_temp',
                        v_function, v_vector_schema);
     END LOOP;
 END $$;

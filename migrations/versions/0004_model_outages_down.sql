@@ -24,7 +24,7 @@ $$;
 
 -- Search paths pinned, and privileges, as revision 0003 left them.
 -- Pin the search_path of every imgembed function (applied last by each migration): objects resolve
--- to pg_catalog, imgembed and the schema holding pgvector, never to what a caller put first.
+-- to pg_catalog and imgembed, never to what a caller put first; pgvector's are named in its schema.
 DO $$
 DECLARE
     v_vector_schema text;
@@ -37,7 +37,7 @@ BEGIN
         SELECT p.oid::regprocedure FROM pg_proc p
          WHERE p.pronamespace = 'imgembed'::regnamespace AND p.prokind = 'f'
     LOOP
-        EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, imgembed, %I, pg_temp',
+        EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, imgembed, pg_temp',
                        v_function, v_vector_schema);
     END LOOP;
 END $$;

@@ -299,7 +299,7 @@ BEGIN
             p_storage;
         RETURN;
     END IF;
-    EXECUTE format('CREATE INDEX %I ON imgembed.%I USING hnsw ((embedding::halfvec(%s)) halfvec_cosine_ops) '
+    EXECUTE format('CREATE INDEX %I ON imgembed.%I USING hnsw ((embedding::@vector@.halfvec(%s)) @vector@.halfvec_cosine_ops) '
                    'WITH (m = %s, ef_construction = %s)',
                    p_storage || '_hnsw', p_storage, p_dim, p_m, p_ef_construction);
 END $$;
@@ -321,7 +321,7 @@ BEGIN
         RETURN v_link;
     END IF;
     EXECUTE format(
-        'CREATE TABLE imgembed.%I (id %s PRIMARY KEY, embedding vector(%s) NOT NULL, '
+        'CREATE TABLE imgembed.%I (id %s PRIMARY KEY, embedding @vector@.vector(%s) NOT NULL, '
         'job_id bigint NOT NULL, embedded_at timestamptz NOT NULL DEFAULT now())',
         v_storage, p_watch.key_type, p_model.dim);
     -- Vectors of up to 1,536 dimensions (6 KB) stay in the row instead of going to TOAST: exact
@@ -794,7 +794,7 @@ END $$;
 CREATE OR REPLACE FUNCTION imgembed.finish_batch(
     p_claim uuid,
     p_done_ids bigint[],
-    p_vectors vector[],
+    p_vectors @vector@.vector[],
     p_failed_ids bigint[],
     p_errors text[],
     p_retryable boolean[],
@@ -824,7 +824,7 @@ BEGIN
         EXECUTE format($f$
             INSERT INTO imgembed.%1$I AS e (id, embedding, job_id)
             SELECT s.%3$I, v.vec, j.id
-              FROM unnest($1::bigint[], $2::vector[]) AS v(job_id, vec)
+              FROM unnest($1::bigint[], $2::@vector@.vector[]) AS v(job_id, vec)
               JOIN imgembed.job j ON j.id = v.job_id
               JOIN %2$s s ON s.%3$I = j.key::%4$s
              WHERE v.vec IS NOT NULL AND j.id = ANY ($3) AND j.watch_id = $4
@@ -990,7 +990,7 @@ SELECT w.table_name, j.key, m.name AS model, j.attempts, j.last_error, j.updated
 
 -- A row's stored vector (NULL while it is pending or when its image failed).
 CREATE OR REPLACE FUNCTION imgembed.vector_of(tbl regclass, key anyelement, model text DEFAULT NULL)
-RETURNS vector
+RETURNS @vector@.vector
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_watch imgembed.watch := imgembed._watch_of(tbl);
@@ -1098,10 +1098,10 @@ END $$;
 
 -- The stored vector of one row, or a clear error while it has none.
 CREATE OR REPLACE FUNCTION imgembed._stored_vector(p_watch imgembed.watch, p_link imgembed.watch_model, p_key text)
-RETURNS vector
+RETURNS @vector@.vector
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    v_vector vector;
+    v_vector @vector@.vector;
 BEGIN
     EXECUTE format('SELECT embedding FROM imgembed.%I WHERE id = $1::%s', p_link.storage_table, p_watch.key_type)
        INTO v_vector USING p_key;
@@ -1109,10 +1109,10 @@ BEGIN
 END $$;
 
 CREATE OR REPLACE FUNCTION imgembed._require_vector(p_watch imgembed.watch, p_link imgembed.watch_model, p_key text)
-RETURNS vector
+RETURNS @vector@.vector
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    v_vector vector := imgembed._stored_vector(p_watch, p_link, p_key);
+    v_vector @vector@.vector := imgembed._stored_vector(p_watch, p_link, p_key);
 BEGIN
     IF v_vector IS NULL THEN
         RAISE EXCEPTION 'row % of % has no vector yet (pending, failed, or no such row)', p_key, p_watch.table_name
@@ -1147,7 +1147,7 @@ $$;
 CREATE OR REPLACE FUNCTION imgembed._knn(
     p_watch imgembed.watch,
     p_link imgembed.watch_model,
-    p_query vector,
+    p_query @vector@.vector,
     p_k integer,
     p_exclude text[] DEFAULT '{}',
     p_filter jsonb DEFAULT NULL,
@@ -1175,15 +1175,15 @@ BEGIN
         RAISE EXCEPTION 'the query vector is NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
     SELECT dim INTO v_dim FROM imgembed.model WHERE model.id = p_link.model_id;
-    IF vector_dims(p_query) <> v_dim THEN
-        RAISE EXCEPTION 'query vector has % dimensions but the model has %', vector_dims(p_query), v_dim
+    IF @vector@.vector_dims(p_query) <> v_dim THEN
+        RAISE EXCEPTION 'query vector has % dimensions but the model has %', @vector@.vector_dims(p_query), v_dim
             USING ERRCODE = 'data_exception';
     END IF;
     p_exact := p_exact OR v_dim > 4000;  -- no index above 4,000 dimensions (see _create_index)
     -- The first %%s below is the ORDER BY, the second the LIMIT; both are filled per path.
     v_template := format(
         'SELECT (array_agg(q.id ORDER BY q.d, q.id))[1:$2], (array_agg(q.d ORDER BY q.d, q.id))[1:$2] FROM ('
-        ' SELECT e.id::text AS id, (e.embedding <=> $1)::float8 AS d FROM imgembed.%1$I e %2$s'
+        ' SELECT e.id::text AS id, (e.embedding OPERATOR(@vector@.<=>) $1)::float8 AS d FROM imgembed.%1$I e %2$s'
         ' WHERE e.id::text <> ALL ($3) AND (%3$s) AND (%4$s) AND (%5$s) ORDER BY %%s LIMIT %%s) q',
         p_link.storage_table,
         CASE WHEN v_filter IS NULL AND p_condition IS NULL THEN ''
@@ -1191,7 +1191,7 @@ BEGIN
         coalesce(v_filter, 'true'),
         coalesce(p_condition, 'true'),
         CASE WHEN p_after_distance IS NULL THEN 'true'
-             ELSE '(e.embedding <=> $1) > $5 OR ((e.embedding <=> $1) = $5 AND e.id::text > $6)' END);
+             ELSE '(e.embedding OPERATOR(@vector@.<=>) $1) > $5 OR ((e.embedding OPERATOR(@vector@.<=>) $1) = $5 AND e.id::text > $6)' END);
 
     PERFORM set_config('hnsw.ef_search', greatest(coalesce(p_ef_search, imgembed._ef_search()), 1)::text, true);
     -- A very selective filter: scanning its few matching rows exactly is both faster and exact.
@@ -1203,13 +1203,13 @@ BEGIN
     END IF;
     IF NOT p_exact THEN
         -- The same expression as the index, so the planner walks it.
-        EXECUTE format(v_template, format('e.embedding::halfvec(%1$s) <=> $1::halfvec(%1$s)', v_dim), '$2 * 2')
+        EXECUTE format(v_template, format('e.embedding::@vector@.halfvec(%1$s) OPERATOR(@vector@.<=>) $1::@vector@.halfvec(%1$s)', v_dim), '$2 * 2')
            INTO v_ids, v_distances
           USING p_query, p_k, coalesce(p_exclude, '{}'), p_filter, p_after_distance, p_after_id;
     END IF;
     IF p_exact OR ((v_filter IS NOT NULL OR p_condition IS NOT NULL) AND coalesce(cardinality(v_ids), 0) < p_k) THEN
         -- "+ 0" keeps the planner off the index: an exact scan in (distance, key) order.
-        EXECUTE format(v_template, '(e.embedding <=> $1) + 0, e.id::text', '$2')
+        EXECUTE format(v_template, '(e.embedding OPERATOR(@vector@.<=>) $1) + 0, e.id::text', '$2')
            INTO v_ids, v_distances
           USING p_query, p_k, coalesce(p_exclude, '{}'), p_filter, p_after_distance, p_after_id;
     END IF;
@@ -1245,7 +1245,7 @@ END $$;
 -- overload with a key_type argument (e.g. NULL::bigint) returns them in that type.
 CREATE OR REPLACE FUNCTION imgembed.similar_to_vector(
     tbl regclass,
-    vec vector,
+    vec @vector@.vector,
     k integer DEFAULT 10,
     model text DEFAULT NULL,
     filter jsonb DEFAULT NULL,
@@ -1266,7 +1266,7 @@ END $$;
 CREATE OR REPLACE FUNCTION imgembed.similar_to_vector(
     tbl regclass,
     key_type anyelement,
-    vec vector,
+    vec @vector@.vector,
     k integer DEFAULT 10,
     model text DEFAULT NULL,
     filter jsonb DEFAULT NULL,
@@ -1302,9 +1302,9 @@ BEGIN
         ' SELECT DISTINCT ON (least(e.id, n.id), greatest(e.id, n.id))'
         '        least(e.id, n.id) AS a, greatest(e.id, n.id) AS b, n.d'
         '   FROM imgembed.%1$I e'
-        '   CROSS JOIN LATERAL (SELECT f.id, (f.embedding <=> e.embedding)::float8 AS d FROM imgembed.%1$I f'
+        '   CROSS JOIN LATERAL (SELECT f.id, (f.embedding OPERATOR(@vector@.<=>) e.embedding)::float8 AS d FROM imgembed.%1$I f'
         '                        WHERE f.id <> e.id'
-        '                        ORDER BY f.embedding::halfvec(%2$s) <=> e.embedding::halfvec(%2$s) LIMIT $2) n'
+        '                        ORDER BY f.embedding::@vector@.halfvec(%2$s) OPERATOR(@vector@.<=>) e.embedding::@vector@.halfvec(%2$s) LIMIT $2) n'
         '  WHERE n.d <= $1 ORDER BY least(e.id, n.id), greatest(e.id, n.id)) p'
         ' ORDER BY p.d, p.a, p.b',
         v_link.storage_table, (SELECT dim FROM imgembed.model WHERE model.id = v_link.model_id))
@@ -1371,13 +1371,13 @@ CREATE OR REPLACE FUNCTION imgembed.text_vector(
     query text,
     model text,
     timeout_seconds double precision DEFAULT 5
-) RETURNS vector
+) RETURNS @vector@.vector
 LANGUAGE plpgsql AS $$
 DECLARE
     v_text_watch imgembed.watch := imgembed._watch_of('imgembed.text_query'::regclass);
     v_link imgembed.watch_model;
     v_id bigint;
-    v_vector vector;
+    v_vector @vector@.vector;
     v_deadline timestamptz := clock_timestamp() + make_interval(secs => coalesce(timeout_seconds, 0));
 BEGIN
     SELECT wm.* INTO v_link FROM imgembed.watch_model wm JOIN imgembed.model m ON m.id = wm.model_id
@@ -1470,14 +1470,14 @@ DECLARE
     v_link imgembed.watch_model := imgembed._watch_model_of(v_watch, model);
     v_prompt_watch imgembed.watch := imgembed._watch_of('imgembed.label_prompt'::regclass);
     v_prompt_storage text;
-    v_image vector := imgembed._require_vector(v_watch, v_link, key::text);
+    v_image @vector@.vector := imgembed._require_vector(v_watch, v_link, key::text);
 BEGIN
     SELECT wm.storage_table INTO v_prompt_storage FROM imgembed.watch_model wm
      WHERE wm.watch_id = v_prompt_watch.id AND wm.model_id = v_link.model_id;
     IF v_prompt_storage IS NOT NULL THEN
         RETURN QUERY EXECUTE format(
             'WITH per_label AS ('
-            '  SELECT p.label, 1 - (l2_normalize(avg(e.embedding)) <=> $1)::float8 AS similarity'
+            '  SELECT p.label, 1 - (@vector@.l2_normalize(@vector@.avg(e.embedding)) OPERATOR(@vector@.<=>) $1)::float8 AS similarity'
             '    FROM imgembed.label_prompt p JOIN imgembed.%I e ON e.id = p.id'
             '   WHERE $2::text[] IS NULL OR p.label = ANY ($2)'
             '   GROUP BY p.label),'
@@ -1516,7 +1516,7 @@ BEGIN
 CREATE OR REPLACE FUNCTION imgembed._vote(
     p_watch imgembed.watch,
     p_link imgembed.watch_model,
-    p_query vector,
+    p_query @vector@.vector,
     p_k integer,
     p_exclude text[],
     p_exact boolean
@@ -1566,7 +1566,7 @@ END $$;
 -- Label any vector (a new face against a face bank, say) from the table's labelled rows.
 CREATE OR REPLACE FUNCTION imgembed.classify(
     tbl regclass,
-    vec vector,
+    vec @vector@.vector,
     k integer DEFAULT 5,
     model text DEFAULT NULL,
     exact boolean DEFAULT false
@@ -1585,7 +1585,7 @@ DECLARE
     v_watch imgembed.watch;
     v_link imgembed.watch_model;
     v_key text;
-    v_vector vector;
+    v_vector @vector@.vector;
 BEGIN
     FOR v_watch IN SELECT * FROM imgembed.watch w WHERE w.label_column IS NOT NULL ORDER BY w.table_name LOOP
         SELECT * INTO v_link FROM imgembed.watch_model wm WHERE wm.watch_id = v_watch.id AND wm.is_default;
@@ -1625,9 +1625,9 @@ BEGIN
     END IF;
     RETURN QUERY EXECUTE format(
         'WITH prototype AS ('
-        '  SELECT s.%1$I::text AS label, avg(e.embedding) AS centre FROM imgembed.%2$I e JOIN %3$s s ON s.%4$I = e.id'
+        '  SELECT s.%1$I::text AS label, @vector@.avg(e.embedding) AS centre FROM imgembed.%2$I e JOIN %3$s s ON s.%4$I = e.id'
         '   WHERE s.%1$I IS NOT NULL AND e.id::text <> $2 GROUP BY 1),'
-        ' ranked AS (SELECT p.label, (p.centre <-> $1)::float8 AS d FROM prototype p)'
+        ' ranked AS (SELECT p.label, (p.centre OPERATOR(@vector@.<->) $1)::float8 AS d FROM prototype p)'
         ' SELECT r.label, r.d, coalesce(lead(r.d) OVER (ORDER BY r.d, r.label) - r.d, ''Infinity''::float8)'
         '   FROM ranked r ORDER BY r.d, r.label LIMIT 1',
         v_watch.label_column, v_link.storage_table, v_watch.tbl, v_watch.key_column)
@@ -1654,13 +1654,13 @@ CREATE OR REPLACE FUNCTION imgembed._weighted_query(
     p_link imgembed.watch_model,
     p_keys text[],
     p_weights double precision[]
-) RETURNS vector
+) RETURNS @vector@.vector
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    v_query vector;
+    v_query @vector@.vector;
 BEGIN
     EXECUTE format(
-        'SELECT l2_normalize(array_agg(c.total ORDER BY c.i)::real[]::vector) FROM ('
+        'SELECT @vector@.l2_normalize(array_agg(c.total ORDER BY c.i)::real[]::@vector@.vector) FROM ('
         '  SELECT x.i, sum(u.w * x.v) AS total'
         '    FROM unnest($1::text[], $2::float8[]) AS u(k, w)'
         '    JOIN imgembed.%I e ON e.id = u.k::%s'
@@ -1952,7 +1952,7 @@ $$;
 
 -- The vectors a run clusters: (key, vector) of every embedded row.
 CREATE OR REPLACE FUNCTION imgembed.cluster_input(p_run_id bigint)
-RETURNS TABLE (key text, embedding vector)
+RETURNS TABLE (key text, embedding @vector@.vector)
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_storage text;
@@ -2049,7 +2049,7 @@ BEGIN
     END IF;
     SELECT * INTO v_link FROM imgembed.watch_model wm WHERE wm.watch_id = v_watch.id AND wm.model_id = v_run.model_id;
     RETURN QUERY
-    SELECT v_run.id, c.cluster, (c.centre::vector <=> imgembed._require_vector(v_watch, v_link, key::text))::float8 AS d
+    SELECT v_run.id, c.cluster, (c.centre::@vector@.vector OPERATOR(@vector@.<=>) imgembed._require_vector(v_watch, v_link, key::text))::float8 AS d
       FROM imgembed.cluster_centre c WHERE c.run_id = v_run.id ORDER BY 3 LIMIT 1;
 END $$;
 $imgembed_sql$, '@vector@', v_vector_schema);
@@ -2112,7 +2112,7 @@ BEGIN
 END $$;
 
 CREATE OR REPLACE FUNCTION imgembed._anomaly_score(
-    p_watch imgembed.watch, p_link imgembed.watch_model, p_key text, p_vector vector, p_k integer, p_exact boolean
+    p_watch imgembed.watch, p_link imgembed.watch_model, p_key text, p_vector @vector@.vector, p_k integer, p_exact boolean
 ) RETURNS double precision
 LANGUAGE sql AS $$
     SELECT avg(n.distance)
@@ -2217,7 +2217,7 @@ BEGIN
         SELECT p.oid::regprocedure FROM pg_proc p
          WHERE p.pronamespace = 'imgembed'::regnamespace AND p.prokind = 'f'
     LOOP
-        EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, imgembed, %I, pg_temp',
+        EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, imgembed, pg_temp',
                        v_function, v_vector_schema);
     END LOOP;
 END $$;

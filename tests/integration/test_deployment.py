@@ -192,3 +192,66 @@ def test_a_dba_deployment_with_tenants(deployment: Deployment, redis_url: str) -
             process.terminate()
         logs = "".join(process.communicate(timeout=60)[0] for process in processes)
     assert "Traceback" not in logs, logs[-3000:]
+
+
+def test_a_table_owners_policies_never_run_with_imgembeds_rights(deployment: Deployment, redis_url: str) -> None:
+    """An application owner's table under row-level security, whose policy calls the application
+    owner's function (it records who runs it). imgembed refuses to watch it while the policy would
+    apply to its owner's reads; once the DBA gives imgembed's owner BYPASSRLS, workers embed every row
+    and the policy runs only for the readers, as themselves. Taken away later, new rows wait."""
+    migrated = _imgembed(deployment, "owner", redis_url, "migrate")
+    assert migrated.wait(timeout=300) == 0, migrated.communicate()[0]
+    role = deployment.role
+    with deployment.connect("owner") as owner:
+        owner.execute(f"CREATE ROLE {role('app')} LOGIN")
+        owner.execute(f"GRANT CREATE ON SCHEMA public TO {role('app')}")
+        owner.execute(f"CREATE ROLE {role('embedder')} LOGIN IN ROLE imgembed_worker")
+        owner.execute(f"CREATE ROLE {role('alice')} LOGIN IN ROLE imgembed_reader")
+    shapes = random_shapes(6, seed=5)
+    with deployment.connect("app") as app:
+        app.execute("CREATE TABLE policy_log (ran_as text DEFAULT current_user)")
+        app.execute("GRANT INSERT ON policy_log TO PUBLIC")
+        app.execute("CREATE FUNCTION tenant_visible(tenant text) RETURNS boolean LANGUAGE plpgsql AS "
+                    "$$BEGIN INSERT INTO public.policy_log DEFAULT VALUES; RETURN tenant = current_user; END$$")
+        app.execute("CREATE TABLE parts (id bigint PRIMARY KEY, photo bytea, tenant text)")
+        app.execute("ALTER TABLE parts ENABLE ROW LEVEL SECURITY")
+        app.execute("CREATE POLICY tenants ON parts FOR SELECT USING (tenant_visible(tenant))")
+        app.execute(f"GRANT SELECT, TRIGGER ON parts TO {role('owner')}")  # what imgembed's owner needs to watch it
+        app.execute(f"GRANT SELECT ON parts TO {role('alice')}")
+        with app.cursor() as cursor:
+            cursor.executemany("INSERT INTO parts VALUES (%s, %s, %s)",
+                               [(i, shape.png_bytes(), role("alice") if i < 3 else "bob") for i, shape in enumerate(shapes)])
+    with deployment.connect("owner") as owner:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security") as refused:
+            owner.execute("SELECT imgembed.watch('parts', 'photo')")
+        assert f"ALTER ROLE {role('owner')} BYPASSRLS" in (refused.value.diag.message_hint or "")
+    with psycopg.connect(deployment.server.socket_url(deployment.database), autocommit=True) as superuser:
+        superuser.execute(f"ALTER ROLE {role('owner')} BYPASSRLS")
+    processes = [_imgembed(deployment, "embedder", redis_url, "dispatch"),
+                 _imgembed(deployment, "embedder", redis_url, "worker")]
+    try:
+        with deployment.connect("owner") as owner:
+            owner.execute("SELECT imgembed.watch('parts', 'photo')")
+            wait_for(lambda: owner.execute("SELECT embedded = 6 AND pending + in_flight + failed = 0 FROM imgembed.status "
+                                           "WHERE table_name = 'public.parts'").fetchone()[0], 180, "every part embedded")
+        with deployment.connect("alice") as alice:
+            assert _keys(alice, "SELECT id FROM imgembed.similar('parts', 0::bigint, 10)") == {1, 2}
+        with psycopg.connect(deployment.server.socket_url(deployment.database), autocommit=True) as superuser:
+            superuser.execute(f"ALTER ROLE {role('owner')} NOBYPASSRLS")
+        with deployment.connect("app") as app:
+            app.execute("INSERT INTO parts VALUES (6, %s, 'bob')", (shapes[0].png_bytes(),))
+        with deployment.connect("owner") as owner:
+            reason = wait_for(lambda: owner.execute(
+                "SELECT last_error FROM imgembed.job WHERE key = '6' AND status = 'pending' AND last_error IS NOT NULL"
+            ).fetchone(), 120, "the new part's job waiting, with the reason")
+            assert "cannot read public.parts" in reason[0] and "row-level security" in reason[0], reason
+            storage = owner.execute("SELECT imgembed.storage_table('parts')").fetchone()[0]
+            assert owner.execute(f"SELECT count(*) FROM {storage}").fetchone()[0] == 6
+            assert owner.execute("SELECT count(*) FROM imgembed.job WHERE status = 'failed'").fetchone()[0] == 0
+        with deployment.connect("app") as app:
+            assert {row[0] for row in app.execute("SELECT DISTINCT ran_as FROM policy_log")} == {role("alice")}
+    finally:
+        for process in processes:
+            process.terminate()
+        logs = "".join(process.communicate(timeout=60)[0] for process in processes)
+    assert "Traceback" not in logs, logs[-3000:]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import re
+import uuid
 from collections.abc import Callable
 
 import numpy as np
@@ -14,7 +15,15 @@ import psycopg
 from imgembed import migrate
 from imgembed.db import connect
 from imgembed.models.registry import register_model
-from tests.conftest import HEAD_REVISION, REPO, comparable_dump
+from tests.conftest import HEAD_REVISION, REPO, as_role, comparable_dump
+from tests.hostile import (
+    called_names,
+    create_decoy_log,
+    decoys_that_ran,
+    foreign_dependencies,
+    plant_decoys,
+    shipped_sql,
+)
 
 
 def watched_shop_with_vectors(connection: psycopg.Connection, rows: int, seed: int) -> tuple[str, np.ndarray]:
@@ -100,6 +109,8 @@ def test_functions_pin_search_path(database_url: str) -> None:
 def test_offline_sql_is_printed(database_url: str, capsys: object) -> None:
     migrate.upgrade(database_url.replace("/t_", "/offline_"), sql_only=True)
     output = capsys.readouterr().out  # type: ignore[attr-defined]
+    statements = [line for line in output.splitlines() if line.strip() and not line.startswith("--")]
+    assert statements[:2] == ["BEGIN;", "SET LOCAL search_path = pg_catalog, imgembed, pg_temp;"]
     assert "CREATE TABLE imgembed.job" in output
     assert "CREATE OR REPLACE FUNCTION imgembed.finish_batch" in output
 
@@ -189,23 +200,26 @@ def test_revision_0004_reports_unavailable_models(fresh_database: Callable[[str 
 
 
 # Released revisions never change (sha256 of each revision's files as released). A new revision is
-# added here when it is released; a changed checksum means a released revision was edited.
+# added here when it is released; a changed checksum means a released revision was edited. Once, in
+# 0.2.0, 0001, 0002 and the downgrades of 0002, 0004 and 0005 were amended for security: they name
+# pgvector's objects in its schema (@vector@) and pin functions without it, since migrations no
+# longer resolve names through the migrating role's search_path. The objects they make are the same.
 RELEASED_REVISION_FILES = {
     "0001_pipeline_spine.py": "351b867ef4af9b025ea9cf8959b8ca22b31d926c752982bb5f3d1e48c7473d69",
-    "0001_pipeline_spine.sql": "a8f9abf0684e766ba75b1c0ce245a6b2da5654a60b7ef62ed14e447a6f31613f",
+    "0001_pipeline_spine.sql": "8cf5d3b83b08e7d585496743b4a5dcf0a728fa4f680c507784c71934ee52e1c1",
     "0001_pipeline_spine_down.sql": "2577c68f26b19e19014bfb1a6617a26a2fcf724a7b27b129183d57afec49932c",
     "0002_halfvec_index.py": "6c1139045c2f800fc83f0a64a17be15db8117fec085715d3a7c208ab0586e798",
-    "0002_halfvec_index.sql": "823d1e8c830f780ba9f7dbf5ac159165a7295c66e01ee25a9d3e65f400231492",
-    "0002_halfvec_index_down.sql": "0bb4569eaaaa7d2cc4a7407aa4b0bdc43579a96cca306e29125d9058fb5df886",
+    "0002_halfvec_index.sql": "bd53eb1bcc71348971565be71bc0fb6f0c3767905aa0f6caadc53f16ce5b0a64",
+    "0002_halfvec_index_down.sql": "a270647044bc02cc0e03a9e0e8d2f254e82862f6245ed6a6c8c1f581a1b39b99",
     "0003_ordered_index_build.py": "2fe487f60e3a8f9687ca2f5fc4c380be9365e30c21a70237f43813bacdd914db",
     "0003_ordered_index_build.sql": "2a8cef3bb3053684d2d7a36d18026382c25e3aa22225b3bde4b31886d61c0fb3",
     "0003_ordered_index_build_down.sql": "5a76f58eef9ed6a3cc0736c4ccc182cbbf0c6fdded33847224bf7c84838cbbac",
     "0004_model_outages.py": "44b8d128c1cba6b09a997d640e5649aa5de6f1aafcab2ccefbb76729af0eb104",
     "0004_model_outages.sql": "78c8352e56653dec8e77d4ef46a94ad997a077fa291fcf7a14f35af2279858ba",
-    "0004_model_outages_down.sql": "93fd229ada00787c32bdbf163359d31e118d4471a40d69f80cf9e0ff69160f22",
+    "0004_model_outages_down.sql": "18b2ff7d369e174bea398a517bf51db87a4adb5415cbeb40fc86e35a9e182798",
     "0005_private_rows.py": "d9b43ed2e7a9a8c3a43a064efc01813e8c6b3c6b8d66d8187bed37b27facfa6f",
     "0005_private_rows.sql": "4300cf650379ff542379f66d7c33f41d95e2a03e716e728f52d786bf904e57ef",
-    "0005_private_rows_down.sql": "913138189ee9f8ace41548092013559aef29641edbe9db642be0ca1e9a11489e",
+    "0005_private_rows_down.sql": "ac163e15c8068e908ad67f3214a0aefad67aab679b04ed5294e2a3c368fb4516",
     "0006_typed_keys.py": "dd657f6ed91990312d1353b0ecb6042b63f54acaa31bdf3e916cccc8563ed743",
     "0006_typed_keys.sql": "ffcca4a17e0aac28c8766ab7d1adeaab33570b8435c9b3435cb1d90ebfdb8048",
     "0006_typed_keys_down.sql": "672fa40798409649045d31abfd3c47b2de49a284300c9d728a120b057d41090b",
@@ -293,8 +307,22 @@ def test_database_made_by_released_0001_upgrades_to_a_fresh_install(
     assert migrate.current_revision(old) == "0001"
     _populate(old)
     before = _contents(old)
+    # A neighbour who may create objects in public, pgvector's schema, plants look-alikes of every
+    # name imgembed's SQL calls before the upgrade: none runs, and nothing of imgembed is bound to one.
+    neighbour = f"neighbour_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(old, autocommit=True) as connection:
+        connection.execute(f"CREATE ROLE {neighbour} LOGIN")
+        connection.execute(f"GRANT CREATE, USAGE ON SCHEMA public TO {neighbour}")
+    with psycopg.connect(as_role(old, neighbour), autocommit=True) as planter:
+        create_decoy_log(planter)
+        plant_decoys(planter, called_names(shipped_sql()))
     migrate.upgrade(old, register=False)
     assert migrate.current_revision(old) == HEAD_REVISION
+    with psycopg.connect(old, autocommit=True) as connection:
+        assert decoys_that_ran(connection) == []
+        assert foreign_dependencies(connection) == []
+        connection.execute(f"DROP OWNED BY {neighbour}")
+        connection.execute(f"DROP ROLE {neighbour}")
 
     fresh = fresh_database(None)
     migrate.upgrade(fresh, register=False)

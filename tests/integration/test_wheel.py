@@ -10,6 +10,7 @@ import shutil
 import site
 import subprocess
 import sys
+import uuid
 import zipfile
 from collections.abc import Callable, Iterator
 from importlib import metadata
@@ -20,8 +21,17 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from imgembed.local.postgres import EmbeddedPostgres
 from imgembed.training.synthetic import random_shapes
-from tests.conftest import REPO, TEST_MODEL, wait_for
+from tests.conftest import HEAD_REVISION, REPO, TEST_MODEL, wait_for
+from tests.hostile import (
+    called_names,
+    create_decoy_log,
+    decoys_that_ran,
+    foreign_dependencies,
+    plant_decoys,
+    shipped_sql,
+)
 
 NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
                                     ".imgembed", "out", "*.pyc")
@@ -212,3 +222,51 @@ def test_core_install_migrates_dispatches_and_reports_while_the_full_install_emb
         outputs[role] = process.communicate(timeout=60)[0]
         assert f"imgembed from {bin_folder.parent}" in outputs[role], outputs[role][-2000:]
     assert "torch imported: False" in outputs["dispatch"], outputs["dispatch"][-2000:]
+
+
+MIGRATE_THERE_AND_BACK = ("import os, sys; from imgembed import migrate; url = os.environ['DATABASE_URL']; "
+                          "migrate.downgrade(url, sys.argv[1]); migrate.upgrade(url, register=False); "
+                          "print('back at', migrate.current_revision(url))")
+
+
+def test_migrate_as_the_owner_runs_no_neighbours_code(
+    installed_core: Path, outside: Path, pg_server: EmbeddedPostgres, redis_url: str,
+) -> None:
+    """The audit's attack: a neighbour with CREATE on the schema holding pgvector plants look-alikes
+    of every name imgembed's SQL calls before imgembed is installed. The owner (CREATEROLE, not a
+    superuser) installs with the built wheel, downgrades to base and upgrades again: no decoy runs,
+    and no imgembed object is left bound to one."""
+    suffix = uuid.uuid4().hex[:8]
+    database, owner, neighbour = f"hostile_{suffix}", f"owner_{suffix}", f"neighbour_{suffix}"
+    with psycopg.connect(pg_server.socket_url(), autocommit=True) as superuser:
+        superuser.execute(f"CREATE ROLE {owner} LOGIN CREATEROLE")
+        superuser.execute(f"CREATE ROLE {neighbour} LOGIN")
+        superuser.execute(f"CREATE DATABASE {database} OWNER {owner}")
+    try:
+        with psycopg.connect(pg_server.socket_url(database), autocommit=True) as superuser:
+            superuser.execute("CREATE EXTENSION vector")
+            superuser.execute(f"GRANT CREATE, USAGE ON SCHEMA public TO {neighbour}")
+        with psycopg.connect(pg_server.socket_url(database, neighbour), autocommit=True) as planter:
+            create_decoy_log(planter)
+            names = called_names(shipped_sql())
+            assert {"format", "quote_ident", "has_table_privilege", "replace", "count"} <= names
+            planted = plant_decoys(planter, names)
+            assert not [name for name, count in planted.items() if count == 0], planted
+        environment = _environment(pg_server.socket_url(database, owner), redis_url, f"hostile-{suffix}")
+        for arguments in (["imgembed", "migrate"], ["python", "-c", MIGRATE_THERE_AND_BACK, "base"],
+                          ["python", "-c", MIGRATE_THERE_AND_BACK, "0001"]):
+            result = subprocess.run([str(installed_core / arguments[0]), *arguments[1:]], cwd=outside,
+                                    env=environment, capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, result.stderr[-3000:]
+        with psycopg.connect(pg_server.socket_url(database), autocommit=True) as superuser:
+            assert decoys_that_ran(superuser) == []
+            assert foreign_dependencies(superuser) == []
+            assert superuser.execute("SELECT version_num FROM imgembed.alembic_version").fetchone()[0] == HEAD_REVISION
+    finally:
+        with psycopg.connect(pg_server.socket_url(), autocommit=True) as superuser:
+            superuser.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+            text_roles = [row[0] for row in superuser.execute(
+                "SELECT rolname FROM pg_roles WHERE pg_has_role(%s, oid, 'USAGE') AND rolname LIKE 'imgembed_text_%%'",
+                (owner,)).fetchall()]
+            for role in [*text_roles, neighbour, owner]:
+                superuser.execute(f'DROP ROLE IF EXISTS "{role}"')
