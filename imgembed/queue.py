@@ -18,6 +18,9 @@ class Claim:
     job_ids: list[int]
 
 
+QUERY_IMAGE_TABLE = "imgembed.image_query"  # the images readers ask about (search_image, search_image_at)
+
+
 @dataclass(frozen=True)
 class ClaimedImage:
     job_id: int

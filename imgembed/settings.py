@@ -204,7 +204,8 @@ class Settings:
     # images
     max_image_bytes: int = _setting("IMGEMBED_MAX_IMAGE_BYTES", 64 * 1024 * 1024, _integer(1), "largest image read")
     max_image_pixels: int = _setting(
-        "IMGEMBED_MAX_PIXELS", 100_000_000, _integer(1), "largest image decoded (decompression bombs)")
+        "IMGEMBED_MAX_PIXELS", 50_000_000, _integer(1),
+        "largest image decoded, in pixels: a decode holds about 4.5 bytes a pixel, times IMGEMBED_DECODE_THREADS")
     allowed_roots: tuple[Path, ...] = _setting(
         "IMGEMBED_ALLOWED_ROOTS", (), _paths, "folders image paths must lie in, separated by ':'",
         default_help="any")
@@ -216,7 +217,8 @@ class Settings:
         "networks (CIDR, separated by ',') http(s) may reach besides public addresses: an internal image store",
         default_help="none")
     http_timeout_seconds: float = _setting(
-        "IMGEMBED_HTTP_TIMEOUT_SECONDS", 15.0, _positive_number, "timeout of one http(s) fetch")
+        "IMGEMBED_HTTP_TIMEOUT_SECONDS", 15.0, _positive_number,
+        "deadline of one http(s) fetch, redirects and reads included")
     # local services and logs
     data_dir: Path = _setting(
         "IMGEMBED_DATA_DIR", _default_data_dir, _path, "where `up`, `demo` and `bench` keep their services' data",

@@ -252,6 +252,14 @@ LANGUAGE sql STABLE AS $$
                     false)
 $$;
 
+-- Whether row-level security filters the watched table's rows for the calling role: then imgembed's
+-- own rows that name rows of it (jobs, keys written) show the role only those it may read.
+CREATE OR REPLACE FUNCTION imgembed._rows_filtered(p_watch_id integer)
+RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce((SELECT row_security_active(w.tbl) FROM imgembed._live_watch w WHERE w.id = p_watch_id), true)
+$$;
+
 -- Whether the calling role sees this row of the watched table (privileges and row-level security).
 CREATE OR REPLACE FUNCTION imgembed._row_visible(p_watch_id integer, p_key text)
 RETURNS boolean

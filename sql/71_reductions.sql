@@ -24,14 +24,14 @@ RETURNS imgembed.model
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_model imgembed.model;
-    v_reduction imgembed.reduction;
+    v_reduction record;
     v_source imgembed.model;
 BEGIN
     SELECT * INTO v_model FROM imgembed.model m WHERE m.name = p_model;
     IF v_model.derived_from IS NULL THEN
         RETURN NULL;
     END IF;
-    SELECT * INTO v_reduction FROM imgembed.reduction r WHERE r.model_id = v_model.id;
+    SELECT r.status, r.error INTO v_reduction FROM imgembed.reduction r WHERE r.model_id = v_model.id;
     IF v_reduction.status IS DISTINCT FROM 'done' THEN
         RAISE EXCEPTION 'reduced model % is not fitted yet (its fit is %)', p_model, coalesce(v_reduction.status, 'missing')
             USING HINT = coalesce('it failed: ' || v_reduction.error,
@@ -257,7 +257,8 @@ $$;
 -- many vectors the fit learnt from and the share of their variance the dimensions keep.
 CREATE OR REPLACE VIEW imgembed.reductions AS
 SELECT m.name AS model, s.name AS source_model, m.dim AS dims, s.dim AS source_dims, w.table_name AS fitted_on,
-       r.status, r.fitted_rows, r.explained_variance, r.error, r.created_at, r.finished_at
+       r.status, CASE WHEN w.tbl IS NULL OR NOT row_security_active(w.tbl) THEN r.fitted_rows END AS fitted_rows,
+       r.explained_variance, r.error, r.created_at, r.finished_at
   FROM imgembed.reduction r
   JOIN imgembed.model m ON m.id = r.model_id
   JOIN imgembed.model s ON s.id = m.derived_from

@@ -111,36 +111,50 @@ LANGUAGE sql AS $$
      WHERE id = p_run_id
 $$;
 
-CREATE OR REPLACE FUNCTION imgembed._cluster_summary()
-RETURNS TABLE (run_id bigint, table_name text, model text, method text, cluster integer, size integer,
-               medoid_key text, label_mix jsonb)
+-- The rows of one cluster the calling role may read.
+CREATE OR REPLACE FUNCTION imgembed._visible_members(p_run_id bigint, p_cluster integer)
+RETURNS integer
+LANGUAGE sql STABLE AS $$
+    SELECT count(*)::integer FROM imgembed.cluster_member m WHERE m.run_id = p_run_id AND m.cluster = p_cluster
+$$;
+
+-- The labels of one cluster's rows the calling role may read: label -> count (NULL without a label
+-- column).
+CREATE OR REPLACE FUNCTION imgembed._label_mix(p_watch_id integer, p_run_id bigint, p_cluster integer)
+RETURNS jsonb
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    v_run record;
+    v_watch imgembed.watch;
+    v_mix jsonb;
 BEGIN
-    FOR v_run IN
-        SELECT r.id, w.*, w.id AS watch_id, m.name AS model_name, r.method AS run_method
-          FROM imgembed.cluster_run r JOIN imgembed._live_watch w ON w.id = r.watch_id JOIN imgembed.model m ON m.id = r.model_id
-         WHERE r.status = 'done' AND has_table_privilege(w.tbl, 'SELECT') ORDER BY r.id
-    LOOP
-        RETURN QUERY EXECUTE format(
-            'SELECT c.run_id, $2, $3, $4, c.cluster, c.size, '
-            '       CASE WHEN imgembed._row_visible($5, c.medoid_key) THEN c.medoid_key END, %s'
-            '  FROM imgembed.cluster_centre c WHERE c.run_id = $1 ORDER BY c.cluster',
-            CASE WHEN v_run.label_column IS NULL THEN 'NULL::jsonb'
-                 ELSE format('(SELECT jsonb_object_agg(coalesce(x.label, ''(none)''), x.n) FROM ('
-                             ' SELECT s.%I::text AS label, count(*) AS n FROM imgembed.cluster_member mm'
-                             ' JOIN %s s ON s.%I = mm.key::%s WHERE mm.run_id = c.run_id AND mm.cluster = c.cluster'
-                             ' GROUP BY 1) x)', v_run.label_column, v_run.tbl, v_run.key_column, v_run.key_type) END)
-        USING v_run.id, v_run.table_name, v_run.model_name, v_run.run_method, v_run.watch_id;
-    END LOOP;
+    SELECT * INTO v_watch FROM imgembed._live_watch w WHERE w.id = p_watch_id;
+    IF v_watch.label_column IS NULL THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE format('SELECT jsonb_object_agg(coalesce(x.label, ''(none)''), x.n) FROM ('
+                   ' SELECT s.%I::text AS label, count(*) AS n FROM imgembed.cluster_member mm'
+                   ' JOIN %s s ON s.%I = mm.key::%s WHERE mm.run_id = $1 AND mm.cluster = $2 GROUP BY 1) x',
+                   v_watch.label_column, v_watch.tbl, v_watch.key_column, v_watch.key_type)
+       INTO v_mix USING p_run_id, p_cluster;
+    RETURN v_mix;
 END $$;
 
 -- One row per cluster of every finished run: size, most central row, and the labels inside it
 -- (label_mix: label -> count, NULL when the table has no label column). The view spans tables, so
--- medoid keys are text: the function of the same name gives one table's in their type.
-CREATE OR REPLACE VIEW imgembed.cluster_summary AS
-SELECT * FROM imgembed._cluster_summary();
+-- medoid keys are text: the function of the same name gives one table's in their type. A role
+-- sees the runs of the tables it may read; under row-level security the size counts its rows, and
+-- the most central row shows only when it may read it.
+CREATE OR REPLACE VIEW imgembed.cluster_summary WITH (security_barrier) AS
+SELECT c.run_id, w.table_name, m.name AS model, r.method, c.cluster,
+       CASE WHEN row_security_active(w.tbl) THEN imgembed._visible_members(c.run_id, c.cluster) ELSE c.size END AS size,
+       CASE WHEN imgembed._row_visible(w.id, c.medoid_key) THEN c.medoid_key END AS medoid_key,
+       imgembed._label_mix(w.id, c.run_id, c.cluster) AS label_mix
+  FROM imgembed.cluster_run r
+  JOIN imgembed._live_watch w ON w.id = r.watch_id
+  JOIN imgembed.model m ON m.id = r.model_id
+  JOIN imgembed.cluster_centre c ON c.run_id = r.id
+ WHERE r.status = 'done' AND has_table_privilege(w.tbl, 'SELECT');
+DROP FUNCTION IF EXISTS imgembed._cluster_summary();
 
 -- The cluster a row belongs to by its nearest centre (latest finished run unless one is named),
 -- so rows inserted after a run get a cluster without waiting for a new run.

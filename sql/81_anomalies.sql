@@ -105,11 +105,12 @@ RETURNS TABLE (key text, model text, score double precision, threshold double pr
 LANGUAGE plpgsql AS $$
 DECLARE
     v_link imgembed.watch_model;
-    v_limit imgembed.anomaly_threshold;
+    v_limit record;
 BEGIN
     SELECT * INTO v_link FROM imgembed.watch_model wm WHERE wm.watch_id = p_watch.id AND wm.is_default;
-    SELECT * INTO v_limit FROM imgembed.anomaly_threshold t WHERE t.watch_id = p_watch.id AND t.model_id = v_link.model_id;
-    IF v_limit IS NULL THEN
+    SELECT t.threshold, t.k INTO v_limit
+      FROM imgembed.anomaly_threshold t WHERE t.watch_id = p_watch.id AND t.model_id = v_link.model_id;
+    IF NOT FOUND THEN
         RETURN;
     END IF;
     RETURN QUERY EXECUTE format(

@@ -102,7 +102,20 @@ DECLARE
     v_table text;
     v_link record;
 BEGIN
-    FOREACH v_table IN ARRAY ARRAY['job', 'intake', 'cluster_run', 'anomaly_threshold', 'cluster_centre'] LOOP
+    -- Jobs name one row each: under row-level security a role sees the jobs of its rows. Keys still
+    -- in the intake are written a statement at a time: under row-level security a role sees none.
+    ALTER TABLE imgembed.job ENABLE ROW LEVEL SECURITY;
+    DROP POLICY IF EXISTS readable_tables ON imgembed.job;
+    DROP POLICY IF EXISTS visible_rows ON imgembed.job;
+    CREATE POLICY visible_rows ON imgembed.job FOR SELECT
+        USING (imgembed._table_readable(watch_id)
+               AND (NOT imgembed._rows_filtered(watch_id) OR imgembed._row_visible(watch_id, key)));
+    ALTER TABLE imgembed.intake ENABLE ROW LEVEL SECURITY;
+    DROP POLICY IF EXISTS readable_tables ON imgembed.intake;
+    DROP POLICY IF EXISTS visible_rows ON imgembed.intake;
+    CREATE POLICY visible_rows ON imgembed.intake FOR SELECT
+        USING (imgembed._table_readable(watch_id) AND NOT imgembed._rows_filtered(watch_id));
+    FOREACH v_table IN ARRAY ARRAY['cluster_run', 'anomaly_threshold', 'cluster_centre'] LOOP
         EXECUTE format('ALTER TABLE imgembed.%I ENABLE ROW LEVEL SECURITY', v_table);
         EXECUTE format('DROP POLICY IF EXISTS readable_tables ON imgembed.%I', v_table);
         EXECUTE format('CREATE POLICY readable_tables ON imgembed.%I FOR SELECT USING (imgembed._table_readable(%s))',
@@ -147,6 +160,18 @@ BEGIN
         -- images, and the heartbeats (imgembed.workers shows them).
         REVOKE SELECT ON imgembed.alembic_version, imgembed.private_setting, imgembed.text_query,
                          imgembed.image_query, imgembed.worker_heartbeat FROM imgembed_reader;
+        -- Facts about rows across tenants stay the owner's: a cluster's size and most central row,
+        -- how many good rows calibrated a threshold, how many vectors a reduction learnt from. The
+        -- views show each role these of the rows it may read (cluster_summary, reductions).
+        REVOKE SELECT ON imgembed.cluster_centre, imgembed.anomaly_threshold, imgembed.reduction FROM imgembed_reader;
+        GRANT SELECT (run_id, cluster, centre) ON imgembed.cluster_centre TO imgembed_reader;
+        GRANT SELECT (watch_id, model_id, k, quantile, threshold, calibrated_at) ON imgembed.anomaly_threshold
+            TO imgembed_reader;
+        EXECUTE (SELECT format('GRANT SELECT (%s) ON imgembed.reduction TO imgembed_reader',
+                               string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum))
+                   FROM pg_attribute a
+                  WHERE a.attrelid = 'imgembed.reduction'::regclass AND a.attnum > 0 AND NOT a.attisdropped
+                    AND a.attname <> 'fitted_rows');
         GRANT INSERT, DELETE ON imgembed.interaction TO imgembed_reader;
         GRANT USAGE ON ALL SEQUENCES IN SCHEMA imgembed TO imgembed_reader;
     END IF;

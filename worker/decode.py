@@ -8,7 +8,7 @@ import io
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imgembed.settings import Settings
-from imgembed.worker.image_error import ImageError, Reason
+from imgembed.worker.image_error import ImageError, Reason, plain_words
 
 
 def use_pixel_cap(max_pixels: int) -> None:
@@ -56,11 +56,11 @@ def decode_image(data: bytes, settings: Settings, target_size: int | None = None
     except ImageError:
         raise
     except Image.DecompressionBombError as error:
-        raise ImageError(Reason.DECOMPRESSION_BOMB, f"refused by Pillow: {error}") from None
+        raise ImageError(Reason.DECOMPRESSION_BOMB, f"refused by Pillow: {plain_words(error)}") from None
     except UnidentifiedImageError:
         raise ImageError(Reason.NOT_AN_IMAGE, f"not a recognised image format ({_sniff(data)})") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as error:
-        raise ImageError(Reason.CORRUPT_IMAGE, f"{type(error).__name__}: {error}") from None
+        raise ImageError(Reason.CORRUPT_IMAGE, f"{type(error).__name__}: {plain_words(error)}") from None
     try:
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright image
     except Exception:  # noqa: BLE001 - broken EXIF must not lose a decodable image
@@ -68,7 +68,7 @@ def decode_image(data: bytes, settings: Settings, target_size: int | None = None
     try:
         return _flatten_alpha(image)
     except (OSError, ValueError) as error:
-        raise ImageError(Reason.CORRUPT_IMAGE, f"cannot convert {image.mode} image to RGB: {error}") from None
+        raise ImageError(Reason.CORRUPT_IMAGE, f"cannot convert {image.mode} image to RGB: {plain_words(error)}") from None
 
 
 def _sniff(data: bytes) -> str:

@@ -4,7 +4,8 @@ Guarded against server-side request forgery: a host must resolve only to public 
 networks named in ``IMGEMBED_HTTP_ALLOW_NETWORKS``, or anywhere with
 ``IMGEMBED_HTTP_ALLOW_PRIVATE=1``), and the connection goes to the very address that was checked,
 so a name that resolves differently a moment later (DNS rebinding) changes nothing. Every redirect
-is checked the same way; a timeout and a byte cap apply.
+is checked the same way. A byte cap applies, and one deadline covers the whole fetch (every
+redirect, connection and read): a server that sends a byte at a time holds a thread no longer.
 """
 
 from __future__ import annotations
@@ -12,14 +13,31 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import socket
+import time
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 from imgembed.settings import Settings
-from imgembed.worker.image_error import ImageError, Reason
+from imgembed.worker.image_error import ImageError, Reason, plain_words
 
 MAX_REDIRECTS = 5
 REDIRECTS = (301, 302, 303, 307, 308)
+READ_CHUNK = 1 << 16
+
+
+class _Deadline:
+    """When the whole fetch must be over; each step's socket timeout is the time left."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+
+    def left(self, url: str) -> float:
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise ImageError(Reason.HTTP_ERROR, f"GET {url} timed out: over {self.seconds:g} s in all "
+                                                "(IMGEMBED_HTTP_TIMEOUT_SECONDS)", retryable=True)
+        return left
 
 
 @dataclass(frozen=True)
@@ -73,30 +91,45 @@ def _connection(target: CheckedTarget, timeout: float) -> http.client.HTTPConnec
     return connection
 
 
-def _read_capped(response: http.client.HTTPResponse, url: str, cap: int) -> bytes:
+def _read_capped(response: http.client.HTTPResponse, url: str, cap: int, deadline: _Deadline,
+                 connection: http.client.HTTPConnection) -> bytes:
     declared = response.getheader("Content-Length")
     if declared and declared.isdigit() and int(declared) > cap:
         raise ImageError(Reason.TOO_LARGE, f"{url} is {declared} bytes, over the cap of {cap}")
-    data = response.read(cap + 1)
-    if len(data) > cap:
-        raise ImageError(Reason.TOO_LARGE, f"{url} is over the cap of {cap} bytes (IMGEMBED_MAX_IMAGE_BYTES)")
-    return data
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        if connection.sock is not None:
+            connection.sock.settimeout(deadline.left(url))
+        chunk = response.read1(min(READ_CHUNK, cap + 1 - total))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > cap:
+            raise ImageError(Reason.TOO_LARGE, f"{url} is over the cap of {cap} bytes (IMGEMBED_MAX_IMAGE_BYTES)")
+        deadline.left(url)
 
 
-def _get(target: CheckedTarget, settings: Settings) -> tuple[str | None, bytes]:
+def _get(target: CheckedTarget, settings: Settings, deadline: _Deadline) -> tuple[str | None, bytes]:
     """(where a redirect points, None) or (None, the body)."""
-    connection = _connection(target, settings.http_timeout_seconds)
+    connection = _connection(target, deadline.left(target.url))
     try:
         connection.request("GET", target.path, headers={"User-Agent": "imgembed"})
+        if connection.sock is not None:
+            connection.sock.settimeout(deadline.left(target.url))
         response = connection.getresponse()
         if response.status in REDIRECTS and response.getheader("Location"):
             return urljoin(target.url, response.getheader("Location")), b""
         if response.status >= 400:
-            raise ImageError(Reason.HTTP_ERROR, f"GET {target.url} answered HTTP {response.status} {response.reason}",
-                             retryable=response.status >= 500)
-        return None, _read_capped(response, target.url, settings.max_image_bytes)
+            raise ImageError(Reason.HTTP_ERROR, f"GET {target.url} answered HTTP {response.status} "
+                                                f"{plain_words(response.reason)}", retryable=response.status >= 500)
+        return None, _read_capped(response, target.url, settings.max_image_bytes, deadline, connection)
+    except TimeoutError:
+        deadline.left(target.url)  # says the deadline passed, when it did
+        raise ImageError(Reason.HTTP_ERROR, f"GET {target.url} timed out", retryable=True) from None
     except (OSError, http.client.HTTPException) as error:
-        raise ImageError(Reason.HTTP_ERROR, f"GET {target.url} failed: {error}", retryable=True) from None
+        raise ImageError(Reason.HTTP_ERROR, f"GET {target.url} failed: {plain_words(error)}", retryable=True) from None
     finally:
         connection.close()
 
@@ -104,8 +137,9 @@ def _get(target: CheckedTarget, settings: Settings) -> tuple[str | None, bytes]:
 def fetch_http(url: str, settings: Settings) -> bytes:
     if not settings.allow_http:
         raise ImageError(Reason.HTTP_NOT_ALLOWED, f"http(s) fetching is off, so {url!r} was not read (set IMGEMBED_ALLOW_HTTP=1)")
+    deadline = _Deadline(settings.http_timeout_seconds)
     for _ in range(MAX_REDIRECTS + 1):
-        redirect, data = _get(check_target(url, settings), settings)
+        redirect, data = _get(check_target(url, settings), settings, deadline)
         if redirect is None:
             return data
         url = redirect

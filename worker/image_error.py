@@ -4,6 +4,13 @@ and what exactly went wrong."""
 
 from __future__ import annotations
 
+import re
+
+# A Python bytes literal in an exception's message (decoders quote what they found: "b'hunter2'").
+_BYTES_LITERAL = re.compile(r"""b(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+MAX_DETAIL = 300
+
 
 class Reason:
     """The classes of reasons an image fails for (the text before the first colon of its error)."""
@@ -26,3 +33,11 @@ class ImageError(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.retryable = retryable
+
+
+def plain_words(message: object) -> str:
+    """An exception's message, or a server's words, fit for a failure that more roles may read than
+    the image it came from: quoted bytes become "<bytes>", anything unprintable "?", and it is cut
+    to a few hundred characters. Never a piece of the file."""
+    text = _UNPRINTABLE.sub("?", _BYTES_LITERAL.sub("<bytes>", str(message)))
+    return text if len(text) <= MAX_DETAIL else text[:MAX_DETAIL] + "..."

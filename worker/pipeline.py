@@ -18,7 +18,7 @@ from imgembed.worker.batcher import ForwardBatcher
 from imgembed.worker.content import group_by_content, hashed
 from imgembed.worker.decode import decode_image
 from imgembed.worker.engine import EmbeddingModel
-from imgembed.worker.image_error import ImageError, Reason
+from imgembed.worker.image_error import ImageError, Reason, plain_words
 from imgembed.worker.model_errors import ModelUnavailable
 from imgembed.worker.pixels import ModelInput
 from imgembed.worker.runtime import WorkerRuntime
@@ -48,7 +48,8 @@ class BatchOutcome:
 
 def _read(image: queue.ClaimedImage, settings: Settings) -> bytes | ImageError:
     try:
-        return read_source(ImageSource(content=image.content, uri=image.uri), settings)
+        return read_source(ImageSource(content=image.content, uri=image.uri,
+                                       from_reader=image.table_name == queue.QUERY_IMAGE_TABLE), settings)
     except ImageError as error:
         return error
 
@@ -60,7 +61,8 @@ def preprocess_bytes(data: bytes, model: EmbeddingModel, settings: Settings) -> 
     except ImageError as error:
         return error
     except Exception as error:  # noqa: BLE001 - anything else still fails this image alone
-        return ImageError(Reason.CORRUPT_IMAGE, f"unexpected {type(error).__name__} while preparing the image: {error}")
+        return ImageError(Reason.CORRUPT_IMAGE,
+                          f"unexpected {type(error).__name__} while preparing the image: {plain_words(error)}")
 
 
 DEVICE_DECODE_CHUNK = 32  # full-size decoded photos on the device at once (a 12 MP photo is 36 MB)

@@ -21,6 +21,9 @@ from imgembed.worker.image_error import ImageError, Reason
 class ImageSource:
     content: bytes | None = None
     uri: str | None = None
+    # A location a reader gave (search_image_at, request_image_at), not one the application wrote:
+    # a file path is read only under IMGEMBED_ALLOWED_ROOTS, and never while it is unset.
+    from_reader: bool = False
 
 
 def read_source(source: ImageSource, settings: Settings) -> bytes:
@@ -41,15 +44,18 @@ def read_source(source: ImageSource, settings: Settings) -> bytes:
         parsed = urlparse(uri)
         if parsed.netloc not in ("", "localhost"):
             raise ImageError(Reason.BAD_LOCATION, f"file:// URI {uri!r} names host {parsed.netloc!r}; only local files are read")
-        return read_file(Path(unquote(parsed.path)), settings)
+        return read_file(Path(unquote(parsed.path)), settings, from_reader=source.from_reader)
     if scheme and len(scheme) > 1:  # one letter would be a Windows drive
         raise ImageError(Reason.BAD_LOCATION, f"unsupported URI scheme {scheme!r} in {uri!r} (use a path, file://, http:// or https://)")
-    return read_file(Path(uri), settings)
+    return read_file(Path(uri), settings, from_reader=source.from_reader)
 
 
-def read_file(path: Path, settings: Settings) -> bytes:
+def read_file(path: Path, settings: Settings, *, from_reader: bool = False) -> bytes:
     if not path.is_absolute():
         raise ImageError(Reason.BAD_LOCATION, f"path {str(path)!r} is relative; store absolute paths or file:// URIs")
+    if from_reader and not settings.allowed_roots:  # the same answer whether the file exists or not
+        raise ImageError(Reason.OUTSIDE_ALLOWED_ROOTS, f"{path}: a path given in a query is read only under "
+                                                       "IMGEMBED_ALLOWED_ROOTS, which is not set")
     if settings.allowed_roots:  # resolving costs a system call per path component: only to check
         path = _inside_allowed_roots(path, settings.allowed_roots)
     try:

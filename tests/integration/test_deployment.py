@@ -255,3 +255,64 @@ def test_a_table_owners_policies_never_run_with_imgembeds_rights(deployment: Dep
             process.terminate()
         logs = "".join(process.communicate(timeout=60)[0] for process in processes)
     assert "Traceback" not in logs, logs[-3000:]
+
+
+def test_tenants_see_nothing_of_each_others_rows_in_imgembeds_tables(deployment: Deployment, redis_url: str) -> None:
+    """Two tenants of one table under row-level security: imgembed's queue, keys written, failures,
+    status counts and cluster and anomaly facts show each only what concerns its own rows."""
+    migrated = _imgembed(deployment, "owner", redis_url, "migrate")
+    assert migrated.wait(timeout=300) == 0, migrated.communicate()[0]
+    role = deployment.role
+    alice, bob = role("alice"), role("bob")
+    with deployment.connect("owner") as owner:
+        owner.execute(f"CREATE ROLE {role('embedder')} LOGIN IN ROLE imgembed_worker")
+        for tenant in (alice, bob):
+            owner.execute(f"CREATE ROLE {tenant} LOGIN IN ROLE imgembed_reader")
+        owner.execute("CREATE TABLE photos (id bigint PRIMARY KEY, photo bytea, tenant text NOT NULL, ok boolean)")
+        owner.execute("ALTER TABLE photos ENABLE ROW LEVEL SECURITY")
+        owner.execute("CREATE POLICY own_tenant ON photos FOR SELECT USING (tenant = current_user)")
+        owner.execute(f"GRANT SELECT ON photos TO {alice}, {bob}")
+        owner.execute("SELECT imgembed.watch('photos', 'photo')")
+        shapes = random_shapes(8, seed=9)
+        with owner.cursor() as cursor:  # alice: 0-3; bob: 4-7, and 8 which is no image
+            cursor.executemany("INSERT INTO photos VALUES (%s, %s, %s, true)",
+                               [(i, shape.png_bytes(), alice if i < 4 else bob) for i, shape in enumerate(shapes)])
+        owner.execute("INSERT INTO photos VALUES (8, 'not an image', %s, false)", (bob,))
+        assert owner.execute("SELECT sum(cardinality(keys)) FROM imgembed.intake").fetchone()[0] == 9
+    with deployment.connect("alice") as connection:  # keys written, not yet jobs: none of them shown
+        assert connection.execute("SELECT count(*) FROM imgembed.intake").fetchone()[0] == 0
+    processes = [_imgembed(deployment, "embedder", redis_url, "dispatch"),
+                 _imgembed(deployment, "embedder", redis_url, "worker")]
+    try:
+        with deployment.connect("owner") as owner:
+            wait_for(lambda: owner.execute("SELECT embedded = 8 AND failed = 1 AND pending + in_flight = 0 "
+                                           "FROM imgembed.status WHERE table_name = 'public.photos'").fetchone()[0],
+                     180, "eight rows embedded and bob's bad image failed")
+            run = owner.execute("SELECT imgembed.cluster('photos', 2)").fetchone()[0]
+            wait_for(lambda: owner.execute("SELECT status = 'done' FROM imgembed.cluster_run WHERE id = %s",
+                                           (run,)).fetchone()[0], 180, "the clustering run")
+            owner.execute("SELECT imgembed.set_known_good('photos', good_column => 'ok')")
+            owner.execute("SELECT imgembed.calibrate_anomalies('photos')")
+            assert owner.execute("SELECT sum(size) FROM imgembed.cluster_summary").fetchone()[0] == 8
+    finally:
+        for process in processes:
+            process.terminate()
+        logs = "".join(process.communicate(timeout=60)[0] for process in processes)
+    assert "Traceback" not in logs, logs[-3000:]
+    for tenant, keys, failed in ((alice, {0, 1, 2, 3}, set()), (bob, {4, 5, 6, 7, 8}, {8})):
+        with psycopg.connect(deployment.server.socket_url(deployment.database, tenant), autocommit=True) as connection:
+            assert _keys(connection, "SELECT key FROM imgembed.job") == failed
+            assert _keys(connection, "SELECT key FROM imgembed.failures") == failed
+            assert connection.execute("SELECT \"rows\", embedded, pending, failed FROM imgembed.status "
+                                      "WHERE table_name = 'public.photos'").fetchone() == (
+                len(keys), len(keys - failed), 0, len(failed))
+            summary = connection.execute("SELECT size, medoid_key FROM imgembed.cluster_summary").fetchall()
+            assert sum(size for size, _ in summary) == len(keys - failed)
+            assert {int(key) for _, key in summary if key is not None} <= keys
+            assert _keys(connection, "SELECT key FROM imgembed.anomalies WHERE table_name = 'public.photos'") <= keys
+            assert connection.execute("SELECT count(centre) FROM imgembed.cluster_centre").fetchone()[0] == 2
+            for hidden in ("SELECT medoid_key FROM imgembed.cluster_centre", "SELECT size FROM imgembed.cluster_centre",
+                           "SELECT good_rows FROM imgembed.anomaly_threshold",
+                           "SELECT fitted_rows FROM imgembed.reduction"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    connection.execute(hidden)

@@ -25,7 +25,9 @@ def _reencoded(path: Path, scale: float = 0.7, quality: int = 70) -> bytes:
 
 
 @pytest.fixture
-def photos(db: psycopg.Connection, services: Services) -> psycopg.Connection:
+def photos(db: psycopg.Connection, services: Services, tmp_path: Path) -> psycopg.Connection:
+    services.extra_env["IMGEMBED_ALLOWED_ROOTS"] = str(tmp_path / "uploads")  # where readers' paths may point
+    (tmp_path / "uploads").mkdir()
     db.execute("CREATE TABLE photos (id bigint PRIMARY KEY, image bytea, kind text)")
     db.execute("SELECT imgembed.watch('photos', 'image')")
     with db.cursor() as cursor:
@@ -74,7 +76,7 @@ def test_a_resized_reencoded_copy_finds_its_row_first(photos: psycopg.Connection
     assert exact[0] == "7" and exact[1] == pytest.approx(0, abs=1e-6)
 
     # By location: a file the workers read, under the same rules as watched columns.
-    copy = tmp_path / "upload.jpg"
+    copy = tmp_path / "uploads" / "upload.jpg"
     copy.write_bytes(_reencoded(PHOTOS[11], scale=0.5, quality=60))
     at = db.execute("SELECT id FROM imgembed.search_image_at('photos', %s, 1, timeout_seconds => 60)",
                     (str(copy),)).fetchone()
@@ -89,8 +91,12 @@ def test_bad_query_images_fail_clearly(photos: psycopg.Connection, tmp_path: Pat
         db.execute("SELECT * FROM imgembed.search_image('photos', %s, timeout_seconds => 60)", (b"not an image at all",))
     with pytest.raises(psycopg.Error, match="could not be embedded"):  # remembered: at once the second time
         db.execute("SELECT * FROM imgembed.search_image('photos', %s, timeout_seconds => 0)", (b"not an image at all",))
-    missing = tmp_path / "nowhere.jpg"
-    with pytest.raises(psycopg.Error, match="could not be embedded: .*nowhere.jpg"):
+    # A path outside IMGEMBED_ALLOWED_ROOTS: one answer, whether a file is there or not.
+    for outside in (PHOTOS[0], tmp_path / "absent.jpg"):
+        with pytest.raises(psycopg.Error, match=f"could not be embedded: outside allowed roots: {outside}"):
+            db.execute("SELECT * FROM imgembed.search_image_at('photos', %s, timeout_seconds => 60)", (str(outside),))
+    missing = tmp_path / "uploads" / "nowhere.jpg"
+    with pytest.raises(psycopg.Error, match="could not be embedded: file not found: .*nowhere.jpg"):
         db.execute("SELECT * FROM imgembed.search_image_at('photos', %s, timeout_seconds => 60)", (str(missing),))
     # The file appears: asking again reads it again.
     missing.write_bytes(_reencoded(PHOTOS[3]))

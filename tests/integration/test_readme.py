@@ -192,10 +192,12 @@ SETUPS: dict[str, Callable[[Stack], None]] = {
 @pytest.fixture
 def stack(db: psycopg.Connection, services: Services) -> Iterator[Stack]:
     services.extra_env["HF_HUB_OFFLINE"] = "1"  # the Alembic example adds a model nobody can download here
+    # A photo the server may read (pg_read_binary_file): outside pytest's private folders. The
+    # workers read the paths readers give (search_image_at) under IMGEMBED_ALLOWED_ROOTS only.
+    folder = Path(tempfile.mkdtemp(prefix="imgembed-readme-"))
+    services.extra_env["IMGEMBED_ALLOWED_ROOTS"] = str(folder)
     services.start("dispatch")
     services.start("worker")
-    # A photo the server may read (pg_read_binary_file): outside pytest's private folders.
-    folder = Path(tempfile.mkdtemp(prefix="imgembed-readme-"))
     photo = folder / "shoe.png"
     random_shapes(1, seed=10)[0].image.save(photo)
     os.chmod(folder, 0o755)

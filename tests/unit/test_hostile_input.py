@@ -29,7 +29,7 @@ def png(size: tuple[int, int] = (20, 20)) -> bytes:
 
 class Handler(http.server.BaseHTTPRequestHandler):
     """/ok.png an image, /big.png 5,000 bytes with no Content-Length, /slow.png an answer that
-    never comes, /redirect to /ok.png, /to-loopback to /ok.png on 127.0.0.1 (the server's
+    never comes, /drip.png a body a byte at a time, /redirect to /ok.png, /to-loopback to /ok.png on 127.0.0.1 (the server's
     ``loopback_port``); everything else 404. The server counts requests by path."""
 
     server: ImageServer
@@ -47,6 +47,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"\0" * 5000)
         elif self.path == "/slow.png":
             self.server.release.wait(60)
+        elif self.path == "/drip.png":  # a byte at a time, each well within a read's timeout, for a minute
+            self.send_response(200)
+            self.end_headers()
+            for _ in range(300):
+                if self.server.release.wait(0.2):
+                    break
+                self.wfile.write(b"\0")
+                self.wfile.flush()
         elif self.path in ("/redirect", "/to-loopback"):
             self.send_response(302)
             target = f"http://127.0.0.1:{self.server.server_address[1]}/ok.png" if self.path == "/to-loopback" else "/ok.png"
@@ -154,6 +162,9 @@ def test_size_cap_timeout_and_http_errors(servers: tuple[ImageServer, ImageServe
     with pytest.raises(ImageError, match="timed out") as slow:
         fetch(f"{store.url}/slow.png", IMGEMBED_HTTP_TIMEOUT_SECONDS="0.5", **allowed)
     assert slow.value.retryable
+    with pytest.raises(ImageError, match=r"timed out: over 1 s in all") as dripping:  # one deadline for it all
+        fetch(f"{store.url}/drip.png", IMGEMBED_HTTP_TIMEOUT_SECONDS="1", **allowed)
+    assert dripping.value.retryable
     with pytest.raises(ImageError, match="HTTP 404") as missing:
         fetch(f"{store.url}/nothing.png", **allowed)
     assert not missing.value.retryable
@@ -246,3 +257,27 @@ def test_errors_never_quote_the_bytes_read(tmp_path: Path) -> None:
         message = str(raised.value)
         assert "not a recognised image format" in message
         assert "S3CR3T" not in message and "root" not in message and content[:4].hex() not in message.replace(" ", "")
+
+
+def test_errors_never_quote_the_files_bytes(tmp_path: Path) -> None:
+    """A decoder's message quotes what it found; the failure that more roles read does not."""
+    settings = load_settings({})
+    for secret in (b"P6 hunter2\n", b"P6\n2 2\nhunter2\n", b"\x89PNG\r\n\x1a\nhunter2-hunter2-hunter2"):
+        with pytest.raises(ImageError) as failed:
+            decode_image(secret, settings)
+        assert "hunter2" not in str(failed.value), str(failed.value)
+
+
+def test_a_readers_path_is_read_only_under_allowed_roots(tmp_path: Path) -> None:
+    """A location a reader gives (search_image_at) is refused while IMGEMBED_ALLOWED_ROOTS is unset,
+    with one answer whether the file exists or not; under the roots it is read."""
+    (tmp_path / "photo.png").write_bytes(PNG)
+    answers = set()
+    for name in ("photo.png", "missing.png"):
+        with pytest.raises(ImageError, match="outside allowed roots") as refused:
+            read_source(ImageSource(uri=str(tmp_path / name), from_reader=True), load_settings({}))
+        answers.add(str(refused.value).replace(name, "NAME"))
+    assert len(answers) == 1
+    assert read_source(ImageSource(uri=str(tmp_path / "photo.png")), load_settings({})) == PNG  # the application's own
+    inside = load_settings({"IMGEMBED_ALLOWED_ROOTS": str(tmp_path)})
+    assert read_source(ImageSource(uri=(tmp_path / "photo.png").as_uri(), from_reader=True), inside) == PNG
