@@ -4,17 +4,21 @@ Two kinds of file:
 
 - a revision's own files, beside it in ``migrations/versions/`` (``0002_halfvec_index.sql`` and
   ``0002_halfvec_index_down.sql``): frozen once released, so a revision means the same thing
-  forever;
+  forever (``versions/SHA256SUMS``); a downgrade puts back the definitions the revision it returns
+  to released, kept once each in ``released_definitions.tar.xz`` (see ``releases``);
 - the definitions in ``sql/`` (functions, views, roles and grants), idempotent, one concern a
   file: applied again, in name order, after every upgrade that ends at the newest revision.
 """
 
 from __future__ import annotations
 
+import re
 from importlib.resources import files
 
 from alembic import op
 from alembic.runtime.migration import MigrationContext
+
+from imgembed.migrations.releases import released_definitions
 
 
 def read_revision_sql(filename: str) -> str:
@@ -48,14 +52,30 @@ def with_vector_schema(script: str, name: str) -> str:
     return wrapper.replace("@definition@", script)
 
 
-def apply_revision_sql(filename: str) -> None:
-    """Run one of the calling revision's frozen files (called from a revision's upgrade/downgrade).
-    A file that names pgvector's objects as ``@vector@.vector`` runs with that schema put in; the
-    files that wrap their parts themselves (``$imgembed_sql$``) run as they are."""
+DEFINITIONS_MARK = re.compile(r"^--@definitions (\d{4})$", re.MULTILINE)
+
+
+def revision_scripts(filename: str) -> list[str]:
+    """The scripts one of a revision's frozen files runs as, in order. A line ``--@definitions
+    NNNN`` stands for the definitions of ``sql/`` as revision NNNN released them (a downgrade
+    puts back the functions, views and grants of the revision it returns to). A part that names
+    pgvector's objects as ``@vector@.vector`` runs with that schema put in."""
     script = read_revision_sql(filename)
-    if "@vector@" in script and "$imgembed_sql$" not in script:
-        script = with_vector_schema(script, filename)
-    run_script(op.get_context(), script)
+    parts = DEFINITIONS_MARK.split(script)  # text, revision, text, revision, ..., text
+    scripts = []
+    for index, part in enumerate(parts):
+        if index % 2:
+            scripts += [with_vector_schema(text, f"sql/{name} of revision {part}")
+                        for name, text in released_definitions(part)]
+        elif part.strip():
+            scripts.append(with_vector_schema(part, filename) if "@vector@" in part else part)
+    return scripts
+
+
+def apply_revision_sql(filename: str) -> None:
+    """Run one of the calling revision's frozen files (called from a revision's upgrade/downgrade)."""
+    for script in revision_scripts(filename):
+        run_script(op.get_context(), script)
 
 
 def pin_search_path(context: MigrationContext) -> None:

@@ -30,7 +30,18 @@ TESTDATA = REPO.parent / "shared" / "testdata"
 TEST_MODEL = "imgembed-tiny"
 TEMPLATE_DATABASE = "imgembed_template"
 _OWN_BASETEMP = pytest.StashKey[Path]()
-HEAD_REVISION = "0012"  # imgembed's newest migration (test_application checks it is the head)
+
+
+def _head_revision() -> str:
+    """imgembed's newest migration, as Alembic's script directory says."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(migrate.alembic_config("postgresql://unused/unused")).get_current_head()
+    assert head is not None
+    return head
+
+
+HEAD_REVISION = _head_revision()
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, message: str, interval: float = 0.1) -> object:

@@ -4,7 +4,6 @@ revisions frozen, and a database made by a released revision upgraded to what a 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import re
 import uuid
 from collections.abc import Callable
@@ -199,60 +198,25 @@ def test_revision_0004_reports_unavailable_models(fresh_database: Callable[[str 
     assert len(beat_arguments()) == 1
 
 
-# Released revisions never change (sha256 of each revision's files as released). A new revision is
-# added here when it is released; a changed checksum means a released revision was edited. Once, in
-# 0.2.0, 0001, 0002 and the downgrades of 0002, 0004 and 0005 were amended for security: they name
-# pgvector's objects in its schema (@vector@) and pin functions without it, since migrations no
-# longer resolve names through the migrating role's search_path. The objects they make are the same.
-RELEASED_REVISION_FILES = {
-    "0001_pipeline_spine.py": "351b867ef4af9b025ea9cf8959b8ca22b31d926c752982bb5f3d1e48c7473d69",
-    "0001_pipeline_spine.sql": "8cf5d3b83b08e7d585496743b4a5dcf0a728fa4f680c507784c71934ee52e1c1",
-    "0001_pipeline_spine_down.sql": "2577c68f26b19e19014bfb1a6617a26a2fcf724a7b27b129183d57afec49932c",
-    "0002_halfvec_index.py": "6c1139045c2f800fc83f0a64a17be15db8117fec085715d3a7c208ab0586e798",
-    "0002_halfvec_index.sql": "bd53eb1bcc71348971565be71bc0fb6f0c3767905aa0f6caadc53f16ce5b0a64",
-    "0002_halfvec_index_down.sql": "a270647044bc02cc0e03a9e0e8d2f254e82862f6245ed6a6c8c1f581a1b39b99",
-    "0003_ordered_index_build.py": "2fe487f60e3a8f9687ca2f5fc4c380be9365e30c21a70237f43813bacdd914db",
-    "0003_ordered_index_build.sql": "2a8cef3bb3053684d2d7a36d18026382c25e3aa22225b3bde4b31886d61c0fb3",
-    "0003_ordered_index_build_down.sql": "5a76f58eef9ed6a3cc0736c4ccc182cbbf0c6fdded33847224bf7c84838cbbac",
-    "0004_model_outages.py": "44b8d128c1cba6b09a997d640e5649aa5de6f1aafcab2ccefbb76729af0eb104",
-    "0004_model_outages.sql": "78c8352e56653dec8e77d4ef46a94ad997a077fa291fcf7a14f35af2279858ba",
-    "0004_model_outages_down.sql": "18b2ff7d369e174bea398a517bf51db87a4adb5415cbeb40fc86e35a9e182798",
-    "0005_private_rows.py": "d9b43ed2e7a9a8c3a43a064efc01813e8c6b3c6b8d66d8187bed37b27facfa6f",
-    "0005_private_rows.sql": "4300cf650379ff542379f66d7c33f41d95e2a03e716e728f52d786bf904e57ef",
-    "0005_private_rows_down.sql": "ac163e15c8068e908ad67f3214a0aefad67aab679b04ed5294e2a3c368fb4516",
-    "0006_typed_keys.py": "dd657f6ed91990312d1353b0ecb6042b63f54acaa31bdf3e916cccc8563ed743",
-    "0006_typed_keys.sql": "ffcca4a17e0aac28c8766ab7d1adeaab33570b8435c9b3435cb1d90ebfdb8048",
-    "0006_typed_keys_down.sql": "672fa40798409649045d31abfd3c47b2de49a284300c9d728a120b057d41090b",
-    "0007_schema_changes.py": "4b9be478b0ec5b2a9b8beb495494aaac4c0319319c7de89ac3d6ccaa37512b21",
-    "0007_schema_changes.sql": "5ea9a6dd037088c6a1f428d7bde93f6611a1dded6eb005b855572301434ea9dd",
-    "0007_schema_changes_down.sql": "98d14058ef5710d65715180aef1347b96ab0cefa46d7d6e08628c7cb2e015e89",
-    "0008_restored_tables.py": "52a99629239f2ba1835ec6f1b5b25ee16b764d84e62af71bb89eac4c8f4d11c7",
-    "0008_restored_tables.sql": "f1c86dcb92f99b810534d0026af6d15e0f62832174b29927734a27063684658f",
-    "0008_restored_tables_down.sql": "7c86256cc532a5ff4aa1b57212cd21fd026e0e35f77caafb8de242f2367126ff",
-    "0009_replicated_rows.py": "884ef4eea3215939b853e4857b07cf5cd010a3178497ac5cfa2422c5f64b984f",
-    "0009_replicated_rows.sql": "450c85976baf7fa75ac2861a6228f3478b8f4bf4ca73faf852388c82d50837f9",
-    "0009_replicated_rows_down.sql": "bb9d74c5347c21a3e69de029229be798a983258945d8753c7267558a9e62e38c",
-    "0010_relevance_cutoff.py": "cc5c7bfbaf1f2911051434e534b73a0cc9ffb03ab4590d96eea61a5deff31d1f",
-    "0010_relevance_cutoff.sql": "2fd161e610a5b8a73f7bb8c91d04f1cf924b7bb1d5073a0575e241266af64d03",
-    "0010_relevance_cutoff_down.sql": "c7831c7f36513911fb74dba6db1176c70d6dd4e0eb8c23bcf2aadf94779f25b9",
-    "0011_content_and_query_images.py": "22851c77daa71e0c6aaccdcf31921ad325c4a299102a832ab6bfb488dee42828",
-    "0011_content_and_query_images.sql": "78f6a932d3d67cb148dbc2fdefc75cb8d4df6904a8363d07a9ff5c66a5da8126",
-    "0011_content_and_query_images_down.sql": "73f03a93600b78bbf24864f7b6c302876151dc9480998b1920aa9752828e4a70",
-    "0012_reduced_models.py": "7f63182a16d29b63eb0e43c1a896d86aed0a7a08ecf8335955d4c4721565a682",
-    "0012_reduced_models.sql": "bbf315a4f39722e1b632e64b741bb1ecf9682af1afa14cef8fd236fa4ce444a3",
-    "0012_reduced_models_down.sql": "94fe9c7b2d9bcb184a08a25d4cadca5cbb1074784335988508b4e746998a03bf",
-}
 RELEASED_0001 = REPO / "tests" / "fixtures" / "imgembed-0001-as-released.sql.gz"
 
 
 def test_released_revisions_never_change() -> None:
-    from importlib.resources import files
+    """Every revision file and every release's definitions match the checksums recorded when they
+    were released (migrations/versions/SHA256SUMS, written by `python -m imgembed.migrations.releases
+    freeze`); a file not recorded is a revision not frozen yet. Once, in 0.2.0, 0001, 0002 and the
+    downgrades of 0002, 0004 and 0005 were amended for security (pgvector's objects named in its
+    schema, since migrations no longer resolve names through the migrating role's search_path), and
+    the downgrades' copies of sql/ moved into released_definitions.tar.xz."""
+    from imgembed.migrations import releases
 
-    versions = files("imgembed.migrations.versions")
-    present = {entry.name for entry in versions.iterdir() if entry.name[:4].isdigit()}
-    assert present == set(RELEASED_REVISION_FILES), "a revision's files are missing here, or a new one is not listed"
-    found = {name: hashlib.sha256((versions / name).read_bytes()).hexdigest() for name in RELEASED_REVISION_FILES}
-    assert found == RELEASED_REVISION_FILES
+    assert releases.changed(REPO / "migrations") == []
+    recorded = releases.read_checksums(REPO / "migrations")
+    assert {f"versions/{path.name}" for path in (REPO / "migrations" / "versions").glob("0*")} <= recorded.keys()
+    # Each downgrade that puts back definitions names a release that holds them.
+    for down in sorted((REPO / "migrations" / "versions").glob("*_down.sql")):
+        for revision in re.findall(r"^--@definitions (\d{4})$", down.read_text(), flags=re.MULTILINE):
+            assert releases.released_definitions(revision), down.name
 
 
 def _populate(url: str) -> None:
@@ -373,3 +337,18 @@ def test_sqlalchemy_definitions_match_the_migrated_database(database_url: str) -
             "include_schemas": True, "include_name": ours, "compare_server_default": True})
         assert compare_metadata(context, metadata) == []
     engine.dispose()
+
+
+def test_downgraded_and_upgraded_again_equals_a_fresh_install(
+    fresh_database: Callable[[str | None], str], template_database: str, pg_server: object,
+) -> None:
+    """Each downgrade puts back its revision's released definitions (released_definitions.tar.xz)
+    and undoes its own changes: down to 0011, 0004 or 0001 and up again, the schema is a fresh
+    install's."""
+    fresh = fresh_database(template_database)
+    for revision in ("0011", "0004", "0001"):
+        url = fresh_database(template_database)
+        migrate.downgrade(url, revision)
+        assert migrate.current_revision(url) == revision
+        migrate.upgrade(url)
+        assert _by_table(url, comparable_dump(url)) == _by_table(fresh, comparable_dump(fresh)), revision

@@ -129,7 +129,8 @@ def test_wheel_installs_one_import_name_with_its_data(wheel: Path) -> None:
     assert top_level == {"imgembed"}
     assert "imgembed = imgembed.cli:main" in entry_points
     for expected in ("imgembed/sql/40_queue.sql", "imgembed/migrations/env.py", "imgembed/migrations/script.py.mako",
-                     "imgembed/migrations/versions/0001_pipeline_spine.sql", "imgembed/models/configs/imgembed-tiny.json",
+                     "imgembed/migrations/versions/0001_pipeline_spine.sql", "imgembed/migrations/versions/SHA256SUMS",
+                     "imgembed/migrations/released_definitions.tar.xz", "imgembed/models/configs/imgembed-tiny.json",
                      "imgembed/models/weights/imgembed-shapes.pt", "imgembed/worker/pipeline.py",
                      "imgembed/schema/tables.py", "imgembed/analysis/maps.py", "imgembed/training/finetune.py"):
         assert expected in names, expected
