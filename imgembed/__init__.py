@@ -1,3 +1,3 @@
 """imgembed: image embeddings for PostgreSQL, computed by Celery workers with OpenCLIP."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -23,6 +23,7 @@ MAX_RECONNECT_BACKOFF_SECONDS = 30.0
 
 
 BACKLOG_EVERY_SECONDS = 1.0  # how often the backlog metrics are read again, at most
+EXPIRE_QUERIES_EVERY_SECONDS = 300.0  # how often texts and query images nobody asks for any more go
 
 
 class Dispatcher:
@@ -32,12 +33,23 @@ class Dispatcher:
         self.metrics = metrics
         self.stop_event = threading.Event()
         self._backlog_read = 0.0
+        self._queries_expired = 0.0
 
     def _measure_backlog(self, connection: psycopg.Connection) -> None:
         if self.metrics is None or time.monotonic() - self._backlog_read < BACKLOG_EVERY_SECONDS:
             return
         self.metrics.backlog_rows(queue.backlog(connection))
         self._backlog_read = time.monotonic()
+
+    def _expire_queries(self, connection: psycopg.Connection) -> None:
+        """Every few minutes: requests for texts and query images that were not made again within
+        their window expire (imgembed.expire_queries)."""
+        if time.monotonic() - self._queries_expired < EXPIRE_QUERIES_EVERY_SECONDS:
+            return
+        self._queries_expired = time.monotonic()
+        expired = queue.expire_queries(connection)
+        if expired:
+            log.info("%d texts and query images nobody asked for within their window went", expired)
 
     def dispatch_once(self, connection: psycopg.Connection) -> int:
         """Expand the intake into jobs, recover expired leases, then send tasks while jobs are
@@ -50,6 +62,7 @@ class Dispatcher:
             if self.metrics is not None:
                 self.metrics.recovered.inc(recovered)
         self._measure_backlog(connection)
+        self._expire_queries(connection)
         sent = self._dispatch_analysis(connection, "claim_cluster_run", TASK_CLUSTER, "cluster run")
         sent += self._dispatch_analysis(connection, "claim_reduction", TASK_REDUCE, "fit of reduced model")
         while not self.stop_event.is_set():

@@ -54,6 +54,11 @@ def release_claim(connection: psycopg.Connection, claim_id: UUID) -> int:
     return int(connection.execute("SELECT imgembed.release_claim(%s)", (claim_id,)).fetchone()[0])  # type: ignore[index]
 
 
+def expire_queries(connection: psycopg.Connection) -> int:
+    """Texts and query images nobody asked for within their window go (imgembed.expire_queries)."""
+    return int(connection.execute("SELECT imgembed.expire_queries()").fetchone()[0])  # type: ignore[index]
+
+
 def recover_expired(connection: psycopg.Connection, max_attempts: int) -> int:
     return int(connection.execute("SELECT imgembed.recover_expired(%s)", (max_attempts,)).fetchone()[0])  # type: ignore[index]
 

@@ -150,6 +150,19 @@ text_query = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
 )
 
+# Who asked for each text and query image (revision 0013): a role learns about its own requests
+# only, keeps to its own limits and forgets its own; requests expire.
+query_request = sa.Table(
+    "query_request",
+    metadata,
+    sa.Column("kind", sa.Text, sa.CheckConstraint("kind IN ('text', 'image')", name="query_request_kind_known"),
+              primary_key=True),
+    sa.Column("query_id", sa.BigInteger, primary_key=True),
+    sa.Column("role_name", sa.Text, primary_key=True),
+    sa.Column("requested_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Index("query_request_of_role", "role_name", "kind", "requested_at"),
+)
+
 # Images that are in no watched table (search_image): one row per distinct content or location,
 # embedded by the workers like text queries (revision 0011).
 image_query = sa.Table(

@@ -2,57 +2,54 @@
 -- rows that the workers embed with the same model as the images, so SQL searches by text
 -- without a model inside PostgreSQL.
 
--- Refuse one more text or query image while 1,000 of them (rows of p_tbl, one of imgembed's query
--- tables) wait for a worker: no one can bury the workers in them. p_what names them in the error.
-CREATE OR REPLACE FUNCTION imgembed._check_waiting(p_tbl regclass, p_what text)
-RETURNS void
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_watch_id integer := (SELECT w.id FROM imgembed.watch w WHERE w.tbl = p_tbl);
-BEGIN
-    IF (SELECT count(*) FROM imgembed.job j WHERE j.watch_id = v_watch_id AND j.status <> 'failed')
-       + (SELECT coalesce(sum(cardinality(i.keys)), 0) FROM imgembed.intake i WHERE i.watch_id = v_watch_id) >= 1000 THEN
-        RAISE EXCEPTION 'too many % wait for a worker (1,000); try again in a moment', p_what
-            USING HINT = 'is an imgembed worker running? (see imgembed.status)', ERRCODE = 'too_many_connections';
-    END IF;
-END $$;
-
--- Queue a text for embedding (idempotent); returns its id. Commit before waiting for it. Runs as
--- its owner: texts are private (no reader may list them), and a text is at most 1,000 characters
--- while at most 1,000 texts wait for a worker, so no one can bury the workers in texts.
-CREATE OR REPLACE FUNCTION imgembed.request_text(query text)
+-- Queue a text for embedding as p_role (idempotent: the same text is one row, whoever asks);
+-- returns its id. Commit before waiting for it. Runs as its owner: texts are private (no reader may
+-- list them), a text is at most 1,000 characters, and a role keeps to its limits
+-- (imgembed._query_limits), so no one can bury the workers in texts.
+CREATE OR REPLACE FUNCTION imgembed._request_text(p_query text, p_role text)
 RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     v_id bigint;
 BEGIN
-    IF query IS NULL OR btrim(query) = '' THEN
+    PERFORM imgembed._may_request_as(p_role);
+    IF p_query IS NULL OR btrim(p_query) = '' THEN
         RAISE EXCEPTION 'the text query is empty' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF length(query) > 1000 THEN
-        RAISE EXCEPTION 'the text query has % characters; at most 1,000 are embedded', length(query)
+    IF length(p_query) > 1000 THEN
+        RAISE EXCEPTION 'the text query has % characters; at most 1,000 are embedded', length(p_query)
             USING ERRCODE = 'string_data_right_truncation';
     END IF;
-    SELECT t.id INTO v_id FROM imgembed.text_query t WHERE t.query = request_text.query;
-    IF v_id IS NOT NULL THEN
-        RETURN v_id;
+    SELECT t.id INTO v_id FROM imgembed.text_query t WHERE t.query = p_query;
+    IF v_id IS NULL THEN
+        PERFORM imgembed._check_requests('text', p_role, 0);
+        INSERT INTO imgembed.text_query (query) VALUES (p_query) ON CONFLICT DO NOTHING;
+        SELECT t.id INTO v_id FROM imgembed.text_query t WHERE t.query = p_query;
     END IF;
-    PERFORM imgembed._check_waiting('imgembed.text_query', 'texts');
-    INSERT INTO imgembed.text_query (query) VALUES (request_text.query) ON CONFLICT DO NOTHING;
-    SELECT t.id INTO v_id FROM imgembed.text_query t WHERE t.query = request_text.query;
+    PERFORM imgembed._record_request('text', v_id, p_role);
     RETURN v_id;
 END $$;
 
--- Whether a text was requested, and its vector under a model (NULL until a worker embeds it). Runs
--- as its owner, so that a role learns about the texts it names and no others.
-CREATE OR REPLACE FUNCTION imgembed._text_state(p_query text, p_model text, OUT requested boolean,
+-- Queue a text for embedding (idempotent); returns its id. Commit before waiting for it.
+CREATE OR REPLACE FUNCTION imgembed.request_text(query text)
+RETURNS bigint
+LANGUAGE sql AS $$
+    SELECT imgembed._request_text(query, current_user::text)
+$$;
+
+-- Whether p_role asked for a text, and then its vector under a model (NULL until a worker embeds
+-- it). Runs as its owner, so that a role learns about the texts it asked for and no others.
+CREATE OR REPLACE FUNCTION imgembed._text_state(p_query text, p_model text, p_role text, OUT requested boolean,
                                                 OUT vec @vector@.vector)
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_id bigint;
     v_storage text;
 BEGIN
-    SELECT t.id INTO v_id FROM imgembed.text_query t WHERE t.query = p_query;
+    PERFORM imgembed._may_request_as(p_role);
+    SELECT t.id INTO v_id FROM imgembed.text_query t
+      JOIN imgembed.query_request r ON r.kind = 'text' AND r.query_id = t.id AND r.role_name = p_role
+     WHERE t.query = p_query;
     requested := v_id IS NOT NULL;
     SELECT wm.storage_table INTO v_storage
       FROM imgembed.watch w JOIN imgembed.watch_model wm ON wm.watch_id = w.id JOIN imgembed.model m ON m.id = wm.model_id
@@ -98,12 +95,14 @@ BEGIN
     RETURN true;
 END $$;
 
--- Enqueue a text in a transaction of its own (see _request_elsewhere).
-CREATE OR REPLACE FUNCTION imgembed._request_text_elsewhere(p_query text)
+-- Enqueue a text as p_role in a transaction of its own (see _request_elsewhere).
+CREATE OR REPLACE FUNCTION imgembed._request_text_elsewhere(p_query text, p_role text)
 RETURNS boolean
-LANGUAGE sql AS $$
-    SELECT imgembed._request_elsewhere(format('SELECT imgembed.request_text(%L)', p_query))
-$$;
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM imgembed._may_request_as(p_role);
+    RETURN imgembed._request_elsewhere(format('SELECT imgembed._request_text(%L, %L)', p_query, p_role));
+END $$;
 
 -- The vector of a text under a model, waiting up to p_timeout_seconds for a worker to embed it.
 CREATE OR REPLACE FUNCTION imgembed.text_vector(
@@ -128,9 +127,9 @@ BEGIN
         RAISE EXCEPTION 'model % does not embed texts yet', text_vector.model
             USING HINT = 'attach it to an image table with imgembed.add_model()', ERRCODE = 'undefined_object';
     END IF;
-    v_state := imgembed._text_state(query, model);
+    v_state := imgembed._text_state(query, model, current_user::text);
     IF NOT v_state.requested THEN
-        IF NOT imgembed._request_text_elsewhere(query) THEN
+        IF NOT imgembed._request_text_elsewhere(query, current_user::text) THEN
             RAISE EXCEPTION 'text "%" has not been requested yet', query
                 USING HINT = format('run SELECT imgembed.request_text(%L) in its own transaction first '
                                     '(or install the dblink extension so search_text can do it)', query),
@@ -138,7 +137,7 @@ BEGIN
         END IF;
     END IF;
     LOOP
-        v_state := imgembed._text_state(query, model);
+        v_state := imgembed._text_state(query, model, current_user::text);
         EXIT WHEN v_state.vec IS NOT NULL;
         IF clock_timestamp() >= v_deadline THEN
             RAISE EXCEPTION 'no vector for text "%" after % s (model %)', query, timeout_seconds, text_vector.model

@@ -20,76 +20,94 @@ BEGIN
                      WHERE wm.model_id = m.id AND w.tbl <> ALL (imgembed._query_tables()));
 END $$;
 
--- Queue image bytes for embedding (idempotent: the same bytes are one row); returns its id.
--- Commit before waiting for it. Runs as its owner: query images are private (no reader may list
--- them); one is at most 32 MB.
-CREATE OR REPLACE FUNCTION imgembed.request_image(image bytea)
+-- Queue a query image as p_role, by its bytes (p_image) or else its location (absolute path,
+-- file:// or http(s):// URI; paths are read under IMGEMBED_ALLOWED_ROOTS only); returns its id.
+-- Idempotent: the same bytes, or the same location, are one row whoever asks. A location is read
+-- once and its vector kept (a file changed in place keeps its first vector); one that could not be
+-- read is tried again when it is asked for again. Commit before waiting for it. Runs as its owner:
+-- query images are private (no reader may list them); one is at most 32 MB, and a role keeps to
+-- its limits (imgembed._query_limits).
+CREATE OR REPLACE FUNCTION imgembed._request_image(p_image bytea, p_location text, p_role text)
 RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     v_hash bytea;
     v_id bigint;
-BEGIN
-    IF image IS NULL OR length(image) = 0 THEN
-        RAISE EXCEPTION 'the query image is empty' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF length(image) > 32 * 1024 * 1024 THEN
-        RAISE EXCEPTION 'the query image has % bytes; at most 32 MB are taken', length(image)
-            USING ERRCODE = 'string_data_right_truncation';
-    END IF;
-    v_hash := sha256(image);
-    SELECT q.id INTO v_id FROM imgembed.image_query q WHERE q.content_sha256 = v_hash;
-    IF v_id IS NULL THEN
-        PERFORM imgembed._check_waiting('imgembed.image_query', 'query images');
-        INSERT INTO imgembed.image_query (content, content_sha256) VALUES (image, v_hash) ON CONFLICT DO NOTHING;
-        SELECT q.id INTO v_id FROM imgembed.image_query q WHERE q.content_sha256 = v_hash;
-    END IF;
-    RETURN v_id;
-END $$;
-
--- Queue an image location (absolute path, file:// or http(s):// URI) for embedding; returns its id.
--- A location is read once and its vector kept: a file changed in place keeps its first vector. A
--- location that could not be read is tried again when it is requested again.
-CREATE OR REPLACE FUNCTION imgembed.request_image_at(location text)
-RETURNS bigint
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_id bigint;
-    v_watch_id integer := (SELECT w.id FROM imgembed.watch w WHERE w.tbl = 'imgembed.image_query'::regclass);
+    v_watch_id integer := imgembed._query_watch_id('image');
     v_retried integer;
 BEGIN
-    IF location IS NULL OR btrim(location) = '' THEN
-        RAISE EXCEPTION 'the image location is empty' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF length(location) > 2000 THEN
-        RAISE EXCEPTION 'the image location has % characters; at most 2,000 are taken', length(location)
-            USING ERRCODE = 'string_data_right_truncation';
-    END IF;
-    SELECT q.id INTO v_id FROM imgembed.image_query q WHERE q.uri = location;
-    IF v_id IS NULL THEN
-        PERFORM imgembed._check_waiting('imgembed.image_query', 'query images');
-        INSERT INTO imgembed.image_query (uri) VALUES (location) ON CONFLICT DO NOTHING;
-        SELECT q.id INTO v_id FROM imgembed.image_query q WHERE q.uri = location;
+    PERFORM imgembed._may_request_as(p_role);
+    IF p_image IS NOT NULL THEN
+        IF length(p_image) = 0 THEN
+            RAISE EXCEPTION 'the query image is empty' USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF length(p_image) > 32 * 1024 * 1024 THEN
+            RAISE EXCEPTION 'the query image has % bytes; at most 32 MB are taken', length(p_image)
+                USING ERRCODE = 'string_data_right_truncation';
+        END IF;
+        v_hash := sha256(p_image);
+        SELECT q.id INTO v_id FROM imgembed.image_query q WHERE q.content_sha256 = v_hash;
     ELSE
+        IF p_location IS NULL OR btrim(p_location) = '' THEN
+            RAISE EXCEPTION 'the image location is empty' USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF length(p_location) > 2000 THEN
+            RAISE EXCEPTION 'the image location has % characters; at most 2,000 are taken', length(p_location)
+                USING ERRCODE = 'string_data_right_truncation';
+        END IF;
+        SELECT q.id INTO v_id FROM imgembed.image_query q WHERE q.uri = p_location;
+    END IF;
+    IF v_id IS NULL OR NOT EXISTS (SELECT 1 FROM imgembed.query_request r
+                                    WHERE r.kind = 'image' AND r.query_id = v_id AND r.role_name = p_role) THEN
+        PERFORM imgembed._check_requests('image', p_role, coalesce(length(p_image), 0));
+    END IF;
+    IF v_id IS NULL THEN
+        IF p_image IS NOT NULL THEN
+            INSERT INTO imgembed.image_query (content, content_sha256) VALUES (p_image, v_hash) ON CONFLICT DO NOTHING;
+            SELECT q.id INTO v_id FROM imgembed.image_query q WHERE q.content_sha256 = v_hash;
+        ELSE
+            INSERT INTO imgembed.image_query (uri) VALUES (p_location) ON CONFLICT DO NOTHING;
+            SELECT q.id INTO v_id FROM imgembed.image_query q WHERE q.uri = p_location;
+        END IF;
+    ELSIF p_image IS NULL THEN
         UPDATE imgembed.job j SET status = 'pending', attempts = 0, not_before = now(), updated_at = now()
          WHERE j.watch_id = v_watch_id AND j.key = v_id::text AND j.status = 'failed'
            AND NOT imgembed._superseded(j.watch_id, j.model_id, j.key);
         GET DIAGNOSTICS v_retried = ROW_COUNT;
         PERFORM imgembed._notify_jobs(v_retried);
     END IF;
+    PERFORM imgembed._record_request('image', v_id, p_role);
     RETURN v_id;
 END $$;
 
--- A query image's state under a model (by the SHA-256 of its bytes, or else its location): its row (NULL: never requested), its vector (NULL until a
--- worker embeds it) and, once it failed for good, why. Runs as its owner, so that a role learns
--- about the images it names and no others.
-CREATE OR REPLACE FUNCTION imgembed._image_state(p_sha256 bytea, p_location text, p_model text,
+-- Queue image bytes for embedding (idempotent: the same bytes are one row); returns its id.
+-- Commit before waiting for it.
+CREATE OR REPLACE FUNCTION imgembed.request_image(image bytea)
+RETURNS bigint
+LANGUAGE sql AS $$
+    SELECT imgembed._request_image(image, NULL, current_user::text)
+$$;
+
+-- Queue an image location (absolute path, file:// or http(s):// URI) for embedding; returns its id.
+CREATE OR REPLACE FUNCTION imgembed.request_image_at(location text)
+RETURNS bigint
+LANGUAGE sql AS $$
+    SELECT imgembed._request_image(NULL, location, current_user::text)
+$$;
+
+-- A query image's state under a model, as p_role asked for it (by the SHA-256 of its bytes, or
+-- else its location): its row (NULL: p_role never asked for it), its vector (NULL until a worker
+-- embeds it) and, once it failed for good, why. Runs as its owner, so that a role learns about
+-- the images it asked for and no others.
+CREATE OR REPLACE FUNCTION imgembed._image_state(p_sha256 bytea, p_location text, p_model text, p_role text,
                                                  OUT query_id bigint, OUT vec @vector@.vector, OUT error text)
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_link imgembed.watch_model;
 BEGIN
+    PERFORM imgembed._may_request_as(p_role);
     SELECT q.id INTO query_id FROM imgembed.image_query q
+      JOIN imgembed.query_request r ON r.kind = 'image' AND r.query_id = q.id AND r.role_name = p_role
      WHERE CASE WHEN p_sha256 IS NULL THEN q.uri = p_location ELSE q.content_sha256 = p_sha256 END;
     SELECT wm.* INTO v_link
       FROM imgembed.watch w JOIN imgembed.watch_model wm ON wm.watch_id = w.id JOIN imgembed.model m ON m.id = wm.model_id
@@ -103,14 +121,15 @@ BEGIN
        AND NOT imgembed._superseded(j.watch_id, j.model_id, j.key);
 END $$;
 
--- Enqueue a query image in a transaction of its own (see _request_elsewhere).
-CREATE OR REPLACE FUNCTION imgembed._request_image_elsewhere(p_image bytea, p_location text)
+-- Enqueue a query image as p_role in a transaction of its own (see _request_elsewhere).
+CREATE OR REPLACE FUNCTION imgembed._request_image_elsewhere(p_image bytea, p_location text, p_role text)
 RETURNS boolean
-LANGUAGE sql AS $$
-    SELECT imgembed._request_elsewhere(CASE WHEN p_image IS NULL
-                                            THEN format('SELECT imgembed.request_image_at(%L)', p_location)
-                                            ELSE format('SELECT imgembed.request_image(%L::bytea)', p_image) END)
-$$;
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM imgembed._may_request_as(p_role);
+    RETURN imgembed._request_elsewhere(format('SELECT imgembed._request_image(%L::bytea, %L, %L)',
+                                              p_image, p_location, p_role));
+END $$;
 
 -- The vector of a query image (bytes, or else a location) under a model, waiting up to
 -- p_timeout_seconds for a worker to embed it.
@@ -142,9 +161,9 @@ BEGIN
         RAISE EXCEPTION 'model % does not embed query images yet', p_model
             USING HINT = 'attach it to an image table with imgembed.add_model()', ERRCODE = 'undefined_object';
     END IF;
-    v_state := imgembed._image_state(v_hash, p_location, p_model);
+    v_state := imgembed._image_state(v_hash, p_location, p_model, current_user::text);
     IF v_state.query_id IS NULL OR (p_image IS NULL AND v_state.error IS NOT NULL) THEN
-        IF NOT imgembed._request_image_elsewhere(p_image, p_location) THEN
+        IF NOT imgembed._request_image_elsewhere(p_image, p_location, current_user::text) THEN
             IF v_state.query_id IS NULL THEN
                 RAISE EXCEPTION '% has not been requested yet', v_what
                     USING HINT = 'run SELECT imgembed.request_image(...) (or request_image_at) in its own transaction '
@@ -154,7 +173,7 @@ BEGIN
         END IF;
     END IF;
     LOOP
-        v_state := imgembed._image_state(v_hash, p_location, p_model);
+        v_state := imgembed._image_state(v_hash, p_location, p_model, current_user::text);
         EXIT WHEN v_state.vec IS NOT NULL;
         IF v_state.error IS NOT NULL THEN
             RAISE EXCEPTION '% could not be embedded: %', v_what, v_state.error

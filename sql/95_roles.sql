@@ -62,8 +62,9 @@ DECLARE
 BEGIN
     FOR v_function, v_callers IN
         SELECT p.oid::regprocedure,
-               CASE WHEN p.proname IN ('request_text', 'request_image', 'request_image_at') THEN ARRAY['imgembed_reader', imgembed._text_request_role()]
-                    WHEN p.proname IN ('_text_state', '_request_text_elsewhere', '_image_state', '_request_image_elsewhere')
+               CASE WHEN p.proname IN ('_request_text', '_request_image') THEN ARRAY['imgembed_reader', imgembed._text_request_role()]
+                    WHEN p.proname IN ('_text_state', '_request_text_elsewhere', '_image_state', '_request_image_elsewhere',
+                                       '_forget_queries')
                          THEN ARRAY['imgembed_reader']
                     WHEN p.proname IN ('_on_insert', '_on_update', '_on_delete', '_on_truncate', '_on_truncate_partition',
                                        '_on_replicated_row', '_on_ddl_end', '_on_sql_drop') THEN ARRAY[]::text[]
@@ -79,9 +80,10 @@ BEGIN
                -- the triggers on watched tables, and the event triggers: nobody calls them, they fire
                '_on_insert', '_on_update', '_on_delete', '_on_truncate', '_on_truncate_partition', '_on_replicated_row',
                '_on_ddl_end', '_on_sql_drop',
-               -- texts and query images, which no reader may list
-               'request_text', '_text_state', '_request_text_elsewhere',
-               'request_image', 'request_image_at', '_image_state', '_request_image_elsewhere')
+               -- texts and query images, which no reader may list: each role asks, learns and forgets
+               -- about its own, and dispatchers expire them
+               '_request_text', '_text_state', '_request_text_elsewhere',
+               '_request_image', '_image_state', '_request_image_elsewhere', '_forget_queries', 'expire_queries')
     LOOP
         -- Row-level security off: no policy of a watched table, nor a function it calls, runs with the
         -- owner's rights (a table where it would apply is refused: imgembed._require_rows_readable).
@@ -92,6 +94,27 @@ BEGIN
                 EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', v_function, v_role_name);
             END IF;
         END LOOP;
+    END LOOP;
+END $$;
+
+-- The readers' ways to ask for a text or query image, and to forget theirs: they pass the calling
+-- role on to the functions with owner rights above, which check it.
+DO $$
+DECLARE
+    v_function regprocedure;
+BEGIN
+    FOR v_function IN
+        SELECT p.oid::regprocedure FROM pg_proc p
+         WHERE p.pronamespace = 'imgembed'::regnamespace
+           AND p.proname IN ('request_text', 'request_image', 'request_image_at', 'forget_queries')
+    LOOP
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', v_function);
+        IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = imgembed._text_request_role()) THEN
+            EXECUTE format('REVOKE ALL ON FUNCTION %s FROM %I', v_function, imgembed._text_request_role());
+        END IF;
+        IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'imgembed_reader') THEN
+            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO imgembed_reader', v_function);
+        END IF;
     END LOOP;
 END $$;
 
@@ -159,7 +182,7 @@ BEGIN
         -- Not for readers: Alembic's bookkeeping, the owner's settings, everyone's texts and query
         -- images, and the heartbeats (imgembed.workers shows them).
         REVOKE SELECT ON imgembed.alembic_version, imgembed.private_setting, imgembed.text_query,
-                         imgembed.image_query, imgembed.worker_heartbeat FROM imgembed_reader;
+                         imgembed.image_query, imgembed.query_request, imgembed.worker_heartbeat FROM imgembed_reader;
         -- Facts about rows across tenants stay the owner's: a cluster's size and most central row,
         -- how many good rows calibrated a threshold, how many vectors a reduction learnt from. The
         -- views show each role these of the rows it may read (cluster_summary, reductions).
@@ -173,6 +196,8 @@ BEGIN
                   WHERE a.attrelid = 'imgembed.reduction'::regclass AND a.attnum > 0 AND NOT a.attisdropped
                     AND a.attname <> 'fitted_rows');
         GRANT INSERT, DELETE ON imgembed.interaction TO imgembed_reader;
-        GRANT USAGE ON ALL SEQUENCES IN SCHEMA imgembed TO imgembed_reader;
+        -- No sequence: readers' rows (interactions) take identity values, which need none, and a
+        -- sequence a reader may advance could be run to its end.
+        REVOKE USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA imgembed FROM imgembed_reader;
     END IF;
 END $$;

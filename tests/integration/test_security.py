@@ -108,12 +108,12 @@ def test_functions_with_owner_rights_are_pinned_and_granted_narrowly(db: psycopg
                 "_on_replicated_row", "_on_ddl_end", "_on_sql_drop"}
     text_role = db.execute("SELECT imgembed._text_request_role()").fetchone()[0]
     expected = {**{name: ["imgembed_worker"] for name in worker_functions}, **{name: [] for name in triggers},
-                "request_text": sorted(["imgembed_reader", text_role]),  # texts, which no reader may list
-                "_text_state": ["imgembed_reader"], "_request_text_elsewhere": ["imgembed_reader"],
-                # query images, which no reader may list either
-                "request_image": sorted(["imgembed_reader", text_role]),
-                "request_image_at": sorted(["imgembed_reader", text_role]),
-                "_image_state": ["imgembed_reader"], "_request_image_elsewhere": ["imgembed_reader"]}
+                # texts and query images, which no reader may list: each role asks, learns and forgets
+                # about its own; dispatchers expire them
+                "_request_text": sorted(["imgembed_reader", text_role]), "_text_state": ["imgembed_reader"],
+                "_request_text_elsewhere": ["imgembed_reader"], "_request_image": sorted(["imgembed_reader", text_role]),
+                "_image_state": ["imgembed_reader"], "_request_image_elsewhere": ["imgembed_reader"],
+                "_forget_queries": ["imgembed_reader"], "expire_queries": ["imgembed_worker"]}
     found = {name: sorted(grantees) for name, _, grantees, _ in rows}
     assert found == expected
     for name, config, _, public in rows:

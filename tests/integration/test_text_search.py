@@ -73,11 +73,13 @@ def test_search_text_without_a_worker_fails_clearly(shapes_table: psycopg.Connec
 
 
 def test_texts_queued_are_bounded(db: psycopg.Connection) -> None:
-    """No one can bury the workers in texts: a text is at most 1,000 characters, and at most 1,000
-    texts wait for a worker; a text asked for before still answers."""
+    """No one can bury the workers in texts: a text is at most 1,000 characters, and at most 10,000
+    texts wait for a worker, every role together (one role: imgembed.query_requests); a text asked
+    for before still answers."""
     with pytest.raises(psycopg.Error, match="at most 1,000"):
         db.execute("SELECT imgembed.request_text(%s)", ("x" * 1001,))
-    db.execute("INSERT INTO imgembed.text_query (query) SELECT 'text ' || g FROM generate_series(1, 1000) g")
-    with pytest.raises(psycopg.Error, match="too many texts wait"):
+    db.execute("SELECT imgembed.request_text('text 5')")
+    db.execute("INSERT INTO imgembed.text_query (query) SELECT 'text ' || g FROM generate_series(6, 10004) g")
+    with pytest.raises(psycopg.Error, match=r"too many texts wait for a worker \(10000\)"):
         db.execute("SELECT imgembed.request_text('one more')")
     assert db.execute("SELECT imgembed.request_text('text 5')").fetchone()[0] > 0
