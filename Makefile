@@ -20,8 +20,12 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# The tests wait on services more than they compute: two processes, each with its own embedded
+# PostgreSQL, halve the time on two cores. A file's tests run in one process (module fixtures).
+TEST_PROCESSES ?= 2
+
 test: lint
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile tests
 
 demo: $(STAMP)
 	$(BIN)/imgembed demo

@@ -30,6 +30,7 @@ TESTDATA = REPO.parent / "shared" / "testdata"
 TEST_MODEL = "imgembed-tiny"
 TEMPLATE_DATABASE = "imgembed_template"
 _OWN_BASETEMP = pytest.StashKey[Path]()
+_MODEL_DIR = pytest.StashKey[Path]()
 
 
 def _head_revision() -> str:
@@ -65,6 +66,10 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.option.basetemp is None and os.geteuid() == 0:
         config.option.basetemp = tempfile.mkdtemp(prefix="imgembed-tests-")
         config.stash[_OWN_BASETEMP] = Path(config.option.basetemp)
+    # Every process the tests start keeps its models and exports in a folder of this session's own,
+    # never in the user's: what earlier runs left there changes no verdict and no duration.
+    os.environ["IMGEMBED_MODEL_DIR"] = tempfile.mkdtemp(prefix="imgembed-test-models-")
+    config.stash[_MODEL_DIR] = Path(os.environ["IMGEMBED_MODEL_DIR"])
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -72,6 +77,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     folder = session.config.stash.get(_OWN_BASETEMP, None)
     if folder is not None and exitstatus == 0:
         shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(session.config.stash.get(_MODEL_DIR, ""), ignore_errors=True)
 
 
 def as_role(database_url: str, role: str) -> str:
@@ -102,7 +108,15 @@ def storage_of(db: psycopg.Connection, table: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+def test_model_exported() -> None:
+    """The test model's towers exported to ONNX (float32 and int8) once, into the session's model
+    folder, before any worker starts: no test's first image or text waits on an export."""
+    subprocess.run([sys.executable, "-m", "imgembed", "models", "export", TEST_MODEL, "--int8"], env=os.environ,
+                   cwd=REPO, check=True, capture_output=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory, test_model_exported: None) -> Iterator[EmbeddedPostgres]:
     server = EmbeddedPostgres(tmp_path_factory.mktemp("postgres"), durable=False)
     server.start()
     _SERVERS[server.port] = server  # type: ignore[index]

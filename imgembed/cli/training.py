@@ -58,7 +58,10 @@ def _self_supervised(settings: Settings, args: argparse.Namespace) -> int:
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, holdout=args.holdout, seed=args.seed)
     print(f"held-out kNN label accuracy (k={self_supervised.KNN_K}): "
           f"{self_supervised.nan_or(result.knn_accuracy_before)} -> {self_supervised.nan_or(result.knn_accuracy_after)}")
-    print(f"loss: {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; checkpoint: {result.checkpoint}")
+    steps = max(1, len(result.losses) // max(1, args.epochs))  # the mean of the first and last epochs: steps vary
+    first, last = result.losses[:steps], result.losses[-steps:]
+    print(f"loss (mean of an epoch): first {sum(first) / len(first):.3f} -> last {sum(last) / len(last):.3f}; "
+          f"checkpoint: {result.checkpoint}")
     _register(settings, args, model_name, result.checkpoint)
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -152,6 +153,15 @@ def test_map_png_html_and_stored_coordinates(
         assert picture.size == (1400 + 260, 1400)
     page = out.with_suffix(".html")
     assert page.exists() and page.read_text().count('class="p"') == len(truth)
+    # The page's script parses (node), and runs without an error in a browser where one is installed.
+    scripts = re.findall(r"<script>(.*?)</script>", page.read_text(), flags=re.S)
+    assert scripts
+    node = shutil.which("node")
+    assert node, "node checks the map page's script: install Node.js"
+    script_file = tmp_path / "page.js"
+    script_file.write_text("\n".join(scripts))
+    checked = subprocess.run([node, "--check", str(script_file)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stderr
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium:
         shot = tmp_path / "page.png"

@@ -47,6 +47,7 @@ def captioned(db: psycopg.Connection, services: Services) -> tuple[psycopg.Conne
     services.start("worker")
     wait_for(lambda: db.execute("SELECT bool_and(pending + in_flight = 0 AND embedded = %s) FROM imgembed.status "
                                 "WHERE table_name = 'public.shapes'", (ROWS,)).fetchone()[0], 300, "shapes embedded")
+    db.execute("SELECT imgembed.text_vector('a warm-up text', %s, 300)", (MODEL,))  # the worker's text tower is ready
     return db, truth
 
 
@@ -85,16 +86,17 @@ def test_hybrid_search_columns_filters_and_errors(captioned: tuple[psycopg.Conne
     # A tsvector column, and text[] columns, are searched too; filters apply to both halves.
     db.execute("ALTER TABLE shapes ADD COLUMN document tsvector GENERATED ALWAYS AS (to_tsvector('english', caption)) STORED")
     by_column = db.execute("SELECT id, text_rank, image_rank FROM imgembed.search_hybrid('shapes', NULL::bigint, "
-                           "'blue square', 20, text_columns => ARRAY['document'], model => %s)", (MODEL,)).fetchall()
+                           "'blue square', 20, text_columns => ARRAY['document'], model => %s, timeout_seconds => 120)", (MODEL,)).fetchall()
     by_text = db.execute("SELECT id, text_rank, image_rank FROM imgembed.search_hybrid('shapes', NULL::bigint, "
-                         "'blue square', 20, text_columns => ARRAY['caption'], model => %s)", (MODEL,)).fetchall()
+                         "'blue square', 20, text_columns => ARRAY['caption'], model => %s, timeout_seconds => 120)", (MODEL,)).fetchall()
     assert by_column == by_text and all(isinstance(row[0], int) for row in by_column)
     tagged = db.execute("SELECT id FROM imgembed.search_hybrid('shapes', 'square', 10, text_columns => ARRAY['tags'], "
-                        "weights => ARRAY[1, 0])").fetchall()
+                        "weights => ARRAY[1, 0], timeout_seconds => 120)").fetchall()
     assert len(tagged) == 10 and all(
         db.execute("SELECT 'square' = ANY (tags) FROM shapes WHERE id = %s", (int(key),)).fetchone()[0] for (key,) in tagged)
     small = db.execute("SELECT s.caption FROM imgembed.search_hybrid('shapes', NULL::bigint, 'red circle', 10, "
-                       "text_columns => ARRAY['caption'], model => %s, filter => %s) h JOIN shapes s ON s.id = h.id",
+                       "text_columns => ARRAY['caption'], model => %s, filter => %s, timeout_seconds => 120) h "
+                       "JOIN shapes s ON s.id = h.id",
                        (MODEL, '{"id": [1, 2, 3, 4, 5, 6, 7, 8, 9]}')).fetchall()
     assert 0 < len(small) <= 9
     for call, message in (

@@ -109,7 +109,8 @@ def _photos_through_an_onnx_worker(db: psycopg.Connection, services: Services,
     services.processes.append(worker)
     wait_for(lambda: db.execute("SELECT embedded = %s FROM imgembed.status WHERE table_name = 'public.shots'",
                                 (len(PHOTOS),)).fetchone() == (True,), 180, "the photos embedded")
-    found = db.execute("SELECT id FROM imgembed.search_text('shots', NULL::bigint, 'a photo of a bird', 5)").fetchall()
+    found = db.execute("SELECT id FROM imgembed.search_text('shots', NULL::bigint, 'a photo of a bird', 5, "
+                       "timeout_seconds => 300)").fetchall()
     assert len(found) == 5
     services.stop(worker)
     log = log_path.read_text()

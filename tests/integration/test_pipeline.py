@@ -14,13 +14,19 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import psycopg
 import pytest
 from PIL import Image
 
+from imgembed.db import as_array
+from imgembed.models.names import parse_model_spec
+from imgembed.settings import load_settings
 from imgembed.training.synthetic import random_shapes
+from imgembed.worker.decode import decode_image
+from imgembed.worker.embedding import load_model
 from imgembed.worker.image_error import Reason
-from tests.conftest import REPO, TESTDATA, Services, storage_of, wait_for
+from tests.conftest import REPO, TEST_MODEL, TESTDATA, Services, storage_of, wait_for
 
 ODD_IMAGES = TESTDATA / "odd-images"
 PHOTOS = TESTDATA / "photos"
@@ -87,9 +93,14 @@ def test_bytea_paths_and_file_uris_all_get_unit_vectors(db: psycopg.Connection, 
         f"SELECT count(*) FROM items i JOIN {storage_of(db, 'public.items')} e ON e.id = i.id"
     ).fetchone()[0]
     assert joined == 50
-    some_key = db.execute("SELECT id FROM items LIMIT 1").fetchone()[0]
+    some_key, image = db.execute("SELECT id, image FROM items LIMIT 1").fetchone()
     assert isinstance(some_key, uuid.UUID)
-    assert db.execute("SELECT imgembed.vector_of('items', %s::uuid)", (some_key,)).fetchone()[0] is not None
+    # The row's vector is the model's own embedding of its image (PyTorch, here in the test).
+    stored = as_array(db.execute("SELECT imgembed.vector_of('items', %s::uuid)", (some_key,)).fetchone()[0])
+    reference = load_model(parse_model_spec(TEST_MODEL), "cpu")
+    (expected,) = reference.embed_images([reference.prepare(decode_image(bytes(image), load_settings({}),
+                                                                         target_size=reference.input_size))])
+    assert float(np.dot(stored, expected) / np.linalg.norm(stored) / np.linalg.norm(expected)) >= 0.9999
 
 
 @pytest.mark.parametrize("jpeg_decode", ["pillow", "device"])

@@ -34,7 +34,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from imgembed import migrate
 from imgembed.training.synthetic import random_shapes
-from tests.conftest import REPO, Services, wait_for
+from tests.conftest import REPO, TEST_MODEL, Services, wait_for
 
 README = REPO / "README.md"
 MARKER = re.compile(r"<!--\s*example:\s*(\w+)\s*-->")
@@ -198,6 +198,9 @@ def stack(db: psycopg.Connection, services: Services) -> Iterator[Stack]:
     services.extra_env["IMGEMBED_ALLOWED_ROOTS"] = str(folder)
     services.start("dispatch")
     services.start("worker")
+    # The README's searches run as written, with search_text's default timeout: the worker's text
+    # tower is loaded first, so that they wait on nothing but their own text.
+    db.execute("SELECT imgembed.text_vector('a warm-up text', %s, 300)", (TEST_MODEL,))
     photo = folder / "shoe.png"
     random_shapes(1, seed=10)[0].image.save(photo)
     os.chmod(folder, 0o755)

@@ -57,13 +57,21 @@ def test_search_text_waits_for_the_worker_then_serves_from_the_stored_vector(
     env = services.env()
     image_file = tmp_path / "query.png"
     random_shapes(1, seed=99)[0].image.save(image_file)
+    expected = {
+        "a red circle": db.execute("SELECT id FROM imgembed.search_text('shapes', 'a red circle', 3)").fetchall(),
+        "--like": db.execute("SELECT id FROM imgembed.similar('shapes', 3::bigint, 3)").fetchall(),
+        "--image": db.execute("SELECT id FROM imgembed.search_image('shapes', %s, 3, timeout_seconds => 120)",
+                              (image_file.read_bytes(),)).fetchall(),
+    }
     for arguments in (["a red circle"], ["--like", "3"], ["--image", str(image_file)]):
         result = subprocess.run(
             [sys.executable, "-m", "imgembed", "search", "--table", "shapes", "-k", "3", *arguments],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
         )
         assert result.returncode == 0, result.stderr
-        assert len(result.stdout.strip().splitlines()) == 5  # header, rule, 3 rows
+        lines = result.stdout.strip().splitlines()  # header, rule, then one row per line, its key first
+        assert len(lines) == 5 and [line.split()[0] for line in lines[2:]] == [str(row[0]) for row in expected[arguments[0]]], \
+            result.stdout
 
 
 def test_search_text_without_a_worker_fails_clearly(shapes_table: psycopg.Connection) -> None:

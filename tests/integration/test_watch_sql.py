@@ -67,7 +67,7 @@ def test_delete_and_truncate_remove_vectors(products: psycopg.Connection) -> Non
     storage = storage_of(products, "public.products")
     vector = "[" + ",".join(["0.125"] * 64) + "]"
     products.execute(f"INSERT INTO {storage} (id, embedding, job_id) VALUES (1, %s, 1)", (vector,))
-    assert products.execute("SELECT imgembed.vector_of('products'::regclass, 1::bigint)").fetchone()[0] is not None
+    assert products.execute("SELECT imgembed.vector_of('products'::regclass, 1::bigint)::text").fetchone()[0] == vector
     products.execute("DELETE FROM products WHERE id = 1")
     assert products.execute(f"SELECT count(*) FROM {storage}").fetchone()[0] == 0
     products.execute("INSERT INTO products VALUES (1, 'a', 'again')")
