@@ -111,9 +111,9 @@ def _thumbnails(rows: list[tuple[object, ...]], settings: Settings) -> list[obje
     """Each row's picture at about 64 pixels, or None where it cannot be read."""
     from tqdm import tqdm
 
-    from imgembed.worker.decode import decode_image
-    from imgembed.worker.image_error import ImageError
-    from imgembed.worker.sources import ImageSource, read_source
+    from imgembed.images.decode import decode_image
+    from imgembed.images.image_error import ImageError
+    from imgembed.images.sources import ImageSource, read_source
 
     thumbnails: list[object] = []
     for row in tqdm(rows, desc="thumbnails", unit="img"):

@@ -1,4 +1,4 @@
-"""``imgembed bench``: measure the system on the embedded services and write bench/RESULTS.md.
+"""``imgembed bench``: measure the system on the embedded services and write docs/results/RESULTS.md.
 
 Every figure is the median of several runs. Speed is measured here, never asserted in tests.
 """
@@ -112,7 +112,7 @@ def _pipeline_figures(results: Results, connection: psycopg.Connection, stack: S
 
 def run_bench(settings: Settings, *, size: BenchSize, model: str, out: Path, photos: Path, photos_note: str,
               device: str = "cpu", figures: tuple[int, ...] = FIGURES) -> Results:
-    """Measure ``figures`` (numbered as in bench/RESULTS.md) and write them to ``out``."""
+    """Measure ``figures`` (numbered as in docs/results/RESULTS.md) and write them to ``out``."""
     import torch
 
     results = Results()

@@ -29,7 +29,7 @@ import json, sys
 from pathlib import Path
 from imgembed.models.names import parse_model_spec
 from imgembed.settings import load_settings
-from imgembed.worker.decode import decode_image
+from imgembed.images.decode import decode_image
 runtime, model_name, photo_dir = sys.argv[1:4]
 settings = load_settings()
 spec = parse_model_spec(model_name)
@@ -85,8 +85,8 @@ def runtime_figures(results: Results, settings: Settings, size: BenchSize, model
     """(8), measured in this process and two helpers; writes its lines to ``results``."""
     import torch
 
+    from imgembed.images.decode import decode_image
     from imgembed.models.names import parse_model_spec
-    from imgembed.worker.decode import decode_image
     from imgembed.worker.embedding import load_model
     from imgembed.worker.onnx_model import load_onnx_model
 
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Figure (8): PyTorch against ONNX Runtime on this machine's CPUs.")
     parser.add_argument("--model", default="ViT-B-32", help="model to measure (default ViT-B-32, random weights)")
     parser.add_argument("--photos", type=Path, help="folder of *.JPEG photos (default: generated ones)")
-    parser.add_argument("--out", type=Path, default=Path("bench/RESULTS-runtimes.md"), help="where to write the figures")
+    parser.add_argument("--out", type=Path, default=Path("docs/results/RESULTS-runtimes.md"), help="where to write the figures")
     parser.add_argument("--repeats", type=int, default=BenchSize().repeats, help="runs of each speed figure (median)")
     parser.add_argument("--images", type=int, default=BenchSize().raw_images,
                         help="images each speed run embeds at least (fewer for large models on few cores)")

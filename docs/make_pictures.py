@@ -16,11 +16,11 @@ import numpy as np
 from imgembed.analysis.drawing import draw_map
 from imgembed.analysis.maps import project_2d
 from imgembed.db import as_array, connect
+from imgembed.images.decode import decode_image
 from imgembed.local.stack import local_stack
 from imgembed.models.registry import register_model
 from imgembed.settings import load_settings
 from imgembed.training.synthetic import random_shapes
-from imgembed.worker.decode import decode_image
 
 MODEL = "imgembed-shapes"
 DOCS = Path(__file__).resolve().parent

@@ -17,6 +17,9 @@ import psycopg
 from imgembed.analysis.drawing import draw_map
 from imgembed.analysis.maps import project_2d
 from imgembed.db import as_array, connect
+from imgembed.images.decode import decode_image
+from imgembed.images.image_error import ImageError
+from imgembed.images.sources import ImageSource, read_source
 from imgembed.ingest import ingest_paths
 from imgembed.local.stack import local_stack
 from imgembed.models.names import parse_model_spec
@@ -24,11 +27,8 @@ from imgembed.models.registry import register_model, wait_for_backfill
 from imgembed.report import format_table, status_report
 from imgembed.settings import DEFAULT_MODEL, Settings
 from imgembed.training.synthetic import random_shapes
-from imgembed.worker.decode import decode_image
 from imgembed.worker.embedding import load_model
-from imgembed.worker.image_error import ImageError
 from imgembed.worker.model_errors import ModelLoadError
-from imgembed.worker.sources import ImageSource, read_source
 
 FALLBACK_MODEL = "imgembed-shapes"
 WAIT_LIMIT_SECONDS = 600

@@ -20,13 +20,13 @@ from PIL import Image
 from torchvision import transforms
 from tqdm import tqdm
 
+from imgembed.images.decode import decode_image
+from imgembed.images.image_error import ImageError
+from imgembed.images.sources import ImageSource, read_source
 from imgembed.models.names import ModelSpec, parse_model_spec
 from imgembed.settings import Settings
 from imgembed.training.finetune import TrainingDataError, save_checkpoint
-from imgembed.worker.decode import decode_image
 from imgembed.worker.embedding import LoadedModel, load_model
-from imgembed.worker.image_error import ImageError
-from imgembed.worker.sources import ImageSource, read_source
 
 log = logging.getLogger(__name__)
 

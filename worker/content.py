@@ -8,7 +8,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from imgembed.worker.image_error import ImageError
+from imgembed.images.image_error import ImageError
 
 
 def content_hash(data: bytes) -> bytes:

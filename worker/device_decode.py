@@ -2,7 +2,7 @@
 them there as tensors, instead of Pillow on the CPU (IMGEMBED_JPEG_DECODE=device).
 
 Only plain RGB or greyscale JPEGs within the caps take this path; anything else, and any JPEG the
-device decoder refuses, goes through Pillow (imgembed.worker.decode) image by image, so an odd file still
+device decoder refuses, goes through Pillow (imgembed.images.decode) image by image, so an odd file still
 fails alone with Pillow's reason. The tensor preprocessing mirrors OpenCLIP's evaluation
 transform (shortest side resized bicubically, centre crop, normalised); the vectors differ from
 Pillow's path about as much as two JPEG decoders do."""

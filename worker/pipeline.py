@@ -13,16 +13,16 @@ import numpy as np
 import psycopg
 
 from imgembed import queue
+from imgembed.images.decode import decode_image
+from imgembed.images.image_error import ImageError, Reason, plain_words
+from imgembed.images.sources import ImageSource, read_source
 from imgembed.settings import Settings
 from imgembed.worker.batcher import ForwardBatcher
 from imgembed.worker.content import group_by_content, hashed
-from imgembed.worker.decode import decode_image
 from imgembed.worker.engine import EmbeddingModel
-from imgembed.worker.image_error import ImageError, Reason, plain_words
 from imgembed.worker.model_errors import ModelUnavailable
 from imgembed.worker.pixels import ModelInput
 from imgembed.worker.runtime import WorkerRuntime
-from imgembed.worker.sources import ImageSource, read_source
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ import numpy as np
 import psycopg
 
 from imgembed import db
+from imgembed.images.decode import use_pixel_cap
 from imgembed.models.names import ModelSpec, file_sha256, parse_model_spec
 from imgembed.models.registry import registered_sha256
 from imgembed.models.store import stored_checkpoint
 from imgembed.settings import Settings, require_database_url
 from imgembed.worker.batcher import ForwardBatcher, tune_max_batch
-from imgembed.worker.decode import use_pixel_cap
 from imgembed.worker.engine import EmbeddingModel, Tower, use_onnx
 from imgembed.worker.memory import return_freed_memory
 from imgembed.worker.model_errors import ModelLoadError, ModelUnavailable

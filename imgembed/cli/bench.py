@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from imgembed.bench.results import FIGURES
 from imgembed.cli.common import UsageError, add_command
 from imgembed.settings import Settings
 
 
-def _figures(text: str) -> tuple[int, ...]:
+def _figures(text: str | None) -> tuple[int, ...]:
+    from imgembed.bench.results import FIGURES
+
+    if text is None:
+        return FIGURES
     try:
         figures = tuple(sorted({int(part) for part in text.split(",")}))
     except ValueError:
@@ -40,7 +43,7 @@ def bench(settings: Settings, args: argparse.Namespace) -> int:
         note = f"{len(generated_photos(photos))} generated 500x375 JPEGs (no --photos given)"
     device = args.device or ("cuda" if settings.device.startswith("cuda") else "cpu")
     run_bench(settings, size=SMOKE if args.smoke else BenchSize(), model=args.model,
-              out=Path(args.out or "bench/RESULTS.md"), photos=photos, photos_note=note, device=device, figures=figures)
+              out=Path(args.out or "docs/results/RESULTS.md"), photos=photos, photos_note=note, device=device, figures=figures)
     return 0
 
 
@@ -72,17 +75,17 @@ def _reductions(settings: Settings, args: argparse.Namespace) -> int:
     photos = Path(args.photos).resolve()
     rows = args.rows or (200 if args.smoke else 3000)
     reduction_figures(settings, model=args.model, dims=dims, rows=rows, queries=5 if args.smoke else 100,
-                      photos=photos, out=Path(args.out or "bench/RESULTS-reduce.md"))
+                      photos=photos, out=Path(args.out or "docs/results/RESULTS-reduce.md"))
     return 0
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     command = add_command(commands, "bench", bench, "Measure throughput, latency, trigger cost, search speed and "
-                          "memory on the embedded services; write the figures to bench/RESULTS.md.")
+                          "memory on the embedded services; write the figures to docs/results/RESULTS.md.")
     command.add_argument("--model", default="ViT-B-32", help="model to measure (default ViT-B-32 with random weights)")
     command.add_argument("--device", choices=["cpu", "cuda"], help="default: cpu unless IMGEMBED_DEVICE names cuda")
     command.add_argument("--smoke", action="store_true", help="tiny sizes, to check the benchmark runs")
-    command.add_argument("--figures", default=",".join(map(str, FIGURES)),
+    command.add_argument("--figures", default=None,
                          help="which figures to measure (default all): 1 raw model, 2 end to end, 3 latency, "
                               "4 triggers, 5 search, 6 memory (needs 2 or 3), 8 PyTorch against ONNX Runtime, 9 repeated "
                               "images embedded once; with "
@@ -96,7 +99,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     command.add_argument("--reduce", nargs="?", const="256,128,64", metavar="DIMS,...",
                          help="instead of the figures, reduced models (imgembed.reduce) of --model to these dimensions "
                               "(default 256,128,64): variance kept, recall@10 against the full model, search time, "
-                              "index size; written to bench/RESULTS-reduce.md")
+                              "index size; written to docs/results/RESULTS-reduce.md")
     command.add_argument("--rows", type=int, help="rows embedded for --reduce (default 3000: varied crops of --photos)")
-    command.add_argument("--out", help="where to write the results (default bench/RESULTS.md, docs/models.md with "
-                         "--models, bench/RESULTS-reduce.md with --reduce)")
+    command.add_argument("--out", help="where to write the results (default docs/results/RESULTS.md, docs/models.md with "
+                         "--models, docs/results/RESULTS-reduce.md with --reduce)")

@@ -16,10 +16,10 @@ import psycopg
 import pytest
 
 from imgembed.db import as_array
+from imgembed.images.decode import decode_image
 from imgembed.models.names import parse_model_spec
 from imgembed.settings import load_settings
 from imgembed.training.synthetic import random_shapes
-from imgembed.worker.decode import decode_image
 from imgembed.worker.embedding import load_model
 from imgembed.worker.int8_weights import int8_weight_bits
 from imgembed.worker.onnx_model import load_onnx_model

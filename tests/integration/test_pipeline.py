@@ -20,12 +20,12 @@ import pytest
 from PIL import Image
 
 from imgembed.db import as_array
+from imgembed.images.decode import decode_image
+from imgembed.images.image_error import Reason
 from imgembed.models.names import parse_model_spec
 from imgembed.settings import load_settings
 from imgembed.training.synthetic import random_shapes
-from imgembed.worker.decode import decode_image
 from imgembed.worker.embedding import load_model
-from imgembed.worker.image_error import Reason
 from tests.conftest import REPO, TEST_MODEL, TESTDATA, Services, storage_of, wait_for
 
 ODD_IMAGES = TESTDATA / "odd-images"
@@ -217,8 +217,8 @@ def test_worker_killed_mid_batch_loses_nothing(db: psycopg.Connection, services:
 
 def test_transparent_and_rotated_images_are_normalised(tmp_path: Path) -> None:
     """Decoder contract the pipeline relies on (no services): any mode in, RGB out."""
+    from imgembed.images.decode import decode_image
     from imgembed.settings import load_settings
-    from imgembed.worker.decode import decode_image
 
     buffer = io.BytesIO()
     Image.new("RGBA", (10, 20), (0, 0, 0, 0)).save(buffer, format="PNG")

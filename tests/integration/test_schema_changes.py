@@ -14,11 +14,11 @@ import psycopg
 import pytest
 
 from imgembed.db import as_array, connect
+from imgembed.images.decode import decode_image
 from imgembed.local.postgres import EmbeddedPostgres
 from imgembed.models.names import parse_model_spec
 from imgembed.settings import load_settings
 from imgembed.training.synthetic import random_shapes
-from imgembed.worker.decode import decode_image
 from imgembed.worker.embedding import LoadedModel, load_model
 from tests.conftest import REPO, TEST_MODEL, Services, wait_for
 

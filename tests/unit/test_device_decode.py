@@ -13,10 +13,10 @@ import torch
 from PIL import Image, ImageOps
 
 from imgembed import queue
+from imgembed.images.decode import decode_image
+from imgembed.images.image_error import ImageError
 from imgembed.settings import SettingsError, load_settings
-from imgembed.worker.decode import decode_image
 from imgembed.worker.device_decode import TensorPreprocess, apply_orientation, jpeg_orientation
-from imgembed.worker.image_error import ImageError
 from imgembed.worker.pipeline import _prepare_on_device, _read, preprocess_bytes
 from imgembed.worker.runtime import WorkerRuntime
 from tests.conftest import TESTDATA

