@@ -17,8 +17,18 @@ $(STAMP): pyproject.toml constraints-dev.txt
 
 install: $(STAMP)
 
+# mypy checks the package as it is installed: the folders mapped into it (pyproject.toml's
+# package-dir) are linked into one tree under build/typecheck first.
+TYPECHECK := build/typecheck
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/imgembed
+	$(BIN)/python -c "import pathlib, tomllib; root = pathlib.Path.cwd(); tree = pathlib.Path('$(TYPECHECK)');\
+	mapped = tomllib.loads((root / 'pyproject.toml').read_text())['tool']['setuptools']['package-dir'];\
+	[(tree / 'imgembed' / entry.name).symlink_to(entry) for entry in (root / 'imgembed').iterdir()];\
+	[(tree / package.replace('.', '/')).symlink_to(root / folder) for package, folder in mapped.items() if package != 'imgembed']"
+	cd $(TYPECHECK) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p imgembed
 
 # The tests wait on services more than they compute: two processes, each with its own embedded
 # PostgreSQL, halve the time on two cores. A file's tests run in one process (module fixtures).

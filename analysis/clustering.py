@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import psycopg
+from psycopg.types.json import Jsonb
 
 from imgembed.db import as_array
 
@@ -98,7 +99,7 @@ def run_clustering(connection: psycopg.Connection, run_id: int, seed: int = 0) -
         (run_id, len(clusters), None if np.isnan(result.quality) else result.quality, keys,
          [int(x) for x in result.labels], [None if np.isnan(d) else float(d) for d in distances], clusters,
          ["[" + ",".join(f"{x:.7g}" for x in result.centres[c]) + "]" for c in clusters], sizes, medoids,
-         psycopg.types.json.Jsonb(result.params)),
+         Jsonb(result.params)),
     )
     log.info("cluster run %s: %s clusters over %s rows, silhouette %.3f", run_id, len(clusters), len(keys), result.quality)
     return {"run_id": run_id, "status": "done", "k": len(clusters), "quality": result.quality}

@@ -118,7 +118,7 @@ def _thumbnails(rows: list[tuple[object, ...]], settings: Settings) -> list[obje
     thumbnails: list[object] = []
     for row in tqdm(rows, desc="thumbnails", unit="img"):
         try:
-            data = read_source(ImageSource(content=row[2], uri=row[3]), settings)  # type: ignore[arg-type]
+            data = read_source(ImageSource(content=row[2], uri=row[3]), settings)
             thumbnails.append(decode_image(data, settings, 64))
         except ImageError:
             thumbnails.append(None)

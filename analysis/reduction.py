@@ -37,7 +37,7 @@ def fit_reduction(vectors: np.ndarray, dims: int, seed: int = 0) -> Reduction:
     pca = PCA(n_components=dims, random_state=seed).fit(vectors)
     components = pca.components_[: dims - 1]
     left_out = pca.mean_ - components.T @ (components @ pca.mean_)
-    if np.linalg.norm(left_out) > 1e-6 * max(np.linalg.norm(pca.mean_), 1e-12):
+    if np.linalg.norm(left_out) > 1e-6 * max(float(np.linalg.norm(pca.mean_)), 1e-12):
         axes = np.vstack([components, left_out / np.linalg.norm(left_out)])
         kept = float(np.sum(pca.explained_variance_ratio_[: dims - 1]))
     else:

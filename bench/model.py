@@ -46,7 +46,7 @@ class RawModel:
         size = self.model.input_size
         pixels: object = np.random.default_rng(0).standard_normal((batch_size, 3, size, size), dtype=np.float32)
         if not isinstance(self.model, OnnxModel):
-            pixels = torch.from_numpy(pixels)  # type: ignore[arg-type]
+            pixels = torch.from_numpy(pixels)
         return images_per_s(self.model.embed_pixels, pixels, batch_size, images, seconds)
 
     def decode_images_per_s(self, photos: list[bytes], settings: Settings) -> float:

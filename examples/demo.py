@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import psycopg
+from PIL import Image
 
 from imgembed.analysis.drawing import draw_map
 from imgembed.analysis.maps import project_2d
@@ -115,7 +116,7 @@ def write_map(connection: psycopg.Connection, settings: Settings, model: str, ou
         f"SELECT i.content, i.uri, coalesce(i.label, i.metadata->>'truth'), e.embedding "  # noqa: S608 - catalog name
         f"FROM imgembed.image i JOIN {storage} e ON e.id = i.id ORDER BY i.id").fetchall()
     vectors = np.stack([as_array(row[3]) for row in rows])
-    thumbnails = []
+    thumbnails: list[Image.Image | None] = []
     for content, uri, _, _ in rows:
         try:
             thumbnails.append(decode_image(read_source(ImageSource(content=content, uri=uri), settings), settings, 64))

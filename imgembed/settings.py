@@ -257,7 +257,7 @@ class Settings:
 
 
 def _default(setting: Field[Any]) -> Any:
-    return setting.default_factory() if setting.default is MISSING else setting.default  # type: ignore[misc]
+    return setting.default_factory() if setting.default is MISSING else setting.default  # type: ignore[operator]
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:

@@ -62,7 +62,9 @@ def _finish_online(connection: Connection, migration_context: MigrationContext) 
 
 
 def run_online() -> None:
-    engine = create_engine(context.config.get_main_option("sqlalchemy.url"), poolclass=pool.NullPool)
+    url = context.config.get_main_option("sqlalchemy.url")
+    assert url is not None, "imgembed.migrate sets sqlalchemy.url"
+    engine = create_engine(url, poolclass=pool.NullPool)
     with engine.connect() as connection:
         with connection.begin():
             connection.exec_driver_sql("SET LOCAL search_path = pg_catalog, pg_temp")

@@ -59,7 +59,7 @@ def released_definitions(revision: str) -> list[tuple[str, str]]:
 def _write_archive(members: dict[str, str]) -> bytes:
     """The archive of these files, the same bytes for the same files (sorted, no times or owners)."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:xz", preset=9 | lzma.PRESET_EXTREME) as tar:
+    with tarfile.open(fileobj=buffer, mode="w:xz", preset=9 | lzma.PRESET_EXTREME) as tar:  # type: ignore[call-overload]
         for path in sorted(members):
             data = members[path].encode("utf-8")
             info = tarfile.TarInfo(path)

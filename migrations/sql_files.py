@@ -38,7 +38,9 @@ def run_script(context: MigrationContext, script: str) -> None:
         context.impl.static_output(script.rstrip() + "\n")
         return
     # Straight to psycopg without parameters, so '%' and ':' in the script stay untouched.
-    driver_connection = context.connection.connection.driver_connection  # type: ignore[union-attr]
+    assert context.connection is not None, "online migrations have a connection"
+    driver_connection = context.connection.connection.driver_connection
+    assert driver_connection is not None
     with driver_connection.cursor() as cursor:
         cursor.execute(script)
 

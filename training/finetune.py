@@ -168,7 +168,8 @@ def retrieval_recall(
 
 
 def _optimizer(model: torch.nn.Module, learning_rate: float) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue

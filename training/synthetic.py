@@ -52,7 +52,7 @@ def draw_shape(shape: str, colour: str, size: str, rng: random.Random, canvas: i
     """One shape on a light, slightly tinted background, with a little noise clutter."""
     grey = rng.randint(190, 255)
     tint = tuple(max(0, min(255, grey + rng.randint(-30, 30))) for _ in range(3))
-    image = Image.new("RGB", (canvas, canvas), tint)  # type: ignore[arg-type]
+    image = Image.new("RGB", (canvas, canvas), tint)
     draw = ImageDraw.Draw(image)
     for _ in range(rng.randint(0, 3)):  # faint grey specks: backgrounds are never perfectly flat
         x, y = rng.randint(0, canvas - 4), rng.randint(0, canvas - 4)

@@ -119,7 +119,7 @@ class ForwardBatcher(Generic[Item]):
         return np.concatenate([self._forward_splitting(items[:half]), self._forward_splitting(items[half:])])
 
 
-def tune_max_batch(run_batch: Callable[[int], None], ceiling: int, start: int = 16, min_gain: float = 0.05,
+def tune_max_batch(run_batch: Callable[[int], object], ceiling: int, start: int = 16, min_gain: float = 0.05,
                    clock: Callable[[], float] = time.perf_counter,
                    measured: dict[int, float | None] | None = None) -> int:
     """The batch size to use: doubled from ``start`` while each doubling still runs (no

@@ -119,7 +119,7 @@ class LoadedModel:
             return normalised
         # Mixed (device-decoded JPEGs beside Pillow's fallbacks): each picture back in its place.
         by_position = dict(zip(arrays, normalised))
-        return self._stack_tensors([by_position.get(index, image) for index, image in enumerate(images)])  # type: ignore[misc]
+        return self._stack_tensors([by_position.get(index, image) for index, image in enumerate(images)])
 
     @torch.inference_mode()
     def embed_images(self, images: Sequence[ModelInput]) -> np.ndarray:

@@ -28,7 +28,7 @@ class ImageSteps:
 
     @classmethod
     def from_dict(cls, raw: dict[str, object]) -> ImageSteps:
-        return cls(int(raw["size"]), str(raw["resize_mode"]), str(raw["interpolation"]),  # type: ignore[arg-type]
+        return cls(int(raw["size"]), str(raw["resize_mode"]), str(raw["interpolation"]),  # type: ignore[call-overload]
                    tuple(float(x) for x in raw["mean"]), tuple(float(x) for x in raw["std"]))  # type: ignore[arg-type, attr-defined]
 
     def resized(self, image: Image.Image) -> Image.Image:

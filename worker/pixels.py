@@ -54,7 +54,7 @@ class CutTransform:
         mean, std = tuple(float(x) for x in normalize.mean), tuple(float(x) for x in normalize.std)
         if len(mean) != 3 or len(std) != 3:
             return None
-        return cls(tuple(steps[:-2]), mean, std)  # type: ignore[arg-type]
+        return cls(tuple(steps[:-2]), mean, std)
 
     def to_array(self, image: Image.Image) -> np.ndarray | None:
         """The Pillow steps' result as a uint8 (H, W, 3) array; None when they did not leave an RGB

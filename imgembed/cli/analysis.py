@@ -67,7 +67,7 @@ def map_command(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_commands(commands: argparse._SubParsersAction) -> None:
     command = add_command(commands, "cluster", cluster, "Cluster a watched table's vectors (a worker runs scikit-learn).")
     command.add_argument("table")
     command.add_argument("--k", type=int, help="number of clusters (default: chosen by silhouette)")

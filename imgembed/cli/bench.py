@@ -79,7 +79,7 @@ def _reductions(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_commands(commands: argparse._SubParsersAction) -> None:
     command = add_command(commands, "bench", bench, "Measure throughput, latency, trigger cost, search speed and "
                           "memory on the embedded services; write the figures to docs/results/RESULTS.md.")
     command.add_argument("--model", default="ViT-B-32", help="model to measure (default ViT-B-32 with random weights)")

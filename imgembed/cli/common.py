@@ -18,7 +18,7 @@ class UsageError(ImgembedError, ValueError):
     """The command was given arguments it cannot use: said in one line, exit status 2."""
 
 
-def add_command(commands: argparse._SubParsersAction, name: str, handler: Handler,  # type: ignore[type-arg]
+def add_command(commands: argparse._SubParsersAction, name: str, handler: Handler,
                 help_text: str) -> argparse.ArgumentParser:
     """A subcommand whose --help says what it does and lists the environment it reads."""
     command = commands.add_parser(name, help=help_text, description=help_text, epilog=environment_help(),

@@ -92,7 +92,7 @@ def psql(settings: Settings, args: argparse.Namespace) -> int:
     return 0  # not reached: psql took this process's place
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_commands(commands: argparse._SubParsersAction) -> None:
     command = add_command(commands, "migrate", migrate, "Install or upgrade imgembed's schema in DATABASE_URL "
                           "(Alembic), and register IMGEMBED_MODEL.")
     command.add_argument("--revision", default="head", help="target revision (default: head)")

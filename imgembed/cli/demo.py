@@ -15,7 +15,7 @@ def demo(settings: Settings, args: argparse.Namespace) -> int:
     return run_demo(settings, photos_dir=args.photos, generated=args.generated, map_out=args.map)
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_commands(commands: argparse._SubParsersAction) -> None:
     command = add_command(commands, "demo", demo, "Start a local stack, insert generated images (and your photos), "
                           "wait for their embeddings, answer questions in SQL, draw a map.")
     command.add_argument("--photos", default=None, help="a folder of your own photos to add (LABELS.csv beside "

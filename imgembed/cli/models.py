@@ -139,7 +139,7 @@ def models(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_commands(commands: argparse._SubParsersAction) -> None:
     command = add_command(commands, "models", models, "List, add (backfill), switch, reduce and drop embedding models; "
                           "pull and import their weights for hosts without internet; export them to ONNX.")
     actions = command.add_subparsers(dest="models_command", required=True, metavar="ACTION")

@@ -88,7 +88,7 @@ def up(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_commands(commands: argparse._SubParsersAction) -> None:
     add_command(commands, "dispatch", dispatch,
                 "Run a dispatcher: LISTEN for new jobs, recover expired leases, send Celery tasks.")
     command = add_command(commands, "worker", worker, "Run a Celery worker that embeds images (GPU when available).")

@@ -40,7 +40,7 @@ def search(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_commands(commands: argparse._SubParsersAction) -> None:
     command = add_command(commands, "ingest", ingest,
                           "Insert image files into imgembed.image (as paths, or as bytes with --bytes).")
     command.add_argument("paths", nargs="+", help="image files or directories")

@@ -103,7 +103,7 @@ def finetune_command(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_commands(commands: argparse._SubParsersAction) -> None:
     command = add_command(commands, "finetune", finetune_command, "Fine-tune an OpenCLIP model on image+caption "
                           "pairs (contrastive loss), or train a small architecture from scratch; with "
                           "--self-supervised, tune its image tower on images alone (SimCLR).")

@@ -30,7 +30,8 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit greyscale: scale to 8 bits instead of clipping everything to white.
         image = image.convert("I")
-        low, high = image.getextrema()  # type: ignore[misc]
+        extrema = image.getextrema()  # one band: (low, high)
+        low, high = float(extrema[0]), float(extrema[1])  # type: ignore[arg-type]
         scale = 255.0 / max(1, high - low)
         image = image.point(lambda value: (value - low) * scale).convert("L")
     return image if image.mode == "RGB" else image.convert("RGB")
