@@ -11,12 +11,12 @@ import psycopg
 import torch
 
 from imgembed.settings import Settings
-from imgembed.worker.int8_weights import VNNI_FLAGS, read_cpu_info, x86_flags
+from imgembed.worker.onnx.int8_weights import VNNI_FLAGS, read_cpu_info, x86_flags
 
 
 def _vector_instructions(cpu_info: str) -> str:
     """The widest vector instructions the CPU has, and whether it has VNNI (int8 speed and agreement
-    depend on it: imgembed.worker.int8_weights)."""
+    depend on it: imgembed.worker.onnx.int8_weights)."""
     flags = x86_flags(cpu_info)
     if not flags:
         return ""

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import psycopg
 
+from imgembed.bench.end_to_end import insert_watched, wait_embedded
 from imgembed.bench.photos import tagged_copy
-from imgembed.bench.pipeline import insert_watched, wait_embedded
 from imgembed.bench.results import BenchSize, Results
 
 REPEATS_PER_IMAGE = 10  # 1,000 rows repeat 100 distinct images

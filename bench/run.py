@@ -12,20 +12,20 @@ from pathlib import Path
 
 import psycopg
 
+from imgembed.bench.end_to_end import (
+    end_to_end_figures,
+    insert_latency,
+    trigger_overhead,
+    wait_ready,
+)
 from imgembed.bench.machine import (
     database_description,
     device_settings,
     git_revision,
     machine_description,
 )
-from imgembed.bench.memory import GpuSampler, RssSampler, memory_mb
-from imgembed.bench.model import RawModel
-from imgembed.bench.pipeline import (
-    end_to_end_figures,
-    insert_latency,
-    trigger_overhead,
-    wait_ready,
-)
+from imgembed.bench.peak_memory import GpuSampler, RssSampler, memory_mb
+from imgembed.bench.raw_model import RawModel
 from imgembed.bench.repeats import repeated_images_figure
 from imgembed.bench.results import (
     FIGURES,
@@ -36,13 +36,13 @@ from imgembed.bench.results import (
     write_results,
 )
 from imgembed.bench.runtimes import runtime_figures
-from imgembed.bench.search import search_figures
+from imgembed.bench.search_speed import search_figures
 from imgembed.db import connect
 from imgembed.local.stack import Stack, local_stack
 from imgembed.models.names import parse_model_spec
 from imgembed.models.registry import register_model
 from imgembed.settings import Settings
-from imgembed.worker.onnx_model import OnnxModel
+from imgembed.worker.onnx.model import OnnxModel
 
 
 def _header(results: Results, settings: Settings, size: BenchSize, model: str, device: str,

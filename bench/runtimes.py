@@ -34,10 +34,10 @@ runtime, model_name, photo_dir = sys.argv[1:4]
 settings = load_settings()
 spec = parse_model_spec(model_name)
 if runtime == "onnx":
-    from imgembed.worker.onnx_model import load_onnx_model
+    from imgembed.worker.onnx.model import load_onnx_model
     model = load_onnx_model(spec, "image", settings)
 else:
-    from imgembed.worker.embedding import load_model
+    from imgembed.worker.pytorch.embedding import load_model
     model = load_model(spec, "cpu", tower="image", model_dir=settings.models_path)
 paths = sorted(Path(photo_dir).glob("*.JPEG"))
 for start in range(0, len(paths), 32):
@@ -87,8 +87,8 @@ def runtime_figures(results: Results, settings: Settings, size: BenchSize, model
 
     from imgembed.images.decode import decode_image
     from imgembed.models.names import parse_model_spec
-    from imgembed.worker.embedding import load_model
-    from imgembed.worker.onnx_model import load_onnx_model
+    from imgembed.worker.onnx.model import load_onnx_model
+    from imgembed.worker.pytorch.embedding import load_model
 
     spec = parse_model_spec(model)
     torch_model = load_model(spec, "cpu", tower="image", model_dir=settings.models_path)

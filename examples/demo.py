@@ -28,8 +28,8 @@ from imgembed.models.registry import register_model, wait_for_backfill
 from imgembed.report import format_table, status_report
 from imgembed.settings import DEFAULT_MODEL, Settings
 from imgembed.training.synthetic import random_shapes
-from imgembed.worker.embedding import load_model
 from imgembed.worker.model_errors import ModelLoadError
+from imgembed.worker.pytorch.embedding import load_model
 
 FALLBACK_MODEL = "imgembed-shapes"
 WAIT_LIMIT_SECONDS = 600

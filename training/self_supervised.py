@@ -26,7 +26,7 @@ from imgembed.images.sources import ImageSource, read_source
 from imgembed.models.names import ModelSpec, parse_model_spec
 from imgembed.settings import Settings
 from imgembed.training.finetune import TrainingDataError, save_checkpoint
-from imgembed.worker.embedding import LoadedModel, load_model
+from imgembed.worker.pytorch.embedding import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
-"""What runs a model's forward passes in a worker: PyTorch (imgembed.worker.embedding) or ONNX
-Runtime (imgembed.worker.onnx_model), chosen by IMGEMBED_RUNTIME, and the face both show the rest
+"""What runs a model's forward passes in a worker: PyTorch (imgembed.worker.pytorch.embedding) or ONNX
+Runtime (imgembed.worker.onnx.model), chosen by IMGEMBED_RUNTIME, and the face both show the rest
 of the worker. This module loads neither."""
 
 from __future__ import annotations

@@ -11,14 +11,14 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from imgembed.db import connect
-from imgembed.worker.runtime import WorkerRuntime
+from imgembed.worker.process_state import WorkerState
 
 log = logging.getLogger(__name__)
 
 BEAT_SECONDS = 5.0
 
 
-def start_heartbeat(runtime: WorkerRuntime, worker_name: str, database_url: str) -> threading.Event:
+def start_heartbeat(runtime: WorkerState, worker_name: str, database_url: str) -> threading.Event:
     """Beat from a daemon thread (own connection) until the returned event is set."""
     stop = threading.Event()
 

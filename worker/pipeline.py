@@ -21,8 +21,8 @@ from imgembed.worker.batcher import ForwardBatcher
 from imgembed.worker.content import group_by_content, hashed
 from imgembed.worker.engine import EmbeddingModel
 from imgembed.worker.model_errors import ModelUnavailable
-from imgembed.worker.pixels import ModelInput
-from imgembed.worker.runtime import WorkerRuntime
+from imgembed.worker.process_state import WorkerState
+from imgembed.worker.pytorch.pixels import ModelInput
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,11 @@ DEVICE_DECODE_CHUNK = 32  # full-size decoded photos on the device at once (a 12
 
 
 def _prepare_on_device(
-    runtime: WorkerRuntime, images: list[bytes], model: EmbeddingModel, tensor_preprocess: Any
+    runtime: WorkerState, images: list[bytes], model: EmbeddingModel, tensor_preprocess: Any
 ) -> list[ModelInput | ImageError]:
     """IMGEMBED_JPEG_DECODE=device: decode plain JPEGs on the model's device and preprocess them
     there; everything else goes through Pillow as usual."""
-    from imgembed.worker.device_decode import apply_orientation, decode_jpegs, jpeg_orientation
+    from imgembed.worker.pytorch.device_decode import apply_orientation, decode_jpegs, jpeg_orientation
 
     settings = runtime.settings
     orientations = list(runtime.decoders().map(lambda data: jpeg_orientation(data, settings), images))
@@ -137,7 +137,7 @@ def _embed(batcher: ForwardBatcher[Any], inputs: list[Any], job_groups: list[lis
     return (time.perf_counter() - started) * 1000
 
 
-def _prepare_images(runtime: WorkerRuntime, model: EmbeddingModel, images: list[bytes]) -> list[ModelInput | ImageError]:
+def _prepare_images(runtime: WorkerState, model: EmbeddingModel, images: list[bytes]) -> list[ModelInput | ImageError]:
     """Each image as the model takes it, or the reason it cannot be taken."""
     settings = runtime.settings
     if settings.jpeg_decode == "device" and model.tensor_preprocess is not None:
@@ -145,7 +145,7 @@ def _prepare_images(runtime: WorkerRuntime, model: EmbeddingModel, images: list[
     return list(runtime.decoders().map(lambda data: preprocess_bytes(data, model, settings), images))
 
 
-def _known_vectors(runtime: WorkerRuntime, model_name: str, hashes: list[bytes]) -> dict[bytes, np.ndarray]:
+def _known_vectors(runtime: WorkerState, model_name: str, hashes: list[bytes]) -> dict[bytes, np.ndarray]:
     """Vectors the model already made from these bytes; none if the database cannot say now (the
     images are then embedded again, which is only slower)."""
     try:
@@ -159,7 +159,7 @@ def _model_waits(results: ClaimResults, items: list[queue.ClaimedImage], error: 
     results.requeue([item.job_id for item in items], f"waiting: model unavailable: {error}", error.retry_in)
 
 
-def _embed_pictures(runtime: WorkerRuntime, model_name: str, pictures: list[queue.ClaimedImage],
+def _embed_pictures(runtime: WorkerState, model_name: str, pictures: list[queue.ClaimedImage],
                     results: ClaimResults) -> tuple[float, float]:
     """Read the pictures; give those whose bytes the model already embedded that vector; decode and
     embed each other distinct content once. Each bad one fails alone. Returns (decode ms, embed ms)."""
@@ -197,7 +197,7 @@ def _embed_pictures(runtime: WorkerRuntime, model_name: str, pictures: list[queu
     return decode_ms, embed_ms
 
 
-def _embed_texts(runtime: WorkerRuntime, model_name: str, texts: list[queue.ClaimedImage],
+def _embed_texts(runtime: WorkerState, model_name: str, texts: list[queue.ClaimedImage],
                  results: ClaimResults) -> float:
     """Embed the texts (search queries, label prompts). Returns the embed ms."""
     try:
@@ -209,7 +209,7 @@ def _embed_texts(runtime: WorkerRuntime, model_name: str, texts: list[queue.Clai
                   runtime.settings)
 
 
-def _write(runtime: WorkerRuntime, claim_id: UUID, results: ClaimResults) -> int:
+def _write(runtime: WorkerState, claim_id: UUID, results: ClaimResults) -> int:
     """Hand back what waits and write the rest in one transaction each. If the database goes away
     meanwhile, the work done is not thrown away: it is written once the database answers again,
     for as long as the claim's lease lasts (after that the jobs are handed out again anyway)."""
@@ -233,7 +233,7 @@ def _write(runtime: WorkerRuntime, claim_id: UUID, results: ClaimResults) -> int
             delay = min(delay * 2, 10.0)
 
 
-def run_claim(runtime: WorkerRuntime, claim_id: UUID, model_name: str) -> BatchOutcome:
+def run_claim(runtime: WorkerState, claim_id: UUID, model_name: str) -> BatchOutcome:
     settings = runtime.settings
     connection = runtime.connection()
     owned = queue.start_claim(connection, claim_id, settings.lease_seconds)

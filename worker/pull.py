@@ -9,7 +9,7 @@ from pathlib import Path
 from imgembed.models.names import ModelSpec, ModelSpecError
 from imgembed.models.store import StoredCheckpoint, add_checkpoint, entry_dir
 from imgembed.worker.model_errors import ModelLoadError
-from imgembed.worker.weights import hub_unreachable
+from imgembed.worker.pytorch.weights import hub_unreachable
 
 
 def pull(spec: ModelSpec, model_dir: Path) -> StoredCheckpoint:

@@ -10,15 +10,15 @@ from celery import Celery
 from imgembed.celery_app import TASK_CLUSTER, TASK_EMBED_BATCH, TASK_REDUCE
 from imgembed.settings import load_settings
 from imgembed.worker.pipeline import run_claim
-from imgembed.worker.runtime import WorkerRuntime
+from imgembed.worker.process_state import WorkerState
 
-_runtime: WorkerRuntime | None = None
+_runtime: WorkerState | None = None
 
 
-def runtime() -> WorkerRuntime:
+def runtime() -> WorkerState:
     global _runtime
     if _runtime is None:
-        _runtime = WorkerRuntime(load_settings())
+        _runtime = WorkerState(load_settings())
     return _runtime
 
 

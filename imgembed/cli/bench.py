@@ -48,7 +48,7 @@ def bench(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _model_table(args: argparse.Namespace) -> int:
-    from imgembed.bench.models import DEFAULT_MODELS, model_table
+    from imgembed.bench.model_table import DEFAULT_MODELS, model_table
     from imgembed.bench.results import SMOKE, BenchSize
     from imgembed.models.names import ModelSpecError, embedding_dimension, parse_model_spec
 
@@ -64,7 +64,7 @@ def _model_table(args: argparse.Namespace) -> int:
 
 def _reductions(settings: Settings, args: argparse.Namespace) -> int:
     from imgembed.bench.photos import photo_files
-    from imgembed.bench.reduction import reduction_figures
+    from imgembed.bench.reduction_figures import reduction_figures
 
     try:
         dims = tuple(int(part) for part in args.reduce.split(","))

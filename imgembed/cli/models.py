@@ -86,7 +86,7 @@ def _import(settings: Settings, args: argparse.Namespace) -> None:
 
 def _export(settings: Settings, args: argparse.Namespace) -> None:
     """Export a model's towers to ONNX into the model directory, as a CPU worker would on first use."""
-    from imgembed.worker.onnx_cache import OnnxUnsupported, exported_tower
+    from imgembed.worker.onnx.cache import OnnxUnsupported, exported_tower
 
     spec = parse_model_spec(args.name)
     quantize = "int8" if args.int8 else settings.onnx_quantize
@@ -104,7 +104,7 @@ def _export(settings: Settings, args: argparse.Namespace) -> None:
 
 def _prune_exports(settings: Settings, args: argparse.Namespace) -> None:
     """Remove the ONNX exports no current model, checkpoint and export format maps to."""
-    from imgembed.worker.onnx_prune import remove_export, stale_exports
+    from imgembed.worker.onnx.prune import remove_export, stale_exports
 
     stale = stale_exports(settings.models_path)
     if not stale:

@@ -44,7 +44,7 @@ def worker(settings: Settings, args: argparse.Namespace) -> int:
 def _say_if_the_model_cannot_load(settings: Settings) -> None:
     """Before anything starts: one line when the configured model's weights cannot be had here."""
     from imgembed.models.names import parse_model_spec
-    from imgembed.worker.weights import weights_problem
+    from imgembed.worker.pytorch.weights import weights_problem
 
     problem = weights_problem(parse_model_spec(settings.model), settings.models_path)
     if problem:

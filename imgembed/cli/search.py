@@ -20,7 +20,7 @@ def ingest(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def search(settings: Settings, args: argparse.Namespace) -> int:
-    from imgembed import search as searching
+    from imgembed import searching
     from imgembed.db import connect
     from imgembed.report import format_table
 

@@ -143,7 +143,7 @@ def _timm_dimension(spec: ModelSpec) -> int:
         raise ModelSpecError(
             f"unknown timm architecture {spec.timm_architecture!r}: imgembed knows the output dimension of "
             f"{len(known)} of timm's ({', '.join(TIMM_FAMILIES)}); others after `python -m "
-            "imgembed.worker.timm_model` on a host with timm")
+            "imgembed.worker.pytorch.timm_model` on a host with timm")
     return int(known[spec.timm_architecture])
 
 

@@ -14,9 +14,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import psycopg
 import pytest
 
+from imgembed.db import as_array
 from imgembed.local.postgres import EmbeddedPostgres
 from imgembed.training.synthetic import random_shapes
 from tests.conftest import REPO, wait_for
@@ -144,7 +146,19 @@ def test_a_dba_deployment_with_tenants(deployment: Deployment, redis_url: str) -
             # Every other question answers from alice's rows alone.
             pairs = alice.execute("SELECT a, b FROM imgembed.near_duplicates('products', max_distance => 2)").fetchall()
             assert pairs and {int(key) for pair in pairs for key in pair} <= alice_keys
-            assert alice.execute("SELECT count(*) FROM imgembed.knn_label('products', 4::bigint)").fetchone()[0] >= 1
+            # Row 4's label from its 5 nearest labelled neighbours among alice's rows, and no one else's
+            # (computed here from the vectors and labels alice reads).
+            storage = alice.execute("SELECT imgembed.storage_table('products')").fetchone()[0]
+            vectors = {int(key): as_array(vector) for key, vector in alice.execute(f"SELECT id, embedding::real[] FROM {storage}")}
+            labels = dict(alice.execute("SELECT id, colour FROM products WHERE colour IS NOT NULL AND id <> 4").fetchall())
+            assert set(vectors) == alice_keys and set(labels) <= alice_keys
+            nearest = sorted(labels, key=lambda key: (1 - float(vectors[key] @ vectors[4])
+                                                      / float(np.linalg.norm(vectors[key]) * np.linalg.norm(vectors[4])),
+                                                      key))[:5]
+            expected_votes = Counter(labels[key] for key in nearest)
+            voted = {label: votes for label, votes, _ in alice.execute(
+                "SELECT * FROM imgembed.knn_label('products', 4::bigint, exact => true)").fetchall()}
+            assert voted == dict(expected_votes)
             assert _keys(alice, "SELECT key FROM imgembed.predicted_labels WHERE table_name = 'public.products'"
                          ) == {key for key in alice_keys if key % 4 == 2}
             assert alice.execute("SELECT count(*) FROM imgembed.zero_shot('products', 4::bigint)").fetchone()[0] == 2

@@ -22,7 +22,7 @@ from imgembed.local.service import port_is_open
 from imgembed.models.names import parse_model_spec
 from imgembed.settings import load_settings
 from imgembed.training.synthetic import random_shapes
-from imgembed.worker.embedding import load_model
+from imgembed.worker.pytorch.embedding import load_model
 from tests.conftest import TEST_MODEL, Services, wait_for
 
 WRITERS = 4

@@ -40,7 +40,8 @@ def photos(db: psycopg.Connection, services: Services, tmp_path: Path) -> psycop
     return db
 
 
-def test_a_resized_reencoded_copy_finds_its_row_first(photos: psycopg.Connection, tmp_path: Path) -> None:
+def test_a_resized_reencoded_copy_finds_its_row_first(photos: psycopg.Connection, services: Services,
+                                                       tmp_path: Path) -> None:
     db = photos
     for number in (0, 5, 11, 17, 23):
         query = _reencoded(PHOTOS[number])
@@ -70,10 +71,16 @@ def test_a_resized_reencoded_copy_finds_its_row_first(photos: psycopg.Connection
                       (query, first[1])).fetchall()
     assert near == [(first[0],)]
 
-    # The very bytes of a row: the workers reuse that row's vector (distance 0) instead of embedding.
+    # The very bytes of a row: the workers reuse that row's vector (distance 0) instead of embedding:
+    # the batch that wrote it reused one vector and put no image through the model.
+    worker_log = next(process.log_path for process in services.processes if "worker" in process.log_path.name)
+    logged = worker_log.read_text().count("\n")
     exact = db.execute("SELECT id, distance FROM imgembed.search_image('photos', %s, 1, timeout_seconds => 60)",
                        (PHOTOS[7].read_bytes(),)).fetchone()
     assert exact[0] == "7" and exact[1] == pytest.approx(0, abs=1e-6)
+    batches = wait_for(lambda: [line for line in worker_log.read_text().splitlines()[logged:] if " batch claim=" in line],
+                       60, "the batch's log line")  # written just after the batch commits
+    assert len(batches) == 1 and "jobs=1 written=1" in batches[0] and "reused=1 images=0" in batches[0], batches
 
     # By location: a file the workers read, under the same rules as watched columns.
     copy = tmp_path / "uploads" / "upload.jpg"

@@ -171,7 +171,7 @@ def test_a_checkpoint_changed_since_registration_fails_its_jobs_with_the_reason(
     import torch
 
     from imgembed.models.names import parse_model_spec
-    from imgembed.worker.embedding import load_model
+    from imgembed.worker.pytorch.embedding import load_model
 
     state = load_model(parse_model_spec("imgembed-tiny"), "cpu").model.state_dict()
     checkpoint = tmp_path / "tiny.pt"

@@ -20,9 +20,9 @@ from imgembed.images.decode import decode_image
 from imgembed.models.names import parse_model_spec
 from imgembed.settings import load_settings
 from imgembed.training.synthetic import random_shapes
-from imgembed.worker.embedding import load_model
-from imgembed.worker.int8_weights import int8_weight_bits
-from imgembed.worker.onnx_model import load_onnx_model
+from imgembed.worker.onnx.int8_weights import int8_weight_bits
+from imgembed.worker.onnx.model import load_onnx_model
+from imgembed.worker.pytorch.embedding import load_model
 from tests.conftest import REPO, TESTDATA, Services, wait_for
 
 PHOTOS = sorted((TESTDATA / "photos").glob("*.JPEG"))[:24]
@@ -154,7 +154,7 @@ LOAD_TOWER = (
     "logging.basicConfig(level=logging.INFO)\n"
     "from imgembed.models.names import parse_model_spec\n"
     "from imgembed.settings import load_settings\n"
-    "from imgembed.worker.onnx_model import load_onnx_model\n"
+    "from imgembed.worker.onnx.model import load_onnx_model\n"
     "model = load_onnx_model(parse_model_spec('imgembed-shapes'), 'text', load_settings())\n"
     "print(json.dumps(model.embed_texts(['a red circle']).tolist()))\n")
 

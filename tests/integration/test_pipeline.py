@@ -25,7 +25,7 @@ from imgembed.images.image_error import Reason
 from imgembed.models.names import parse_model_spec
 from imgembed.settings import load_settings
 from imgembed.training.synthetic import random_shapes
-from imgembed.worker.embedding import load_model
+from imgembed.worker.pytorch.embedding import load_model
 from tests.conftest import REPO, TEST_MODEL, TESTDATA, Services, storage_of, wait_for
 
 ODD_IMAGES = TESTDATA / "odd-images"

@@ -19,7 +19,7 @@ from imgembed.local.postgres import EmbeddedPostgres
 from imgembed.models.names import parse_model_spec
 from imgembed.settings import load_settings
 from imgembed.training.synthetic import random_shapes
-from imgembed.worker.embedding import LoadedModel, load_model
+from imgembed.worker.pytorch.embedding import LoadedModel, load_model
 from tests.conftest import REPO, TEST_MODEL, Services, wait_for
 
 IMAGES = [shape.png_bytes() for shape in random_shapes(12, seed=21)]

@@ -11,7 +11,7 @@ import torch
 
 from imgembed.models.names import parse_model_spec
 from imgembed.worker.batcher import ForwardBatcher, tune_max_batch
-from imgembed.worker.embedding import load_model
+from imgembed.worker.pytorch.embedding import load_model
 
 
 def test_each_request_gets_its_own_vectors_in_order() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import open_clip
 import pytest
 
-from imgembed.worker.clip_tokenizer import MERGES_FILE, ClipTokenizer
+from imgembed.worker.onnx.clip_tokenizer import MERGES_FILE, ClipTokenizer
 
 TEXTS = ["a photo of a dog", "Two   RED squares!!", "naïve café ünïcødé ✓ 日本語", "it's 3.14 o'clock &amp; more",
          "<start_of_text> hi <end_of_text>", "x" * 300, "", "emoji 🐶🐱 tabs\tand\nnewlines", "don't you'll I'd we've",

@@ -16,15 +16,15 @@ from imgembed import queue
 from imgembed.images.decode import decode_image
 from imgembed.images.image_error import ImageError
 from imgembed.settings import SettingsError, load_settings
-from imgembed.worker.device_decode import TensorPreprocess, apply_orientation, jpeg_orientation
 from imgembed.worker.pipeline import _prepare_on_device, _read, preprocess_bytes
-from imgembed.worker.runtime import WorkerRuntime
+from imgembed.worker.process_state import WorkerState
+from imgembed.worker.pytorch.device_decode import TensorPreprocess, apply_orientation, jpeg_orientation
 from tests.conftest import TESTDATA
 
 
 @pytest.fixture(scope="module")
-def runtime() -> WorkerRuntime:
-    return WorkerRuntime(load_settings({"IMGEMBED_JPEG_DECODE": "device", "IMGEMBED_RUNTIME": "torch"}))  # a GPU path
+def runtime() -> WorkerState:
+    return WorkerState(load_settings({"IMGEMBED_JPEG_DECODE": "device", "IMGEMBED_RUNTIME": "torch"}))  # a GPU path
 
 
 def claimed(paths: list[Path]) -> list[queue.ClaimedImage]:
@@ -43,7 +43,7 @@ def test_orientation_matches_pillow(orientation: int) -> None:
     np.testing.assert_array_equal(got, expected)
 
 
-def test_photos_match_pillow_full_decode_and_open_clip_transform(runtime: WorkerRuntime) -> None:
+def test_photos_match_pillow_full_decode_and_open_clip_transform(runtime: WorkerState) -> None:
     model = runtime.model("imgembed-tiny", "image")
     transform = TensorPreprocess.from_open_clip(model.preprocess)
     assert transform is not None and transform.size == model.input_size
@@ -56,7 +56,7 @@ def test_photos_match_pillow_full_decode_and_open_clip_transform(runtime: Worker
         assert float((pixels - reference).abs().mean()) < 1e-3, path.name
 
 
-def test_every_odd_file_succeeds_or_fails_as_through_pillow(runtime: WorkerRuntime) -> None:
+def test_every_odd_file_succeeds_or_fails_as_through_pillow(runtime: WorkerState) -> None:
     model = runtime.model("imgembed-tiny", "image")
     transform = TensorPreprocess.from_open_clip(model.preprocess)
     assert transform is not None

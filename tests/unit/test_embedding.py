@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from imgembed.models.names import parse_model_spec
-from imgembed.worker.embedding import load_model
 from imgembed.worker.model_errors import ModelLoadError
+from imgembed.worker.pytorch.embedding import load_model
 from tests.conftest import TESTDATA
 
 
@@ -105,7 +105,7 @@ def test_cut_transform_gives_open_clips_pixels_to_the_bit(tiny) -> None:
 def test_a_transform_of_another_shape_runs_whole(tiny) -> None:
     from torchvision import transforms
 
-    from imgembed.worker.pixels import CutTransform
+    from imgembed.worker.pytorch.pixels import CutTransform
 
     assert CutTransform.from_open_clip(transforms.Compose([transforms.ToTensor()])) is None
     assert CutTransform.from_open_clip(lambda image: image) is None

@@ -1,10 +1,10 @@
-"""Which int8 weights a CPU runs (imgembed.worker.int8_weights)."""
+"""Which int8 weights a CPU runs (imgembed.worker.onnx.int8_weights)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from imgembed.worker.int8_weights import int8_weight_bits
+from imgembed.worker.onnx.int8_weights import int8_weight_bits
 
 X86 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma {extra}\nbogomips\t: 4890\n"
 ARM = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics asimddp\n"

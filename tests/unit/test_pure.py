@@ -218,9 +218,9 @@ def test_numpy_vector_dumper_matches_pgvector_binary_format() -> None:
 
 
 def test_freed_memory_goes_back_at_most_once_a_second() -> None:
-    from imgembed.worker.runtime import TRIM_EVERY_SECONDS, WorkerRuntime
+    from imgembed.worker.process_state import TRIM_EVERY_SECONDS, WorkerState
 
-    runtime = WorkerRuntime(load_settings({}))
+    runtime = WorkerState(load_settings({}))
     runtime.return_freed_memory()
     first = runtime._last_trim
     assert first > 0

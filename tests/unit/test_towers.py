@@ -1,4 +1,4 @@
-"""Workers build only the tower a job needs (imgembed.worker.towers): the image tower for pictures, the text
+"""Workers build only the tower a job needs (imgembed.worker.pytorch.towers): the image tower for pictures, the text
 tower for text queries. Weights, transform and vectors must be exactly those of OpenCLIP's full
 loader, for seeded random weights and for every checkpoint layout; what it cannot read goes to
 OpenCLIP's loader. No services."""
@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from imgembed.models.names import parse_model_spec
-from imgembed.worker.embedding import LoadedModel, load_model
 from imgembed.worker.model_errors import ModelLoadError
-from imgembed.worker.towers import _all_real, build_image_tower, build_text_tower, read_weights
+from imgembed.worker.pytorch.embedding import LoadedModel, load_model
+from imgembed.worker.pytorch.towers import _all_real, build_image_tower, build_text_tower, read_weights
 
 PICTURES = [Image.new("RGB", (80, 60), colour) for colour in ("red", "navy", "olive")]
 TEXTS = ["a red square", "a navy circle", "an olive triangle"]

@@ -2,7 +2,7 @@
 Runtime: resize (shortest side to the input size, or both sides), centre crop, RGB, then scale to
 0-1 and normalise with the transform's own float32 arithmetic. The exporter checks, on pictures of
 several shapes, that these steps give the transform's pixels exactly before it writes a model
-(imgembed.worker.onnx_export); a transform of another shape is not exported."""
+(imgembed.worker.onnx.export); a transform of another shape is not exported."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from imgembed.settings import Settings
-from imgembed.worker.pixels import CutTransform
+from imgembed.worker.pytorch.pixels import CutTransform
 
 EXIF_ORIENTATION = 0x0112
 JPEG_MAGIC = b"\xff\xd8\xff"

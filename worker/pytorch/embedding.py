@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 
 from imgembed.models.names import RANDOM_INIT_SEED, ModelSpec, bundled_config_dir
-from imgembed.worker.device_decode import TensorPreprocess
 from imgembed.worker.memory import return_freed_memory
 from imgembed.worker.model_errors import ModelLoadError
-from imgembed.worker.pixels import CutTransform, ModelInput
-from imgembed.worker.towers import TEXT_ONLY_PARTS, build_image_tower, build_text_tower, drop_parts
-from imgembed.worker.weights import resolve_weights
+from imgembed.worker.pytorch.device_decode import TensorPreprocess
+from imgembed.worker.pytorch.pixels import CutTransform, ModelInput
+from imgembed.worker.pytorch.towers import TEXT_ONLY_PARTS, build_image_tower, build_text_tower, drop_parts
+from imgembed.worker.pytorch.weights import resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class LoadedModel:
         return torch.autocast("cuda", dtype=dtype)
 
     def prepare(self, image: Image.Image) -> ModelInput:
-        """A decoded picture as the model takes it (see imgembed.worker.pixels): for a GPU a uint8 array
+        """A decoded picture as the model takes it (see imgembed.worker.pytorch.pixels): for a GPU a uint8 array
         when the transform is cut (its batch is normalised on the device), else a float tensor."""
         array = self.cut.to_array(image) if self.cut is not None else None
         if array is None:
@@ -155,7 +155,7 @@ def _keep_tower(model: Any, tower: Tower) -> None:
 
 def _build_model(spec: ModelSpec, pretrained: str | None, tower: Tower) -> tuple[Any, Any]:
     """The model and its evaluation transform. The tower asked for is built alone where it can be
-    (see imgembed.worker.towers); otherwise OpenCLIP builds the whole model, seeded on a forked RNG (the
+    (see imgembed.worker.pytorch.towers); otherwise OpenCLIP builds the whole model, seeded on a forked RNG (the
     same random weights in every process, global state untouched), and load_model drops what the
     tower asked for does not use."""
     import open_clip

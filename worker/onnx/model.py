@@ -1,5 +1,5 @@
 """One tower of a model run by ONNX Runtime on the CPU, with the same face as the PyTorch model
-(imgembed.worker.embedding.LoadedModel) where the worker uses it: ``prepare`` a decoded picture,
+(imgembed.worker.pytorch.embedding.LoadedModel) where the worker uses it: ``prepare`` a decoded picture,
 ``embed_images``, ``embed_pixels``, ``embed_texts``. Nothing here loads PyTorch."""
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from PIL import Image
 
 from imgembed.models.names import ModelSpec
 from imgembed.settings import Settings
-from imgembed.worker.clip_tokenizer import MERGES_FILE, ClipTokenizer
-from imgembed.worker.int8_weights import int8_weight_bits
-from imgembed.worker.onnx_cache import exported_tower
-from imgembed.worker.onnx_pixels import ImageSteps
+from imgembed.worker.onnx.cache import exported_tower
+from imgembed.worker.onnx.clip_tokenizer import MERGES_FILE, ClipTokenizer
+from imgembed.worker.onnx.int8_weights import int8_weight_bits
+from imgembed.worker.onnx.pixels import ImageSteps
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class OnnxModel:
     input_size: int
     image_steps: ImageSteps | None = None
     tokenizer: ClipTokenizer | None = None
-    int8_bits: int | None = None  # the weights' bits when quantised (imgembed.worker.int8_weights), else None
+    int8_bits: int | None = None  # the weights' bits when quantised (imgembed.worker.onnx.int8_weights), else None
     device: OnnxDevice = field(default_factory=OnnxDevice)
     cut: None = None  # the PyTorch model's transform cut, for GPUs: none here
     tensor_preprocess: None = None  # decoding on a GPU: not on this path
@@ -96,7 +96,7 @@ def _session(path: Path) -> Any:
 
 def load_onnx_model(spec: ModelSpec, tower: str, settings: Settings, int8_bits: int | None = None) -> OnnxModel:
     """The tower exported to ONNX (exported first if this is the first time; see
-    imgembed.worker.onnx_cache) in an ONNX Runtime session on the CPU. With
+    imgembed.worker.onnx.cache) in an ONNX Runtime session on the CPU. With
     IMGEMBED_ONNX_QUANTIZE=int8, the int8 weights this CPU suits, or those of ``int8_bits``."""
     folder, manifest = exported_tower(spec, tower, settings.models_path, settings.onnx_quantize)
     bits = (int8_bits or int8_weight_bits()) if settings.onnx_quantize == "int8" else None

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 from PIL import Image
 
-from imgembed.worker.onnx_pixels import normalise_array
+from imgembed.worker.onnx.pixels import normalise_array
 
 if TYPE_CHECKING:
     import torch

@@ -40,11 +40,11 @@ def measure(name: str, seconds: float, images: int) -> dict[str, object]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from imgembed.bench.memory import memory_mb
+    from imgembed.bench.peak_memory import memory_mb
     from imgembed.bench.timing import images_per_s
     from imgembed.models.names import parse_model_spec
-    from imgembed.worker.embedding import load_model
-    from imgembed.worker.timm_model import load_timm_model
+    from imgembed.worker.pytorch.embedding import load_model
+    from imgembed.worker.pytorch.timm_model import load_timm_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     spec = parse_model_spec(_random_weights(name))
@@ -62,7 +62,7 @@ def measure(name: str, seconds: float, images: int) -> dict[str, object]:
 
 
 def _measure_elsewhere(name: str, size: BenchSize) -> dict[str, object]:
-    result = subprocess.run([sys.executable, "-m", "imgembed.bench.models", "--measure", name,
+    result = subprocess.run([sys.executable, "-m", "imgembed.bench.model_table", "--measure", name,
                              "--seconds", str(size.raw_seconds), "--images", str(min(size.raw_images, 2 * BATCH))],
                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if result.returncode != 0:
@@ -100,7 +100,7 @@ def model_table(models: Sequence[str], size: BenchSize, out: Path) -> list[dict[
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m imgembed.bench.models",
+    parser = argparse.ArgumentParser(prog="python -m imgembed.bench.model_table",
                                      description="Measure one model's image tower (a row of the model table).")
     parser.add_argument("--measure", required=True, help="model name")
     parser.add_argument("--seconds", type=float, default=BenchSize().raw_seconds)

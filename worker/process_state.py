@@ -50,7 +50,7 @@ class Outage:
 
 
 @dataclass
-class WorkerRuntime:
+class WorkerState:
     """What a worker process keeps between tasks: its settings, a database connection per task
     thread, the models it has loaded and the decode threads. Built lazily on the first task.
 
@@ -124,12 +124,12 @@ class WorkerRuntime:
         """The tower on ONNX Runtime (IMGEMBED_RUNTIME, see imgembed.worker.engine) or PyTorch; timm's
         image-only models on PyTorch."""
         if spec.is_timm:
-            from imgembed.worker.timm_model import load_timm_model
+            from imgembed.worker.pytorch.timm_model import load_timm_model
 
             return load_timm_model(spec, self.settings.device, tower)
         if use_onnx(self.settings):
-            from imgembed.worker.onnx_cache import ExportFailed, OnnxUnsupported
-            from imgembed.worker.onnx_model import load_onnx_model
+            from imgembed.worker.onnx.cache import ExportFailed, OnnxUnsupported
+            from imgembed.worker.onnx.model import load_onnx_model
 
             try:
                 return load_onnx_model(spec, tower, self.settings)
@@ -142,7 +142,7 @@ class WorkerRuntime:
                 if self.settings.runtime == "onnx":
                     raise
                 log.warning("model %s: %s; its %s tower runs on PyTorch instead", spec.name, error, tower)
-        from imgembed.worker.embedding import load_model
+        from imgembed.worker.pytorch.embedding import load_model
 
         return load_model(spec, self.settings.device, tower=tower, model_dir=self.settings.models_path)
 

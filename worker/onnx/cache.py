@@ -4,7 +4,7 @@ The model directory keeps them in ``onnx/<model>/<weights>/``: ``<weights>`` is 
 the vectors depend on (the checkpoint's sha256, or for seeded random weights the seed and the
 OpenCLIP version that draws them), so another checkpoint under the same model name is exported
 anew, never mixed up. The first worker that needs a tower exports it, in a process of its own (it
-needs PyTorch: imgembed.worker.onnx_export), holding a lock on the folder; workers starting at the
+needs PyTorch: imgembed.worker.onnx.export), holding a lock on the folder; workers starting at the
 same moment wait for that lock and then read what it wrote. Files are renamed into place whole.
 """
 
@@ -22,9 +22,9 @@ from pathlib import Path
 
 from imgembed.models.names import RANDOM_INIT_SEED, ModelSpec, file_sha256
 from imgembed.models.store import stored_checkpoint
-from imgembed.worker.int8_weights import WEIGHT_BITS
 from imgembed.worker.model_errors import ModelLoadError
-from imgembed.worker.weights import require_checkpoint_file
+from imgembed.worker.onnx.int8_weights import WEIGHT_BITS
+from imgembed.worker.pytorch.weights import require_checkpoint_file
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def _manifest(folder: Path, tower: str, quantize: str) -> dict | None:
 
 
 def _run_exporter(spec: ModelSpec, tower: str, folder: Path, quantize: str, model_dir: Path) -> dict:
-    command = [sys.executable, "-m", "imgembed.worker.onnx_export", spec.name, tower, str(folder),
+    command = [sys.executable, "-m", "imgembed.worker.onnx.export", spec.name, tower, str(folder),
                "--model-dir", str(model_dir)]
     if quantize == "int8":
         command += ["--quantize", "int8"]

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import psycopg
 
-from imgembed.bench.model import RawModel
 from imgembed.bench.photos import tagged_copy, tagged_files
+from imgembed.bench.raw_model import RawModel
 from imgembed.bench.results import BenchSize, Results
 from imgembed.db import NOTIFY_CHANNEL, connect
 from imgembed.local.stack import Stack

@@ -13,11 +13,11 @@ from imgembed.bench.timing import images_per_s
 from imgembed.images.image_error import ImageError
 from imgembed.models.names import parse_model_spec
 from imgembed.settings import Settings
-from imgembed.worker.embedding import load_model
 from imgembed.worker.engine import EmbeddingModel, use_onnx
-from imgembed.worker.onnx_model import OnnxModel, load_onnx_model
+from imgembed.worker.onnx.model import OnnxModel, load_onnx_model
 from imgembed.worker.pipeline import preprocess_bytes
-from imgembed.worker.runtime import forward_batch_size
+from imgembed.worker.process_state import forward_batch_size
+from imgembed.worker.pytorch.embedding import load_model
 
 
 class RawModel:

@@ -1,7 +1,7 @@
 """ONNX exports that no worker of this version would load again: `imgembed models prune-exports`.
 
 A model's exports live in a folder named after what its vectors depend on and the export format
-(imgembed.worker.onnx_cache.export_dir). A newer export format, a new checkpoint under the same
+(imgembed.worker.onnx.cache.export_dir). A newer export format, a new checkpoint under the same
 name, or a new OpenCLIP version drawing random weights each start a new folder and leave the old
 one behind. A folder is stale when the folder its manifest's model maps to now is another one.
 Folders without a readable manifest (an export under way, or one that failed) are left alone, and
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgembed.models.names import ModelSpecError, parse_model_spec
-from imgembed.worker.onnx_cache import export_dir
+from imgembed.worker.onnx.cache import export_dir
 
 
 @dataclass(frozen=True)

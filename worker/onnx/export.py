@@ -1,5 +1,5 @@
 """Exporting one tower of an OpenCLIP model to ONNX, in a process of its own: the export needs
-PyTorch, which a worker on the ONNX path never loads (imgembed.worker.onnx_cache starts it).
+PyTorch, which a worker on the ONNX path never loads (imgembed.worker.onnx.cache starts it).
 
 The model is loaded exactly as a PyTorch worker loads it (its configuration, tag, checkpoint or
 seeded random weights), traced with a batch dimension left free, and checked before it is kept:
@@ -8,9 +8,9 @@ torch-free preprocessing must give the transform's pixels exactly, and the torch
 the tokenizer's ids. Each file is written under a temporary name and renamed into place.
 
 With ``--quantize int8`` it also writes the tower with int8 weights twice, in 8 and in 7 bits
-(imgembed.worker.int8_weights says which a CPU runs).
+(imgembed.worker.onnx.int8_weights says which a CPU runs).
 
-    python -m imgembed.worker.onnx_export MODEL {image,text} OUT_DIR [--quantize int8] [--model-dir DIR]
+    python -m imgembed.worker.onnx.export MODEL {image,text} OUT_DIR [--quantize int8] [--model-dir DIR]
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from imgembed.worker.clip_tokenizer import MERGES_FILE, ClipTokenizer
-from imgembed.worker.int8_weights import WEIGHT_BITS
 from imgembed.worker.model_errors import ModelLoadError
-from imgembed.worker.onnx_pixels import ImageSteps
+from imgembed.worker.onnx.clip_tokenizer import MERGES_FILE, ClipTokenizer
+from imgembed.worker.onnx.int8_weights import WEIGHT_BITS
+from imgembed.worker.onnx.pixels import ImageSteps
 
 AGREEMENT = 0.9999  # least cosine between a tower's ONNX and PyTorch vectors
 INT8_NAMES = {8: "int8", 7: "int8-7bit"}  # weight bits -> the quantised file's middle name
@@ -134,7 +134,7 @@ def _save_with_external_weights(traced: Path, out_dir: Path, name: str) -> Path:
 def _quantized(fp32: Path, out_dir: Path, name: str, bits: int, feed: dict[str, np.ndarray],
                expected: np.ndarray) -> dict[str, Any]:
     """Dynamic int8 quantisation of the matrix products' weights, one scale per output channel, in
-    ``bits`` bits (7: for x86 CPUs without VNNI, see imgembed.worker.int8_weights). The patch
+    ``bits`` bits (7: for x86 CPUs without VNNI, see imgembed.worker.onnx.int8_weights). The patch
     convolution stays float32: ONNX Runtime's integer convolution is slow (ViT-B-32 on 2 cores: 45
     images/s with it quantised too, 54 without), and it is 3% of the work."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -150,7 +150,7 @@ def export_tower(model_name: str, tower: str, out_dir: Path, quantize: str | Non
     import torch
 
     from imgembed.models.names import parse_model_spec
-    from imgembed.worker.embedding import load_model
+    from imgembed.worker.pytorch.embedding import load_model
 
     model = load_model(parse_model_spec(model_name), "cpu", tower=tower, model_dir=model_dir)  # type: ignore[arg-type]
     manifest: dict[str, Any] = {"model": model_name, "tower": tower, "dim": model.dim, "input_size": model.input_size,
@@ -210,7 +210,7 @@ def export_tower(model_name: str, tower: str, out_dir: Path, quantize: str | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m imgembed.worker.onnx_export",
+    parser = argparse.ArgumentParser(prog="python -m imgembed.worker.onnx.export",
                                      description="Export one tower of an OpenCLIP model to ONNX (needs PyTorch).")
     parser.add_argument("model", help="the model's name, as IMGEMBED_MODEL gives it")
     parser.add_argument("tower", choices=["image", "text"])

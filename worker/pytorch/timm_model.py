@@ -1,7 +1,7 @@
 """Image-only models from timm (``timm:resnet50.a1_in1k``): the globally pooled penultimate feature,
 L2-normalised, as the embedding, with timm's own evaluation transform. They have no text tower.
 
-``python -m imgembed.worker.timm_model`` writes the output dimensions of timm's architectures
+``python -m imgembed.worker.pytorch.timm_model`` writes the output dimensions of timm's architectures
 (imgembed/models/timm_dims.json), which the core reads without timm installed."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from imgembed.models.names import RANDOM_INIT_SEED, TIMM_DIMS_FILE, TIMM_FAMILIES, ModelSpec
-from imgembed.worker.embedding import LoadedModel, resolve_device
 from imgembed.worker.model_errors import ModelLoadError
-from imgembed.worker.pixels import CutTransform
+from imgembed.worker.pytorch.embedding import LoadedModel, resolve_device
+from imgembed.worker.pytorch.pixels import CutTransform
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def output_dimensions(architectures: Sequence[str]) -> dict[str, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m imgembed.worker.timm_model",
+    parser = argparse.ArgumentParser(prog="python -m imgembed.worker.pytorch.timm_model",
                                      description="Write the output dimensions of timm's architectures "
                                                  f"({', '.join(TIMM_FAMILIES)}) for imgembed's core.")
     parser.add_argument("--out", default=str(TIMM_DIMS_FILE), help=f"where to write them (default {TIMM_DIMS_FILE})")

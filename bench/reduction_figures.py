@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import psycopg
 
+from imgembed.bench.end_to_end import insert_watched, wait_embedded
 from imgembed.bench.machine import database_description, git_revision, machine_description
-from imgembed.bench.pipeline import insert_watched, wait_embedded
 from imgembed.bench.results import Results, write_results
 from imgembed.db import connect
 from imgembed.local.stack import local_stack
