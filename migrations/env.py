@@ -9,9 +9,12 @@ transaction (see ``imgembed.migrations.sql_files``).
 
 from __future__ import annotations
 
+import sys
+
 from alembic import context
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from psycopg.errors import Diagnostic
 from sqlalchemy import Connection, create_engine, pool, text
 
 from imgembed.migrations.sql_files import apply_definitions, load_pgvector, pin_search_path
@@ -61,12 +64,22 @@ def _finish_online(connection: Connection, migration_context: MigrationContext) 
         connection.exec_driver_sql(f"DROP SCHEMA {SCHEMA} CASCADE")
 
 
+def _say(diagnostic: Diagnostic) -> None:
+    """imgembed's own notices (what a DBA must run, what is left out) reach whoever migrates."""
+    message = diagnostic.message_primary or ""
+    if message.startswith("imgembed:"):
+        print(message, file=sys.stderr)
+
+
 def run_online() -> None:
     url = context.config.get_main_option("sqlalchemy.url")
     assert url is not None, "imgembed.migrate sets sqlalchemy.url"
     engine = create_engine(url, poolclass=pool.NullPool)
     with engine.connect() as connection:
         with connection.begin():
+            driver_connection = connection.connection.driver_connection
+            if driver_connection is not None:
+                driver_connection.add_notice_handler(_say)
             connection.exec_driver_sql("SET LOCAL search_path = pg_catalog, pg_temp")
             connection.execute(text("SELECT pg_catalog.pg_advisory_xact_lock(:lock_id)"), {"lock_id": MIGRATION_LOCK_ID})
             connection.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")

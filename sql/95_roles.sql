@@ -48,8 +48,9 @@ BEGIN
         VALUES ('text_request_role', v_role), ('text_request_password', v_password)
         ON CONFLICT (name) DO UPDATE SET value = excluded.value;
     EXCEPTION WHEN insufficient_privilege THEN
-        RAISE NOTICE 'imgembed: cannot create role % (%); search_text of a new text then needs '
-                     'imgembed.request_text() in its own transaction first', v_role, SQLERRM;
+        RAISE NOTICE 'imgembed: cannot create the loopback login % (%); search_text of a new text then needs '
+                     'imgembed.request_text() in its own transaction first. A DBA may run imgembed migrate once as a '
+                     'role with CREATEROLE (or ALTER ROLE % CREATEROLE), which makes it', v_role, SQLERRM, current_user;
     END;
 END $$;
 

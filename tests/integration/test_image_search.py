@@ -91,6 +91,12 @@ def test_a_resized_reencoded_copy_finds_its_row_first(photos: psycopg.Connection
     typed_at = db.execute("SELECT id FROM imgembed.search_image_at('photos', NULL::bigint, %s, 1)", (str(copy),)).fetchone()
     assert typed_at == (11,)
 
+    # The owner forgets query images by deleting them: their vectors go with them.
+    kept = db.execute("SELECT imgembed.storage_table('imgembed.image_query')").fetchone()[0]
+    assert db.execute(f"SELECT count(*) FROM {kept}").fetchone()[0] > 0
+    db.execute("DELETE FROM imgembed.image_query")
+    assert db.execute(f"SELECT count(*) FROM {kept}").fetchone()[0] == 0
+
 
 def test_bad_query_images_fail_clearly(photos: psycopg.Connection, tmp_path: Path) -> None:
     db = photos

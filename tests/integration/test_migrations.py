@@ -13,6 +13,8 @@ import psycopg
 
 from imgembed import migrate
 from imgembed.db import connect
+from imgembed.migrations.releases import released_definitions
+from imgembed.migrations.sql_files import with_vector_schema
 from imgembed.models.registry import register_model
 from tests.conftest import HEAD_REVISION, REPO, as_role, comparable_dump
 from tests.hostile import (
@@ -352,3 +354,28 @@ def test_downgraded_and_upgraded_again_equals_a_fresh_install(
         assert migrate.current_revision(url) == revision
         migrate.upgrade(url)
         assert _by_table(url, comparable_dump(url)) == _by_table(fresh, comparable_dump(fresh)), revision
+
+
+def test_a_database_at_any_release_upgrades_to_a_fresh_install(
+    fresh_database: Callable[[str | None], str], template_database: str,
+) -> None:
+    """A database that some release installed (revision 0004, 0008 or 0012, with a watched table and
+    its vectors) upgraded to head: its schema is a fresh install's, and its rows and vectors stay."""
+    fresh = fresh_database(None)
+    migrate.upgrade(fresh, register=False)
+    _populate(fresh)
+    for revision in ("0004", "0008", "0012"):
+        url = fresh_database(None)
+        migrate.upgrade(url, revision, register=False)
+        # What that release's own `imgembed migrate` applied at its newest revision: its definitions.
+        with psycopg.connect(url, autocommit=True) as connection, connection.transaction():
+            connection.execute("SET LOCAL search_path = pg_catalog, imgembed, pg_temp")
+            for name, definition in released_definitions(revision):
+                connection.execute(with_vector_schema(definition, name).encode())
+        _populate(url)
+        before = _contents(url)
+        migrate.upgrade(url, register=False)
+        assert migrate.current_revision(url) == HEAD_REVISION
+        assert _by_table(url, comparable_dump(url)) == _by_table(fresh, comparable_dump(fresh)), revision
+        after = _contents(url)
+        assert after["vectors"] == before["vectors"] and after["shop"] == before["shop"], revision

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import http.server
 import io
+import re
 import signal
 import subprocess
 import sys
@@ -128,6 +129,9 @@ def test_odd_images_embed_or_fail_alone(db: psycopg.Connection, services: Servic
             assert name not in embedded
             assert name in failures, f"{name} should be recorded as failed"
             assert failures[name] and "unexpected" not in failures[name], failures[name]
+            # It never quotes the file: no run of 6 printable bytes of it is in the error.
+            runs = {run.decode() for run in re.findall(rb"[\x21-\x7e]{6,}", (ODD_IMAGES / name).read_bytes())}
+            assert not [run for run in runs if run in failures[name]], (name, failures[name])
     assert failures["decompression_bomb.gif"].startswith("decompression bomb: ")
     assert failures["truncated_jpeg.jpg"].startswith("corrupt image: ") and "truncated" in failures["truncated_jpeg.jpg"]
     assert failures["empty.jpg"].startswith("not an image: ") and "empty" in failures["empty.jpg"]

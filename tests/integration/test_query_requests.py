@@ -108,3 +108,9 @@ def test_no_reader_may_advance_a_sequence(db: psycopg.Connection) -> None:
         "AND (has_sequence_privilege('imgembed_reader', c.oid, 'USAGE') "
         "     OR has_sequence_privilege('imgembed_reader', c.oid, 'UPDATE'))").fetchall()
     assert granted == []
+
+
+def test_a_query_image_is_at_most_32_mb(db: psycopg.Connection) -> None:
+    with pytest.raises(psycopg.errors.StringDataRightTruncation, match="at most 32 MB"):
+        db.execute("SELECT imgembed.request_image(%s)", (b"\0" * (32 * 1024 * 1024 + 1),))
+    assert db.execute("SELECT count(*) FROM imgembed.image_query").fetchone()[0] == 0

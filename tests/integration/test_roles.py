@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 
 import psycopg
 import pytest
 
+from imgembed.local.postgres import EmbeddedPostgres
 from imgembed.training.synthetic import random_shapes
-from tests.conftest import Services, as_role, wait_for
+from tests.conftest import REPO, TEST_MODEL, Services, as_role, wait_for
 
 
 def login_as(database_url: str, role: str) -> psycopg.Connection:
@@ -129,3 +133,29 @@ def test_reader_role_searches_but_changes_nothing(shop: tuple[psycopg.Connection
                                     f"INSERT INTO {storage} VALUES (99, array_fill(1::real, ARRAY[64])::vector, 0)",
                                     *[statement for statement in table_statements(db, reads=False)
                                       if statement not in OWN_INTERACTIONS], *CHANGING_CALLS, *worker_calls])
+
+
+def test_an_owner_without_createrole_is_told_what_a_dba_must_run(pg_server: EmbeddedPostgres) -> None:
+    """`imgembed migrate` as a database owner that may not create roles nor dblink: it installs, and
+    says, in imgembed's own lines, what a DBA runs for the rest."""
+    suffix = uuid.uuid4().hex[:8]
+    owner, database = f"plain_owner_{suffix}", f"plain_{suffix}"
+    with psycopg.connect(pg_server.socket_url(), autocommit=True) as superuser:
+        superuser.execute(f"CREATE ROLE {owner} LOGIN")
+        superuser.execute(f"CREATE DATABASE {database} OWNER {owner}")
+    try:
+        with psycopg.connect(pg_server.socket_url(database), autocommit=True) as superuser:
+            superuser.execute("CREATE EXTENSION vector")
+        environment = {**os.environ, "DATABASE_URL": pg_server.socket_url(database, owner), "IMGEMBED_MODEL": TEST_MODEL}
+        result = subprocess.run([sys.executable, "-m", "imgembed", "migrate"], cwd=REPO, env=environment,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        said = result.stderr
+        assert "imgembed: cannot create the loopback login" in said and f"ALTER ROLE {owner} CREATEROLE" in said, said
+        assert "CREATE EXTENSION dblink SCHEMA imgembed_dblink" in said, said
+        assert "CREATE EVENT TRIGGER imgembed_ddl_end" in said, said
+        assert "Traceback" not in said
+    finally:
+        with psycopg.connect(pg_server.socket_url(), autocommit=True) as superuser:
+            superuser.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+            superuser.execute(f"DROP ROLE IF EXISTS {owner}")
