@@ -73,10 +73,10 @@ def deployment(pg_server: EmbeddedPostgres) -> Iterator[Deployment]:
 
 
 def _imgembed(deployed: Deployment, role: str, redis_url: str, *arguments: str,
-              cwd: Path = REPO) -> subprocess.Popen[str]:
+              cwd: Path = REPO, **settings: str) -> subprocess.Popen[str]:
     environment = {**os.environ, "DATABASE_URL": deployed.url(role), "REDIS_URL": redis_url,
                    "IMGEMBED_MODEL": MODEL, "IMGEMBED_QUEUE": f"deploy-{deployed.suffix}", "IMGEMBED_DEVICE": "cpu",
-                   "IMGEMBED_SWEEP_SECONDS": "0.5", "PYTHONUNBUFFERED": "1"}
+                   "IMGEMBED_SWEEP_SECONDS": "0.5", "PYTHONUNBUFFERED": "1", **settings}
     return subprocess.Popen([sys.executable, "-m", "imgembed", *arguments], cwd=cwd, env=environment,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -85,7 +85,7 @@ def _keys(connection: psycopg.Connection, query: str, *parameters: object) -> se
     return {int(row[0]) for row in connection.execute(query, parameters).fetchall()}
 
 
-def test_a_dba_deployment_with_tenants(deployment: Deployment, redis_url: str) -> None:
+def test_a_dba_deployment_with_tenants(deployment: Deployment, redis_url: str, tmp_path: Path) -> None:
     # The owner migrates (and creates imgembed's roles), then sets up the application's side.
     migrated = _imgembed(deployment, "owner", redis_url, "migrate")
     output = migrated.communicate(timeout=300)[0]
@@ -120,8 +120,12 @@ def test_a_dba_deployment_with_tenants(deployment: Deployment, redis_url: str) -
         writer.execute("DELETE FROM products WHERE id = 15")
 
     # Workers and dispatchers log in as the worker role.
+    uploads = tmp_path / "uploads"  # where readers' paths may point
+    uploads.mkdir()
+    uploads.chmod(0o755)
+    (uploads / "query.png").write_bytes(shapes[2].png_bytes())
     processes = [_imgembed(deployment, "embedder", redis_url, "dispatch"),
-                 _imgembed(deployment, "embedder", redis_url, "worker")]
+                 _imgembed(deployment, "embedder", redis_url, "worker", IMGEMBED_ALLOWED_ROOTS=str(uploads))]
     try:
         with deployment.connect("owner") as owner:
             wait_for(lambda: owner.execute("SELECT embedded = 15 AND pending + in_flight + failed = 0 FROM imgembed.status "
@@ -189,6 +193,30 @@ def test_a_dba_deployment_with_tenants(deployment: Deployment, redis_url: str) -
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 alice.execute("SELECT * FROM imgembed.text_query")
             alice.execute("INSERT INTO imgembed.interaction (user_id, tbl, item) VALUES ('a', 'products', '2')")
+            # Every other way in answers from alice's rows alone too.
+            for query, parameters in (
+                ("SELECT id FROM imgembed.search_image('products', NULL::bigint, %s, 20, timeout_seconds => 120)",
+                 (shapes[2].png_bytes(),)),
+                ("SELECT id FROM imgembed.search_image_at('products', NULL::bigint, %s, 20, timeout_seconds => 120)",
+                 (str(uploads / "query.png"),)),
+                ("SELECT id FROM imgembed.search_hybrid('products', NULL::bigint, 'red', 20, "
+                 "text_columns => ARRAY['colour'], timeout_seconds => 120)", ()),
+                ("SELECT id FROM imgembed.recommend_for_user('products', NULL::bigint, 'a', 20)", ()),
+                ("SELECT id FROM imgembed.similar_to_vector('products', NULL::bigint, "
+                 "imgembed.vector_of('products', 2::bigint), 20)", ()),
+            ):
+                found = _keys(alice, query, *parameters)
+                assert found and found <= alice_keys, (query, found)
+            joined = alice.execute("SELECT a_id, b_id FROM imgembed.similarity_join('products', 'products', 3)").fetchall()
+            assert joined and {int(key) for pair in joined for key in pair} <= alice_keys
+            # The prototypes are the means of alice's labelled rows (computed here): the nearest one wins.
+            centres = {label: np.mean([vectors[key] for key, colour in labels.items() if colour == label], axis=0)
+                       for label in set(labels.values())}
+            distances = sorted((float(np.linalg.norm(centre - vectors[4])), label) for label, centre in centres.items())
+            label, distance, margin = alice.execute(
+                "SELECT * FROM imgembed.classify_prototype('products', 4::bigint)").fetchone()
+            assert label == distances[0][1] and distance == pytest.approx(distances[0][0], abs=1e-5)
+            assert margin == pytest.approx(distances[1][0] - distances[0][0], abs=1e-5)
         with deployment.connect("bob") as bob:
             assert _keys(bob, "SELECT id FROM imgembed.similar('products', 3::bigint, 20)") <= set(range(1, 15, 2))
             storage = bob.execute("SELECT imgembed.storage_table('products')").fetchone()[0]

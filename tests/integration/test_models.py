@@ -191,3 +191,40 @@ def test_a_checkpoint_changed_since_registration_fails_its_jobs_with_the_reason(
                      60, "the job's error")
     assert "is not the file it was registered with" in error[0] and str(checkpoint) in error[0]  # type: ignore[index]
     assert db.execute("SELECT embedded FROM imgembed.status WHERE model = %s", (name,)).fetchone()[0] == 0
+
+
+def test_dropping_a_model_everywhere_while_its_jobs_are_in_flight(db: psycopg.Connection, services: Services) -> None:
+    """`imgembed models drop NAME` (no --table) while a claim of its jobs is in flight: the model, its
+    vectors and jobs go; the claim's late finish writes nothing and fails nothing; the table goes on
+    with its other model."""
+    shapes = random_shapes(12, seed=4)
+    db.execute("CREATE TABLE gallery (id bigint PRIMARY KEY, image bytea)")
+    with db.cursor() as cursor:
+        cursor.executemany("INSERT INTO gallery VALUES (%s, %s)", [(i, s.png_bytes()) for i, s in enumerate(shapes)])
+    db.execute("SELECT imgembed.watch('gallery', 'image')")
+    register_model(db, SECOND_MODEL)
+    db.execute("SELECT imgembed.add_model('gallery', %s)", (SECOND_MODEL,))
+    db.execute("SELECT imgembed.expand_intake(1000)")
+    # A claim of the second model's jobs, as a dispatcher makes one for a worker that is still busy.
+    second_id = db.execute("SELECT id FROM imgembed.model WHERE name = %s", (SECOND_MODEL,)).fetchone()[0]
+    db.execute("UPDATE imgembed.job SET not_before = now() + interval '1 hour' WHERE model_id <> %s", (second_id,))
+    claim_id, model, job_ids = db.execute("SELECT * FROM imgembed.claim_batch(100, 300)").fetchone()
+    assert model == SECOND_MODEL and len(job_ids) == 12
+    assert db.execute("SELECT imgembed.start_claim(%s, 300)", (claim_id,)).fetchall()
+
+    dropped = run_cli(services, "models", "drop", SECOND_MODEL)
+    assert f"dropped {SECOND_MODEL} everywhere" in dropped.stdout
+    assert db.execute("SELECT count(*) FROM imgembed.model WHERE name = %s", (SECOND_MODEL,)).fetchone()[0] == 0
+    assert db.execute("SELECT count(*) FROM imgembed.job WHERE model_id = %s", (second_id,)).fetchone()[0] == 0
+    assert db.execute("SELECT count(*) FROM imgembed.watch_model WHERE model_id = %s", (second_id,)).fetchone()[0] == 0
+    # The worker finishes its claim late: nothing is written, nothing fails, no error.
+    written = db.execute("SELECT imgembed.finish_batch(%s, %s, array_fill(NULL::vector, ARRAY[%s]), '{}', '{}', '{}', "
+                         "3, 1)", (claim_id, job_ids, len(job_ids))).fetchone()[0]
+    assert written == 0 and db.execute("SELECT count(*) FROM imgembed.job WHERE status = 'failed'").fetchone()[0] == 0
+
+    db.execute("UPDATE imgembed.job SET not_before = now()")
+    services.start("dispatch")
+    services.start("worker")
+    assert wait_for(lambda: settled(db, "imgembed-tiny", 12), 180, "the table's own model embeds every row")
+    assert [row[0] for row in db.execute("SELECT model FROM imgembed.status WHERE table_name = 'public.gallery'")] == [
+        "imgembed-tiny"]
