@@ -12,11 +12,13 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 import psycopg
 import pytest
 
@@ -105,6 +107,30 @@ def comparable_dump(url: str, *options: str) -> str:
 
 def storage_of(db: psycopg.Connection, table: str) -> str:
     return db.execute("SELECT imgembed.storage_table(%s)", (table,)).fetchone()[0]
+
+
+def knn_votes(db: psycopg.Connection, table: str, key: object, key_column: str, label_column: str,
+              k: int = 5) -> dict[str, int]:
+    """The votes knn_label should give a row, computed here: the labels of its k nearest labelled
+    rows (cosine distance, the row itself left out) among the stored vectors the connection reads."""
+    vectors = {key_: np.asarray(vector, dtype=np.float64) for key_, vector in db.execute(
+        f"SELECT id::text, embedding::real[] FROM {storage_of(db, table)}")}
+    labels = dict(db.execute(f"SELECT {key_column}::text, {label_column}::text FROM {table} "
+                             f"WHERE {label_column} IS NOT NULL").fetchall())
+    target = vectors[str(key)]
+
+    def distance(other: str) -> float:
+        return 1 - float(vectors[other] @ target) / float(np.linalg.norm(vectors[other]) * np.linalg.norm(target))
+
+    nearest = sorted((other for other in labels if other != str(key) and other in vectors),
+                     key=lambda other: (distance(other), other))[:k]
+    return dict(Counter(labels[other] for other in nearest))
+
+
+def knn_label_votes(db: psycopg.Connection, table: str, key: str, k: int = 5) -> dict[str, int]:
+    """What knn_label answers (exactly, no index), as label -> votes; ``key`` is SQL, e.g. '3::bigint'."""
+    return {label: votes for label, votes, _ in db.execute(
+        f"SELECT * FROM imgembed.knn_label('{table}', {key}, {k}, exact => true)").fetchall()}
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import pytest
 
 from imgembed.models.registry import register_model
 from imgembed.training.synthetic import random_shapes
-from tests.conftest import Services, wait_for
+from tests.conftest import Services, knn_label_votes, knn_votes, wait_for
 
 MODEL = "timm:test_resnet"  # timm's tiny test ResNet, seeded random weights: 96 dimensions, 160 px
 
@@ -49,7 +49,7 @@ def test_a_timm_model_embeds_searches_labels_and_refuses_texts(db: psycopg.Conne
 
     similar = db.execute("SELECT id, distance FROM imgembed.similar('items', 3::bigint, 3)").fetchall()
     assert similar[0] == (30, pytest.approx(0, abs=1e-6))
-    assert db.execute("SELECT count(*) FROM imgembed.knn_label('items', 0::bigint, 5)").fetchone()[0] > 0
+    assert knn_label_votes(db, "items", "0::bigint") == knn_votes(db, "items", 0, "id", "colour")
     pairs = db.execute("SELECT a, b FROM imgembed.near_duplicates('items', NULL::bigint, 0.000001)").fetchall()
     assert (3, 30) in pairs
     assert len(db.execute("SELECT * FROM imgembed.recommend('items', ARRAY[1, 2]::bigint[], ARRAY[]::bigint[], 5)"

@@ -93,9 +93,10 @@ WORKER_REPORTING_ITS_MODULES = (  # written past Celery, which takes over sys.st
 
 
 def _photos_through_an_onnx_worker(db: psycopg.Connection, services: Services,
-                                   **settings: str) -> tuple[str, np.ndarray, np.ndarray]:
+                                   **settings: str) -> tuple[str, np.ndarray, np.ndarray, float]:
     """A real worker on ONNX Runtime (with ``settings`` besides) embeds the photos and answers a
-    text query; returns its log, the stored vectors and PyTorch's vectors of the same photos."""
+    text query; returns its log, the stored vectors, PyTorch's vectors of the same photos, and the
+    cosine between the worker's vector of the text and PyTorch's."""
     db.execute("CREATE TABLE shots (id bigint PRIMARY KEY, photo bytea)")
     with db.cursor() as cursor:
         cursor.executemany("INSERT INTO shots VALUES (%s, %s)", [(i, path.read_bytes()) for i, path in enumerate(PHOTOS)])
@@ -121,16 +122,20 @@ def _photos_through_an_onnx_worker(db: psycopg.Connection, services: Services,
                                        for path in PHOTOS])
     storage = db.execute("SELECT imgembed.storage_table('shots')").fetchone()[0]
     stored = dict(db.execute(f"SELECT id, embedding FROM {storage}").fetchall())
-    return log, np.stack([as_array(stored[i]) for i in range(len(PHOTOS))]), expected
+    # The text the worker embedded, against PyTorch's embedding of it: their cosine.
+    text_vector = as_array(db.execute("SELECT imgembed.text_vector('a photo of a bird', 'imgembed-tiny', 0)").fetchone()[0])
+    (text_expected,) = reference.embed_texts(["a photo of a bird"])
+    text_cosine = float(text_vector @ text_expected / np.linalg.norm(text_vector) / np.linalg.norm(text_expected))
+    return log, np.stack([as_array(stored[i]) for i in range(len(PHOTOS))]), expected, text_cosine
 
 
 def test_a_worker_on_onnx_runtime(db: psycopg.Connection, services: Services) -> None:
     """A real worker with IMGEMBED_RUNTIME=onnx embeds photos and a text query without ever
     importing torch; its vectors are PyTorch's (cosine >= 0.9999) and similar() answers as PyTorch's
     vectors would."""
-    log, vectors, expected = _photos_through_an_onnx_worker(db, services)
+    log, vectors, expected, text_cosine = _photos_through_an_onnx_worker(db, services)
     assert "torch loaded: False" in log, log[-3000:]
-    assert (vectors * expected).sum(axis=1).min() >= AGREEMENT
+    assert (vectors * expected).sum(axis=1).min() >= AGREEMENT and text_cosine >= AGREEMENT
     for query in range(0, len(PHOTOS), 5):
         order = [int(i) for i in np.argsort(-(expected @ expected[query])) if i != query][:5]
         answered = [row[0] for row in db.execute("SELECT id FROM imgembed.similar('shots', %s::bigint, 5)",
@@ -141,12 +146,13 @@ def test_a_worker_on_onnx_runtime(db: psycopg.Connection, services: Services) ->
 def test_a_worker_on_int8_weights(db: psycopg.Connection, services: Services) -> None:
     """With IMGEMBED_ONNX_QUANTIZE=int8 a real worker runs both towers on the int8 weights its CPU
     suits, still without torch, and its vectors stay close to PyTorch's float32 ones."""
-    log, vectors, expected = _photos_through_an_onnx_worker(db, services, IMGEMBED_ONNX_QUANTIZE="int8")
+    log, vectors, expected, text_cosine = _photos_through_an_onnx_worker(db, services, IMGEMBED_ONNX_QUANTIZE="int8")
     assert "torch loaded: False" in log, log[-3000:]
     bits = int8_weight_bits()
     for tower in ("image", "text"):
         assert f"({tower} tower) on ONNX Runtime, int8 ({bits}-bit weights)" in log, log[-3000:]
     assert (vectors * expected).sum(axis=1).mean() >= 0.999
+    assert text_cosine >= 0.995, text_cosine  # under this, the worker itself warns that int8 agrees poorly
 
 
 LOAD_TOWER = (

@@ -20,7 +20,7 @@ from imgembed.models.names import parse_model_spec
 from imgembed.settings import load_settings
 from imgembed.training.synthetic import random_shapes
 from imgembed.worker.pytorch.embedding import LoadedModel, load_model
-from tests.conftest import REPO, TEST_MODEL, Services, wait_for
+from tests.conftest import REPO, TEST_MODEL, Services, knn_label_votes, knn_votes, wait_for
 
 IMAGES = [shape.png_bytes() for shape in random_shapes(12, seed=21)]
 
@@ -96,7 +96,7 @@ def test_renames_are_followed_and_drops_end_the_watch(db: psycopg.Connection, se
     db.execute("DELETE FROM shop.goods WHERE pid = 5")
     db.execute("UPDATE shop.goods SET category = 'k2' WHERE pid = 4")  # not re-embedded
     assert_exact(db, model, "shop.goods", "pid", "picture")
-    assert db.execute("SELECT count(*) FROM imgembed.knn_label('shop.goods', 3::bigint)").fetchone()[0] >= 1
+    assert knn_label_votes(db, "shop.goods", "3::bigint") == knn_votes(db, "shop.goods", 3, "pid", "category")
     assert db.execute("SELECT table_name, key_column, content_column, label_column FROM imgembed.watch "
                       "WHERE tbl = 'shop.goods'::regclass").fetchone() == ("shop.goods", "pid", "picture", "category")
 
@@ -370,7 +370,7 @@ def test_dump_and_restore(db: psycopg.Connection, services: Services, model: Loa
             restored.execute("INSERT INTO shelf VALUES (12, %s, 'k0')", (IMAGES[2],))
             restored.execute("UPDATE shelf SET photo = %s WHERE id = 1", (IMAGES[9],))
             assert_exact(restored, model, "public.shelf", "id", "photo")
-            assert restored.execute("SELECT count(*) FROM imgembed.knn_label('shelf', 1::bigint)").fetchone()[0] >= 1
+            assert knn_label_votes(restored, "shelf", "1::bigint") == knn_votes(restored, "shelf", 1, "id", "kind")
             fixed = subprocess.run([sys.executable, "-m", "imgembed", "doctor", "--fix"], cwd=REPO,
                                    env=restored_services.env(), capture_output=True, text=True, timeout=120)
             assert "public.shelf: the table was made anew" in fixed.stdout, fixed.stdout + fixed.stderr
