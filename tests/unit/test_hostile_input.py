@@ -45,6 +45,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
             self.end_headers()  # no Content-Length: the cap must hold while reading
             self.wfile.write(b"\0" * 5000)
+        elif self.path == "/secret.png":  # a text, not an image, with a secret in it
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"user=admin password=hunter2 token=hunter2hunter2\n" * 3)
+        elif self.path == "/leaky-error":  # an error whose reason phrase carries bytes
+            self.send_response(500, "Server Error b'hunter2' \x01\x02")
+            self.end_headers()
         elif self.path == "/slow.png":
             self.server.release.wait(60)
         elif self.path == "/drip.png":  # a byte at a time, each well within a read's timeout, for a minute
@@ -281,3 +288,15 @@ def test_a_readers_path_is_read_only_under_allowed_roots(tmp_path: Path) -> None
     assert read_source(ImageSource(uri=str(tmp_path / "photo.png")), load_settings({})) == PNG  # the application's own
     inside = load_settings({"IMGEMBED_ALLOWED_ROOTS": str(tmp_path)})
     assert read_source(ImageSource(uri=(tmp_path / "photo.png").as_uri(), from_reader=True), inside) == PNG
+
+
+def test_http_errors_never_quote_what_the_server_sent(servers: tuple[ImageServer, ImageServer]) -> None:
+    store, _ = servers
+    allowed = {"IMGEMBED_HTTP_ALLOW_NETWORKS": ALLOWED_NETWORK}
+    body = fetch(f"{store.url}/secret.png", **allowed)
+    with pytest.raises(ImageError, match=r"not an image: .*looks like text") as not_an_image:
+        decode_image(body, load_settings({}))
+    with pytest.raises(ImageError, match="HTTP 500") as server_error:
+        fetch(f"{store.url}/leaky-error", **allowed)
+    for failure in (not_an_image.value, server_error.value):
+        assert "hunter2" not in str(failure) and "\x01" not in str(failure), str(failure)
