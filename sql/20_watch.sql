@@ -157,7 +157,8 @@ BEGIN
                         'read every row and never run a table''s policies with their rights', p_tbl, v_owner::regrole
             USING ERRCODE = 'insufficient_privilege',
                   HINT = format('a superuser runs: ALTER ROLE %I BYPASSRLS; (policies then apply to every other role '
-                                'as before, and imgembed''s searches show each role only its rows)', v_owner::regrole);
+                                'as before, and imgembed''s searches show each role only its rows)',
+                                (SELECT r.rolname FROM pg_roles r WHERE r.oid = v_owner));
     END IF;
 END $$;
 
