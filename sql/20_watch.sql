@@ -35,7 +35,10 @@ RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
     EXECUTE format('ALTER TABLE imgembed.%I ENABLE ROW LEVEL SECURITY', p_storage);
-    EXECUTE format('DROP POLICY IF EXISTS visible_rows ON imgembed.%I', p_storage);
+    IF EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = format('imgembed.%I', p_storage)::regclass
+                                         AND polname = 'visible_rows') THEN  -- no NOTICE on every watch
+        EXECUTE format('DROP POLICY visible_rows ON imgembed.%I', p_storage);
+    END IF;
     -- OFFSET 0 keeps the check a probe of the watched table's key for each row the search looks
     -- at: flattened into a join, the planner would read the whole watched table for every search.
     EXECUTE format('CREATE POLICY visible_rows ON imgembed.%1$I FOR SELECT '

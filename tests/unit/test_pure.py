@@ -294,3 +294,19 @@ def test_a_file_is_hashed_again_once_it_changes(tmp_path) -> None:  # type: igno
     checkpoint.write_bytes(b"other")  # rewritten in place, same size
     os.utime(checkpoint, ns=(1, 1))
     assert file_sha256(checkpoint) == hashlib.sha256(b"other").hexdigest()
+
+
+def test_a_reader_that_stops_early_gets_no_traceback() -> None:
+    """`imgembed ... | head`: output to a pipe whose reader has gone ends quietly."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "imgembed", "--help"], stdout=write_end, stderr=subprocess.PIPE,
+                                text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 0 and "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
