@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+from typing import Literal
 
 from imgembed.settings import Settings, require_database_url
 
@@ -34,8 +35,16 @@ def run_worker(settings: Settings, *, preload: bool = True) -> None:
     if registry is not None:
         runtime().metrics = metrics.WorkerMetrics(registry)
     if preload:
+        # Both towers before the first task (and before the first heartbeat, which is what shows the
+        # worker in imgembed.workers): a first text or query image waits on no export or load.
+        from imgembed.models.names import parse_model_spec
+
+        towers: tuple[Literal["image", "text"], ...] = (
+            ("image", "text") if parse_model_spec(settings.model).embeds_text else ("image",))
         try:
-            runtime().batcher(settings.model, "image")
+            for tower in towers:
+                runtime().batcher(settings.model, tower)
+            log.info("worker ready: %s (%s towers loaded)", settings.model, " and ".join(towers))
         except ModelLoadError:
             pass  # said in one line by the runtime; the model's rows wait until it loads
     name = f"imgembed-{os.getpid()}@{socket.gethostname()}"

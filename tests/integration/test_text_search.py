@@ -30,9 +30,11 @@ def test_search_text_waits_for_the_worker_then_serves_from_the_stored_vector(
 ) -> None:
     db = shapes_table
     services.start("dispatch")
-    services.start("worker")
+    worker = services.start("worker")
     wait_for(lambda: db.execute("SELECT pending + in_flight = 0 AND embedded = 40 FROM imgembed.status "
                                 "WHERE table_name = 'public.shapes'").fetchone()[0], 180, "shapes embedded")
+    # The worker loaded both towers before its first task: a first text waits on no load or export.
+    assert "worker ready: imgembed-tiny (image and text towers loaded)" in worker.log_path.read_text()  # type: ignore[attr-defined]
 
     # Never seen before: enqueued in its own transaction (dblink), embedded, then answered.
     first = db.execute("SELECT id, distance FROM imgembed.search_text('shapes', 'a red circle', 5, timeout_seconds => 60)").fetchall()
