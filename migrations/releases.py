@@ -7,10 +7,12 @@ and those definitions come from ``released_definitions.tar.xz``, one folder per 
 (``0011/40_queue.sql``...). Files that differ little from one release to the next compress
 together: the whole history takes tens of kilobytes.
 
-When a revision is released, its maintainer freezes ``sql/`` as it then stands and records the
-checksums of the revision's files::
+A new revision is frozen when it is added: ``sql/`` as it stands becomes its definitions, and the
+checksums of its files are recorded. Until the next revision comes, every change to ``sql/`` is
+stored again (a test says so when it is not)::
 
     python -m imgembed.migrations.releases freeze 0013
+    python -m imgembed.migrations.releases freeze 0013 --replace
 
 ``python -m imgembed.migrations.releases check`` says whether anything released has changed since.
 """
@@ -88,10 +90,22 @@ def changed(migrations: Path) -> list[str]:
     return sorted({name for name in recorded.keys() | found.keys() if recorded.get(name) != found.get(name)})
 
 
-def freeze(migrations: Path, sql: Path, revision: str) -> list[str]:
+def freeze(migrations: Path, sql: Path, revision: str, *, replace: bool = False) -> list[str]:
     """Add ``sql/`` as it stands as ``revision``'s definitions, and record the checksums of what is
-    new. Files already recorded must not have changed. Returns the names recorded."""
+    new. Files already recorded must not have changed; ``replace`` stores the newest revision's
+    definitions again (``sql/`` changed since). Returns the names recorded."""
     recorded = read_checksums(migrations)
+    if replace:
+        newest = max(path.name[:4] for path in (migrations / "versions").iterdir() if path.name[:4].isdigit())
+        if revision != newest:
+            raise SystemExit(f"only the newest revision's definitions may be stored again ({newest}, not {revision})")
+        members = {path: text for path, text in _members((migrations / ARCHIVE_NAME).read_bytes()).items()
+                   if not path.startswith(f"{revision}/")}
+        (migrations / ARCHIVE_NAME).write_bytes(_write_archive(members))
+        recorded = {name: digest for name, digest in recorded.items()
+                    if not name.startswith(f"{ARCHIVE_NAME}/{revision}/")}
+        (migrations / "versions" / CHECKSUMS_NAME).write_text(
+            "".join(f"{digest}  {name}\n" for name, digest in sorted(recorded.items())), encoding="utf-8")
     drifted = [name for name, digest in recorded.items() if checksums(migrations).get(name) != digest]
     if drifted:
         raise SystemExit(f"released files changed since they were recorded: {', '.join(drifted)}")
@@ -117,11 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     frozen = commands.add_parser("freeze", help="store sql/ as REVISION's definitions and record checksums")
     frozen.add_argument("revision", help="the revision being released, e.g. 0013")
+    frozen.add_argument("--replace", action="store_true",
+                        help="store the newest revision's definitions again, after a change to sql/")
     commands.add_parser("check", help="list released files that changed (exit 1 if any)")
     args = parser.parse_args(argv)
     migrations, sql = args.source / "migrations", args.source / "sql"
     if args.command == "freeze":
-        for name in freeze(migrations, sql, args.revision):
+        for name in freeze(migrations, sql, args.revision, replace=args.replace):
             print("recorded", name)
         return 0
     drift = changed(migrations)

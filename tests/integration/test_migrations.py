@@ -215,6 +215,11 @@ def test_released_revisions_never_change() -> None:
     assert releases.changed(REPO / "migrations") == []
     recorded = releases.read_checksums(REPO / "migrations")
     assert {f"versions/{path.name}" for path in (REPO / "migrations" / "versions").glob("0*")} <= recorded.keys()
+    # The newest revision's definitions are sql/ as it stands: the next revision's downgrade puts them back.
+    newest = sorted(entry.name for entry in (REPO / "sql").glob("*.sql"))
+    assert releases.released_definitions(HEAD_REVISION) == [
+        (name, (REPO / "sql" / name).read_text(encoding="utf-8")) for name in newest], (
+        f"sql/ changed: python -m imgembed.migrations.releases freeze {HEAD_REVISION} --replace")
     # Each downgrade that puts back definitions names a release that holds them.
     for down in sorted((REPO / "migrations" / "versions").glob("*_down.sql")):
         for revision in re.findall(r"^--@definitions (\d{4})$", down.read_text(), flags=re.MULTILINE):
