@@ -86,10 +86,13 @@ def wait_for_backfill(
     connection: psycopg.Connection, model: str, tables: list[str], timeout: float | None = None,
     desc: str | None = None,
 ) -> None:
-    """Block with a progress bar (rate, ETA) until no row of `tables` waits for `model`."""
+    """Block with a progress bar (rate, ETA) until no row of `tables` waits for `model`. A model the
+    live workers cannot load ends the wait at once, with their reason (its rows wait for it)."""
     import time
 
     from tqdm import tqdm
+
+    from imgembed.errors import ImgembedError
 
     total = unfinished_jobs(connection, model, tables)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -101,6 +104,11 @@ def wait_for_backfill(
             progress.refresh()
             if remaining == 0:
                 return
+            outage = connection.execute("SELECT reason FROM imgembed.unavailable_models WHERE model = %s LIMIT 1",
+                                        (model,)).fetchone()
+            if outage is not None:
+                raise ImgembedError(f"the workers cannot load {model}: {outage[0]}; its {remaining} rows wait for it "
+                                    "(imgembed status shows when it loads)")
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"{remaining} rows still to embed with {model} after {timeout}s")
             time.sleep(0.5)

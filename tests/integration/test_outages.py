@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import re
 import shutil
 import subprocess
 import sys
@@ -15,9 +16,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from imgembed.errors import ImgembedError
 from imgembed.local.service import free_port
 from imgembed.models.names import bundled_weights_dir
-from imgembed.models.registry import register_model
+from imgembed.models.registry import register_model, wait_for_backfill
 from imgembed.training.synthetic import random_shapes
 from tests.conftest import REPO, Services, wait_for
 
@@ -61,6 +63,9 @@ def test_rows_wait_for_a_model_whose_checkpoint_is_missing(db: psycopg.Connectio
     status = subprocess.run([sys.executable, "-m", "imgembed", "status"], cwd=REPO, env=services.env(),
                             capture_output=True, text=True, timeout=60)
     assert "Models unavailable" in status.stdout and "does not exist" in status.stdout, status.stdout
+    # Waiting on its backfill (`imgembed models add --wait`) ends at once, with the workers' reason.
+    with pytest.raises(ImgembedError, match=f"the workers cannot load {re.escape(model)}: .*does not exist"):
+        wait_for_backfill(db, model, ["public.parts"], timeout=120)
 
     # The file arrives: every row is embedded, with no retry command.
     checkpoint.parent.mkdir(parents=True)
