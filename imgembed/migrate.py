@@ -10,6 +10,9 @@ from alembic.config import Config
 PINNED_SEARCH_PATH = "SET search_path = pg_catalog, imgembed, pg_temp"
 
 
+OFFLINE_URL = "postgresql://offline/offline"  # `migrate --sql` reads no database: Alembic needs a dialect only
+
+
 def sqlalchemy_url(database_url: str) -> str:
     """The SQLAlchemy form of a libpq URL, using the psycopg 3 driver."""
     for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
@@ -32,7 +35,14 @@ def upgrade(database_url: str, revision: str = "head", *, sql_only: bool = False
     ``model``, else the configured one (IMGEMBED_MODEL). The first model registered becomes the
     default of every watched table; ``register=False`` leaves the registry alone."""
     command.upgrade(alembic_config(database_url), revision, sql=sql_only)
-    if sql_only or not register:
+    if not register:
+        return
+    if sql_only:  # the same database as a live migrate: the model is registered too
+        from imgembed.models.registry import registration_sql
+        from imgembed.settings import load_settings
+
+        settings = load_settings()
+        print(f"{PINNED_SEARCH_PATH};\n{registration_sql(model or settings.model, model_dir=settings.models_path)}")
         return
     from imgembed.db import connect
     from imgembed.models.registry import register_model

@@ -14,7 +14,7 @@ from imgembed.settings import Settings, require_database_url
 def migrate(settings: Settings, args: argparse.Namespace) -> int:
     from imgembed import migrate as migrations
 
-    url = require_database_url(settings)
+    url = migrations.OFFLINE_URL if args.sql and not settings.database_url else require_database_url(settings)
     if args.downgrade:
         migrations.downgrade(url, args.downgrade, sql_only=args.sql)
         if not args.sql:
@@ -98,7 +98,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     command.add_argument("--revision", default="head", help="target revision (default: head)")
     command.add_argument("--downgrade", metavar="REVISION",
                          help="downgrade to REVISION instead ('base' removes imgembed)")
-    command.add_argument("--sql", action="store_true", help="print the SQL instead of running it (offline mode)")
+    command.add_argument("--sql", action="store_true", help="print the SQL instead of running it (needs no database; registers the model too)")
     command.add_argument("--no-model", action="store_true", help="do not register IMGEMBED_MODEL")
 
     command = add_command(commands, "psql", psql, "Open psql on DATABASE_URL (or on the stack `imgembed up` runs).")

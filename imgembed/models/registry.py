@@ -9,12 +9,13 @@ import psycopg
 from imgembed.models.names import embedding_dimension, file_sha256, parse_model_spec
 from imgembed.models.store import stored_checkpoint
 
+REGISTER_SQL = "SELECT imgembed.register_model(%s, %s, %s, %s, %s, %s, %s)"
 
-def register_model(connection: psycopg.Connection, name: str, *, make_default: bool = False,
-                   model_dir: Path | None = None) -> int:
-    """Register ``name`` (dimension read from its architecture's config; checksum of a local
-    checkpoint, or of the one the model directory keeps for it) and return its id. The first
-    model registered becomes the default."""
+
+def registration(name: str, *, make_default: bool = False, model_dir: Path | None = None) -> tuple[object, ...]:
+    """The arguments of imgembed.register_model for ``name``: its dimension read from its
+    architecture's config, and the checksum of a local checkpoint, or of the one the model
+    directory keeps for it."""
     spec = parse_model_spec(name)
     dim = embedding_dimension(spec)
     checkpoint = spec.checkpoint_path
@@ -23,10 +24,28 @@ def register_model(connection: psycopg.Connection, name: str, *, make_default: b
         sha256: str | None = stored.sha256
     else:
         sha256 = file_sha256(checkpoint) if checkpoint is not None and checkpoint.is_file() else None
-    row = connection.execute(
-        "SELECT imgembed.register_model(%s, %s, %s, %s, %s, %s, %s)",
-        (spec.name, spec.architecture, spec.pretrained, dim, sha256, make_default, spec.embeds_text),
-    ).fetchone()
+    return (spec.name, spec.architecture, spec.pretrained, dim, sha256, make_default, spec.embeds_text)
+
+
+def registration_sql(name: str, *, model_dir: Path | None = None) -> str:
+    """The statement that registers ``name``, with its values written out (``migrate --sql``)."""
+    def literal(value: object) -> str:
+        if value is None:
+            return "NULL"
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, int):
+            return str(value)
+        return "'" + str(value).replace("'", "''") + "'"
+
+    return REGISTER_SQL.replace("%s", "{}").format(*map(literal, registration(name, model_dir=model_dir))) + ";"
+
+
+def register_model(connection: psycopg.Connection, name: str, *, make_default: bool = False,
+                   model_dir: Path | None = None) -> int:
+    """Register ``name`` (see ``registration``) and return its id. The first model registered
+    becomes the default."""
+    row = connection.execute(REGISTER_SQL, registration(name, make_default=make_default, model_dir=model_dir)).fetchone()
     return int(row[0])  # type: ignore[index]
 
 

@@ -187,9 +187,10 @@ def test_offline_sql_builds_the_same_schema(
     fresh_database: Callable[[str | None], str], pg_server: EmbeddedPostgres, tmp_path: Path
 ) -> None:
     online, offline = fresh_database(None), fresh_database(None)
-    migrate.upgrade(online, register=False)
+    migrate.upgrade(online, model=TEST_MODEL)
     result = subprocess.run([sys.executable, "-m", "imgembed", "migrate", "--sql"], cwd=REPO,
-                            env={**os.environ, "DATABASE_URL": offline}, capture_output=True, text=True, timeout=120)
+                            env={**os.environ, "DATABASE_URL": offline, "IMGEMBED_MODEL": TEST_MODEL},
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     script = tmp_path / "imgembed.sql"
     script.write_text(result.stdout)

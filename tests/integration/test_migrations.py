@@ -4,9 +4,14 @@ revisions frozen, and a database made by a released revision upgraded to what a 
 from __future__ import annotations
 
 import gzip
+import os
 import re
+import subprocess
+import sys
+import tempfile
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import psycopg
@@ -16,7 +21,7 @@ from imgembed.db import connect
 from imgembed.migrations.releases import released_definitions
 from imgembed.migrations.sql_files import with_vector_schema
 from imgembed.models.registry import register_model
-from tests.conftest import HEAD_REVISION, REPO, as_role, comparable_dump
+from tests.conftest import HEAD_REVISION, REPO, TEST_MODEL, as_role, comparable_dump
 from tests.hostile import (
     called_names,
     create_decoy_log,
@@ -384,3 +389,22 @@ def test_a_database_at_any_release_upgrades_to_a_fresh_install(
         assert _by_table(url, comparable_dump(url)) == _by_table(fresh, comparable_dump(fresh)), revision
         after = _contents(url)
         assert after["vectors"] == before["vectors"] and after["shop"] == before["shop"], revision
+
+
+def test_migrate_sql_needs_no_database_and_makes_the_same_database(
+    fresh_database: Callable[[str | None], str], template_database: str,
+) -> None:
+    """`imgembed migrate --sql` with no DATABASE_URL prints SQL that, run by hand, gives the database
+    a live `imgembed migrate` gives: schema, and the model registered as the default."""
+    environment = {name: value for name, value in os.environ.items() if name != "DATABASE_URL"}
+    environment.update(IMGEMBED_MODEL=TEST_MODEL, IMGEMBED_DATA_DIR=str(Path(tempfile.mkdtemp())))  # no `up` to find
+    printed = subprocess.run([sys.executable, "-m", "imgembed", "migrate", "--sql"], cwd=REPO, env=environment,
+                             capture_output=True, text=True, timeout=300)
+    assert printed.returncode == 0 and "COMMIT;" in printed.stdout, printed.stderr[-3000:]
+    by_hand = fresh_database(None)
+    with psycopg.connect(by_hand, autocommit=True) as connection:
+        connection.execute("CREATE EXTENSION vector")
+        connection.execute(printed.stdout.encode())
+        assert connection.execute("SELECT name FROM imgembed.model WHERE is_default").fetchone()[0] == TEST_MODEL
+    live = fresh_database(template_database)
+    assert comparable_dump(by_hand) == comparable_dump(live)
