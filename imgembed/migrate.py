@@ -37,18 +37,15 @@ def upgrade(database_url: str, revision: str = "head", *, sql_only: bool = False
     command.upgrade(alembic_config(database_url), revision, sql=sql_only)
     if not register:
         return
-    if sql_only:  # the same database as a live migrate: the model is registered too
-        from imgembed.models.registry import registration_sql
-        from imgembed.settings import load_settings
-
-        settings = load_settings()
-        print(f"{PINNED_SEARCH_PATH};\n{registration_sql(model or settings.model, model_dir=settings.models_path)}")
-        return
-    from imgembed.db import connect
-    from imgembed.models.registry import register_model
+    from imgembed.models.registry import register_model, registration_sql
     from imgembed.settings import load_settings
 
     settings = load_settings()
+    if sql_only:  # the same database as a live migrate: the model is registered too
+        print(f"{PINNED_SEARCH_PATH};\n{registration_sql(model or settings.model, model_dir=settings.models_path)}")
+        return
+    from imgembed.db import connect
+
     with connect(database_url) as connection:
         connection.execute(PINNED_SEARCH_PATH)  # as the migration itself: no name from another role's schema
         register_model(connection, model or settings.model, model_dir=settings.models_path)

@@ -90,36 +90,35 @@ def changed(migrations: Path) -> list[str]:
     return sorted({name for name in recorded.keys() | found.keys() if recorded.get(name) != found.get(name)})
 
 
+def _write_checksums(migrations: Path, recorded: dict[str, str]) -> None:
+    (migrations / "versions" / CHECKSUMS_NAME).write_text(
+        "".join(f"{digest}  {name}\n" for name, digest in sorted(recorded.items())), encoding="utf-8")
+
+
 def freeze(migrations: Path, sql: Path, revision: str, *, replace: bool = False) -> list[str]:
     """Add ``sql/`` as it stands as ``revision``'s definitions, and record the checksums of what is
     new. Files already recorded must not have changed; ``replace`` stores the newest revision's
     definitions again (``sql/`` changed since). Returns the names recorded."""
-    recorded = read_checksums(migrations)
+    recorded, found = read_checksums(migrations), checksums(migrations)
+    drifted = [name for name, digest in recorded.items() if found.get(name) != digest]
+    if drifted:
+        raise SystemExit(f"released files changed since they were recorded: {', '.join(drifted)}")
+    members = _members((migrations / ARCHIVE_NAME).read_bytes())
+    prefix = f"{revision}/"
     if replace:
         newest = max(path.name[:4] for path in (migrations / "versions").iterdir() if path.name[:4].isdigit())
         if revision != newest:
             raise SystemExit(f"only the newest revision's definitions may be stored again ({newest}, not {revision})")
-        members = {path: text for path, text in _members((migrations / ARCHIVE_NAME).read_bytes()).items()
-                   if not path.startswith(f"{revision}/")}
-        (migrations / ARCHIVE_NAME).write_bytes(_write_archive(members))
-        recorded = {name: digest for name, digest in recorded.items()
-                    if not name.startswith(f"{ARCHIVE_NAME}/{revision}/")}
-        (migrations / "versions" / CHECKSUMS_NAME).write_text(
-            "".join(f"{digest}  {name}\n" for name, digest in sorted(recorded.items())), encoding="utf-8")
-    drifted = [name for name, digest in recorded.items() if checksums(migrations).get(name) != digest]
-    if drifted:
-        raise SystemExit(f"released files changed since they were recorded: {', '.join(drifted)}")
-    members = _members((migrations / ARCHIVE_NAME).read_bytes())
-    if any(path.startswith(f"{revision}/") for path in members):
+        members = {path: text for path, text in members.items() if not path.startswith(prefix)}
+        recorded = {name: digest for name, digest in recorded.items() if not name.startswith(f"{ARCHIVE_NAME}/{prefix}")}
+    elif any(path.startswith(prefix) for path in members):
         raise SystemExit(f"revision {revision}'s definitions are released already")
     for path in sorted(sql.glob("*.sql")):
-        members[f"{revision}/{path.name}"] = path.read_text(encoding="utf-8")
+        members[f"{prefix}{path.name}"] = path.read_text(encoding="utf-8")
     (migrations / ARCHIVE_NAME).write_bytes(_write_archive(members))
     found = checksums(migrations)
     added = sorted(name for name in found if name not in recorded)
-    recorded.update({name: found[name] for name in added})
-    (migrations / "versions" / CHECKSUMS_NAME).write_text(
-        "".join(f"{digest}  {name}\n" for name, digest in sorted(recorded.items())), encoding="utf-8")
+    _write_checksums(migrations, recorded | {name: found[name] for name in added})
     return added
 
 

@@ -13,6 +13,7 @@ Two kinds of file:
 from __future__ import annotations
 
 import re
+from functools import cache
 from importlib.resources import files
 
 from alembic import op
@@ -45,13 +46,17 @@ def run_script(context: MigrationContext, script: str) -> None:
         cursor.execute(script)
 
 
+@cache
+def _definition_wrapper() -> str:
+    return (files("imgembed.migrations") / "apply_definition.sql").read_text(encoding="utf-8")
+
+
 def with_vector_schema(script: str, name: str) -> str:
     """The script run with pgvector's schema named where it writes ``@vector@`` (see
     ``apply_definition.sql``): the migration's search_path holds pg_catalog and imgembed only."""
     if "$imgembed_sql$" in script:
         raise ValueError(f"{name} may not contain the quote $imgembed_sql$ that applies it")
-    wrapper = (files("imgembed.migrations") / "apply_definition.sql").read_text(encoding="utf-8")
-    return wrapper.replace("@definition@", script)
+    return _definition_wrapper().replace("@definition@", script)
 
 
 DEFINITIONS_MARK = re.compile(r"^--@definitions (\d{4})$", re.MULTILINE)

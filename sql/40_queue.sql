@@ -156,11 +156,10 @@ BEGIN
             v_watch.tbl, v_watch.key_column, v_watch.key_type)
         USING p_claim, v_watch.id, v_watch.table_name;
       EXCEPTION WHEN insufficient_privilege THEN
-        UPDATE imgembed.job
-           SET status = 'pending', attempts = greatest(attempts - 1, 0), claim_id = NULL, lease_until = NULL,
-               last_error = format('imgembed''s owner cannot read %s (%s); waiting', v_watch.table_name, SQLERRM),
-               not_before = now() + interval '60 seconds', updated_at = now()
-         WHERE claim_id = p_claim AND watch_id = v_watch.id AND status = 'in_flight';
+        PERFORM imgembed.requeue_claim(
+            p_claim,
+            ARRAY(SELECT j.id FROM imgembed.job j WHERE j.claim_id = p_claim AND j.watch_id = v_watch.id),
+            format('imgembed''s owner cannot read %s (%s); waiting', v_watch.table_name, SQLERRM), 60);
       END;
     END LOOP;
 END $$;

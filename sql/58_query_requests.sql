@@ -41,12 +41,17 @@ BEGIN
     END IF;
 END $$;
 
--- The watch of the texts ('text') or of the query images ('image').
+-- The table of the texts ('text') or of the query images ('image'), and its watch.
+CREATE OR REPLACE FUNCTION imgembed._query_table(p_kind text)
+RETURNS regclass
+LANGUAGE sql STABLE AS $$
+    SELECT CASE p_kind WHEN 'text' THEN 'imgembed.text_query'::regclass ELSE 'imgembed.image_query'::regclass END
+$$;
+
 CREATE OR REPLACE FUNCTION imgembed._query_watch_id(p_kind text)
 RETURNS integer
 LANGUAGE sql STABLE AS $$
-    SELECT w.id FROM imgembed.watch w
-     WHERE w.tbl = CASE p_kind WHEN 'text' THEN 'imgembed.text_query'::regclass ELSE 'imgembed.image_query'::regclass END
+    SELECT w.id FROM imgembed.watch w WHERE w.tbl = imgembed._query_table(p_kind)
 $$;
 
 -- Refuse a new text or image (p_bytes: its size) that would take a role, or everyone, past the limits.
@@ -99,23 +104,19 @@ LANGUAGE sql AS $$
     ON CONFLICT (kind, query_id, role_name) DO UPDATE SET requested_at = now()
 $$;
 
--- Delete the texts and query images among these ids that no role asks for any more (their vectors
--- and jobs go with them). Returns how many.
-CREATE OR REPLACE FUNCTION imgembed._drop_unrequested(p_kind text, p_ids bigint[])
+-- Delete the texts ('text') or query images ('image') that no role asks for any more, among p_ids,
+-- or else among those made before p_made_before (their vectors and jobs go with them). Returns how many.
+CREATE OR REPLACE FUNCTION imgembed._drop_unrequested(p_kind text, p_ids bigint[],
+                                                      p_made_before timestamptz DEFAULT NULL)
 RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     v_dropped integer;
 BEGIN
-    IF p_kind = 'text' THEN
-        DELETE FROM imgembed.text_query t
-         WHERE t.id = ANY (p_ids)
-           AND NOT EXISTS (SELECT 1 FROM imgembed.query_request r WHERE r.kind = 'text' AND r.query_id = t.id);
-    ELSE
-        DELETE FROM imgembed.image_query q
-         WHERE q.id = ANY (p_ids)
-           AND NOT EXISTS (SELECT 1 FROM imgembed.query_request r WHERE r.kind = 'image' AND r.query_id = q.id);
-    END IF;
+    EXECUTE format('DELETE FROM %s q WHERE (q.id = ANY ($1) OR q.created_at < $2) AND NOT EXISTS ('
+                   ' SELECT 1 FROM imgembed.query_request r WHERE r.kind = $3 AND r.query_id = q.id)',
+                   imgembed._query_table(p_kind))
+      USING coalesce(p_ids, '{}'), p_made_before, p_kind;
     GET DIAGNOSTICS v_dropped = ROW_COUNT;
     RETURN v_dropped;
 END $$;
@@ -154,15 +155,7 @@ RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     v_cutoff timestamptz := now() - coalesce(p_older_than, (imgembed._query_limits()).kept);
-    v_texts bigint[];
-    v_images bigint[];
 BEGIN
     DELETE FROM imgembed.query_request r WHERE r.requested_at < v_cutoff;
-    SELECT coalesce(array_agg(t.id), '{}') INTO v_texts FROM imgembed.text_query t
-     WHERE t.created_at < v_cutoff
-       AND NOT EXISTS (SELECT 1 FROM imgembed.query_request r WHERE r.kind = 'text' AND r.query_id = t.id);
-    SELECT coalesce(array_agg(q.id), '{}') INTO v_images FROM imgembed.image_query q
-     WHERE q.created_at < v_cutoff
-       AND NOT EXISTS (SELECT 1 FROM imgembed.query_request r WHERE r.kind = 'image' AND r.query_id = q.id);
-    RETURN imgembed._drop_unrequested('text', v_texts) + imgembed._drop_unrequested('image', v_images);
+    RETURN imgembed._drop_unrequested('text', NULL, v_cutoff) + imgembed._drop_unrequested('image', NULL, v_cutoff);
 END $$;

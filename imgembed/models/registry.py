@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
 from imgembed.models.names import embedding_dimension, file_sha256, parse_model_spec
 from imgembed.models.store import stored_checkpoint
@@ -29,16 +30,8 @@ def registration(name: str, *, make_default: bool = False, model_dir: Path | Non
 
 def registration_sql(name: str, *, model_dir: Path | None = None) -> str:
     """The statement that registers ``name``, with its values written out (``migrate --sql``)."""
-    def literal(value: object) -> str:
-        if value is None:
-            return "NULL"
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, int):
-            return str(value)
-        return "'" + str(value).replace("'", "''") + "'"
-
-    return REGISTER_SQL.replace("%s", "{}").format(*map(literal, registration(name, model_dir=model_dir))) + ";"
+    values = [sql.Literal(value) for value in registration(name, model_dir=model_dir)]
+    return sql.SQL(REGISTER_SQL.replace("%s", "{}")).format(*values).as_string(None) + ";"
 
 
 def register_model(connection: psycopg.Connection, name: str, *, make_default: bool = False,

@@ -21,7 +21,7 @@ import pytest
 from imgembed.db import as_array
 from imgembed.local.postgres import EmbeddedPostgres
 from imgembed.training.synthetic import random_shapes
-from tests.conftest import REPO, wait_for
+from tests.conftest import REPO, knn_label_votes, knn_votes, wait_for
 
 MODEL = "imgembed-shapes"  # a checkpoint: workers check it against the registered checksum
 
@@ -158,13 +158,7 @@ def test_a_dba_deployment_with_tenants(deployment: Deployment, redis_url: str, t
             vectors = {int(key): as_array(vector) for key, vector in alice.execute(f"SELECT id, embedding::real[] FROM {storage}")}
             labels = dict(alice.execute("SELECT id, colour FROM products WHERE colour IS NOT NULL AND id <> 4").fetchall())
             assert set(vectors) == alice_keys and set(labels) <= alice_keys
-            nearest = sorted(labels, key=lambda key: (1 - float(vectors[key] @ vectors[4])
-                                                      / float(np.linalg.norm(vectors[key]) * np.linalg.norm(vectors[4])),
-                                                      key))[:5]
-            expected_votes = Counter(labels[key] for key in nearest)
-            voted = {label: votes for label, votes, _ in alice.execute(
-                "SELECT * FROM imgembed.knn_label('products', 4::bigint, exact => true)").fetchall()}
-            assert voted == dict(expected_votes)
+            assert knn_label_votes(alice, "products", "4::bigint") == knn_votes(alice, "products", 4, "id", "colour")
             assert _keys(alice, "SELECT key FROM imgembed.predicted_labels WHERE table_name = 'public.products'"
                          ) == {key for key in alice_keys if key % 4 == 2}
             assert alice.execute("SELECT count(*) FROM imgembed.zero_shot('products', 4::bigint)").fetchone()[0] == 2

@@ -51,10 +51,15 @@ def _modules() -> dict[str, Path]:
     return found
 
 
-def _imports(path: Path, module: str) -> set[str]:
-    """The modules a file imports anywhere in it (inside functions too), absolute names."""
+def _imports(path: Path, module: str, *, top_level_only: bool = False) -> set[str]:
+    """The modules a file imports anywhere in it (inside functions too), absolute names; with
+    ``top_level_only``, those it imports when it is itself imported (outside functions and classes)."""
+    tree = ast.parse(path.read_text())
+    if top_level_only:
+        tree = ast.Module(body=[node for node in tree.body if not isinstance(
+            node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))], type_ignores=[])
     imported: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             imported.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
@@ -93,21 +98,6 @@ def _package(module: str) -> str:
     return parts[1] if len(parts) > 1 and parts[1] in PACKAGE_EDGES else "core"
 
 
-def _module_level_imports(path: Path, module: str) -> set[str]:
-    """The modules a file imports at its top level (outside functions)."""
-    tree = ast.parse(path.read_text())
-    top = ast.Module(body=[node for node in tree.body if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef,
-                                                                                 ast.ClassDef))], type_ignores=[])
-    imported: set[str] = set()
-    for node in ast.walk(top):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            base = ".".join(module.split(".")[: -node.level] + [node.module]) if node.level else node.module
-            imported.add(base)
-        elif isinstance(node, ast.Import):
-            imported.update(alias.name for alias in node.names)
-    return imported
-
-
 def test_packages_import_only_the_packages_below_them() -> None:
     """Package to package, not only module to module: no package imports one it is not allowed to
     (which makes a cycle between packages impossible), and the commands import the heavy packages
@@ -118,7 +108,7 @@ def test_packages_import_only_the_packages_below_them() -> None:
     assert wrong == []
     heavy = {"worker", "analysis", "training", "bench", "examples"}
     eager = sorted((name, target) for name, path in modules.items() if _package(name) == "cli"
-                   for target in _module_level_imports(path, name) if target in modules and _package(target) in heavy)
+                   for target in _imports(path, name, top_level_only=True) if target in modules and _package(target) in heavy)
     assert eager == []
 
 
